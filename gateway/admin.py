@@ -1,0 +1,221 @@
+"""The operators' API on the admin port: campaigns, stock, reservations.
+
+Every call but the health checks needs ``Authorization: Bearer <admin.token>``,
+compared in constant time. Errors are problem+json, like on the edge.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+
+from gateway.campaigns import Campaign
+from gateway.health import health_handlers
+from gateway.problems import Code, Problem
+from gateway.runtime import Runtime
+from limiter.errors import CampaignMissing, StorageError
+from limiter.keys import campaign_of
+from limiter.records import AdjustStatus, Figures, ReleaseStatus, Reservation, State
+
+log = logging.getLogger(__name__)
+
+ADMIN_RUNTIME = web.AppKey("admin_runtime", Runtime)
+ACTOR_HEADER = "X-Actor"
+_ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,63}$")
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def create_admin_app(runtime: Runtime, token: str) -> web.Application:
+    app = web.Application(middlewares=[_problems, _authenticate(token)], client_max_size=64 * 1024)
+    app[ADMIN_RUNTIME] = runtime
+    for path, handler in health_handlers(runtime).items():
+        app.router.add_get(path, handler)
+    app.router.add_get("/campaigns", list_campaigns)
+    app.router.add_get("/campaigns/{id}", show_campaign)
+    app.router.add_post("/campaigns/{id}/stock", adjust_stock)
+    app.router.add_get("/reservations/{id}", show_reservation)
+    app.router.add_post("/reservations/{id}/cancel", cancel_reservation)
+    return app
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except Problem as problem:
+        return problem.response()
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return Problem(
+            Code.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed at {request.path}",
+            headers={"Allow": allowed},
+        ).response()
+    except web.HTTPNotFound:
+        return Problem(Code.NOT_FOUND, f"nothing at {request.path}").response()
+    except web.HTTPRequestEntityTooLarge:
+        return Problem(Code.TOO_LARGE, "the body is too large").response()
+    except StorageError as exc:
+        log.warning("admin %s %s: %s", request.method, request.path, exc)
+        return Problem(Code.UNAVAILABLE, str(exc), headers={"Retry-After": "1"}).response()
+
+
+def _authenticate(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Problem(
+                    Code.UNAUTHENTICATED,
+                    "a valid 'Authorization: Bearer <admin token>' is required",
+                    headers={"WWW-Authenticate": 'Bearer realm="flashgate-admin"'},
+                )
+        return await handler(request)  # type: ignore[no-any-return]
+
+    return authenticate
+
+
+def _campaign(request: web.Request, campaign_id: str | None = None) -> Campaign:
+    campaign_id = campaign_id or request.match_info["id"]
+    campaign = request.app[ADMIN_RUNTIME].registry.by_id.get(campaign_id)
+    if campaign is None:
+        raise Problem(Code.NOT_FOUND, f"no campaign {campaign_id!r}")
+    return campaign
+
+
+def _actor(request: web.Request) -> str:
+    given = request.headers.get(ACTOR_HEADER, "")
+    if given and not _ACTOR.match(given):
+        raise Problem(
+            Code.BAD_REQUEST, f"{ACTOR_HEADER} must be 1 to 64 printable ASCII characters"
+        )
+    return f"admin:{given or request.remote or 'unknown'}"
+
+
+async def campaign_document(runtime: Runtime, campaign: Campaign) -> dict[str, Any]:
+    try:
+        figures = await campaign.store.figures()
+    except CampaignMissing as exc:
+        raise Problem(
+            Code.UNAVAILABLE, f"{exc}; the gateway creates it when Redis is reachable"
+        ) from None
+    return _document(campaign, figures)
+
+
+def _document(campaign: Campaign, figures: Figures) -> dict[str, Any]:
+    s = campaign.settings
+    return {
+        "id": s.id,
+        "route": str(s.route),
+        "upstream": s.upstream,
+        "stock_total": figures.stock_total,
+        "available": figures.available,
+        "reserved": figures.reserved,
+        "sold": figures.sold,
+        "sold_out": figures.available == 0,
+        "balanced": figures.balanced,
+        "per_user_limit": s.per_user_limit,
+        "max_quantity": s.max_quantity,
+        "forward": s.forward,
+    }
+
+
+async def list_campaigns(request: web.Request) -> web.Response:
+    runtime = request.app[ADMIN_RUNTIME]
+    documents = [await campaign_document(runtime, c) for c in runtime.registry.by_id.values()]
+    return web.json_response({"campaigns": documents})
+
+
+async def show_campaign(request: web.Request) -> web.Response:
+    runtime = request.app[ADMIN_RUNTIME]
+    return web.json_response(await campaign_document(runtime, _campaign(request)))
+
+
+async def adjust_stock(request: web.Request) -> web.Response:
+    """``{"delta": n}`` or ``{"set": n}``; atomic against buying; 409 below zero."""
+    campaign = _campaign(request)
+    delta, set_to = _stock_change(await _json_object(request))
+    result = await campaign.store.adjust(delta=delta, set_to=set_to, actor=_actor(request))
+    if result.status is AdjustStatus.NO_CAMPAIGN:
+        raise Problem(Code.UNAVAILABLE, f"campaign {campaign.id} has no counters in Redis")
+    if result.status is AdjustStatus.BELOW_ZERO:
+        raise Problem(
+            Code.INSUFFICIENT_STOCK,
+            f"available would go below zero (available is {result.figures.available})",
+            available=result.figures.available,
+        )
+    watch = request.app[ADMIN_RUNTIME].watch
+    if result.figures.available > 0:
+        watch.mark_restocked(campaign.id)
+    else:
+        watch.mark_sold_out(campaign.id)
+    return web.json_response(_document(campaign, result.figures))
+
+
+def _stock_change(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    given = [k for k in ("delta", "set") if k in body]
+    unknown = sorted(set(body) - {"delta", "set"})
+    if len(given) != 1 or unknown:
+        raise Problem(Code.BAD_REQUEST, 'the body must be exactly {"delta": n} or {"set": n}')
+    value = body[given[0]]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Problem(Code.BAD_REQUEST, f"{given[0]} must be an integer, got {json.dumps(value)}")
+    if abs(value) > 10**12:
+        raise Problem(Code.BAD_REQUEST, f"{given[0]} is out of range")
+    if given[0] == "set":
+        if value < 0:
+            raise Problem(Code.BAD_REQUEST, f"set must be >= 0, got {value}")
+        return None, value
+    return value, None
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError as exc:
+        raise Problem(Code.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise Problem(Code.BAD_REQUEST, "the body must be a JSON object")
+    return body
+
+
+async def _reservation(request: web.Request) -> tuple[Campaign, Reservation]:
+    reservation_id = request.match_info["id"]
+    campaign_id = campaign_of(reservation_id)
+    if campaign_id is None:
+        raise Problem(Code.NOT_FOUND, f"{reservation_id!r} is not a reservation id")
+    campaign = _campaign(request, campaign_id)
+    record = await campaign.store.reservation(reservation_id)
+    if record is None:
+        raise Problem(Code.NOT_FOUND, f"no reservation {reservation_id}")
+    return campaign, record
+
+
+async def show_reservation(request: web.Request) -> web.Response:
+    _, record = await _reservation(request)
+    return web.json_response(record.public())
+
+
+async def cancel_reservation(request: web.Request) -> web.Response:
+    """Give the units and the user's quota back; a second cancel changes nothing."""
+    campaign, record = await _reservation(request)
+    result = await campaign.store.release(
+        record.id,
+        leavable=(State.RESERVED, State.HELD, State.COMMITTED),
+        target=State.CANCELLED,
+        reason="cancelled by an operator",
+        actor=_actor(request),
+    )
+    if result.status is ReleaseStatus.RELEASED:
+        request.app[ADMIN_RUNTIME].watch.mark_restocked(campaign.id)
+    updated = await campaign.store.reservation(record.id)
+    document = (updated or record).public()
+    return web.json_response({**document, "released_now": result.status is ReleaseStatus.RELEASED})

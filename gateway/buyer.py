@@ -1,0 +1,91 @@
+"""What a buyer's request says: who, how many, and its Idempotency-Key.
+
+Everything here is checked before Redis is asked anything, so bad input is
+refused with a specific problem and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from gateway.problems import Code, Problem
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
+_USER_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")
+
+
+class Order(NamedTuple):
+    quantity: int
+    body: bytes
+
+
+def user_from_header(request: web.Request, header: str) -> str:
+    """The user id from the trusted identity header, or a 401."""
+    value = request.headers.get(header, "").strip()
+    if not value:
+        raise Problem(Code.UNAUTHENTICATED, f"the {header} header is missing or empty")
+    if not _USER_ID.match(value):
+        raise Problem(
+            Code.UNAUTHENTICATED, f"the {header} header must be 1 to 256 printable ASCII characters"
+        )
+    return value
+
+
+def idempotency_key(request: web.Request) -> str:
+    """The Idempotency-Key header ("" when absent), or a 400."""
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not values:
+        return ""
+    if len(values) > 1 or not _IDEMPOTENCY_KEY.match(values[0]):
+        raise Problem(
+            Code.BAD_REQUEST,
+            f"{IDEMPOTENCY_HEADER} must be one header of 1 to 128 printable ASCII characters",
+        )
+    return values[0]
+
+
+async def read_order(request: web.Request, max_quantity: int, max_body: int) -> Order:
+    """The body, read within the size limit, and the quantity it asks for (default 1)."""
+    if request.content_length is not None and request.content_length > max_body:
+        raise _too_large(max_body)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(max_body) from None
+    if not body.strip():
+        return Order(1, body)
+    return Order(_quantity(_json_object(body), max_quantity), body)
+
+
+def _too_large(max_body: int) -> Problem:
+    return Problem(
+        Code.TOO_LARGE, f"the body is larger than {max_body} bytes", max_body_bytes=max_body
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Problem(Code.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Problem(Code.BAD_REQUEST, "the body must be a JSON object")
+    return document
+
+
+def _quantity(document: dict[str, Any], max_quantity: int) -> int:
+    quantity = document.get("quantity", 1)
+    if isinstance(quantity, bool) or not isinstance(quantity, int):
+        raise Problem(Code.BAD_REQUEST, f"quantity must be an integer, got {json.dumps(quantity)}")
+    if not 1 <= quantity <= max_quantity:
+        raise Problem(
+            Code.BAD_REQUEST,
+            f"quantity must be between 1 and {max_quantity}, got {quantity}",
+            max_quantity=max_quantity,
+        )
+    return quantity

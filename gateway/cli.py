@@ -1,0 +1,121 @@
+"""The ``flashgate`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+from gateway.config import Settings, load_settings
+from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from gateway.errors import ConfigError
+
+log = logging.getLogger("flashgate")
+
+#: Exit codes.
+OK, FAILED, INVALID = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return INVALID
+    except EmbeddedRedisError as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        return FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale admission gateway.")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve the campaigns of a config file")
+    run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.set_defaults(command=cmd_run)
+
+    check = commands.add_parser("check", help="validate a config file (exit 2 when invalid)")
+    check.add_argument("-c", "--config", required=True, help="YAML config file")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(command=cmd_check)
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        if args.json:
+            problems = [{"path": path, "reason": reason} for path, reason in exc.problems]
+            print(json.dumps({"file": exc.source, "valid": False, "problems": problems}))
+            return INVALID
+        raise
+    campaigns = [c.id for c in settings.campaigns]
+    summary = {
+        "file": args.config,
+        "valid": True,
+        "campaigns": campaigns,
+        "upstreams": list(settings.upstreams),
+        "redis": settings.redis.url or "embedded",
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{args.config}: valid: {len(settings.campaigns)} campaign(s) "
+            f"({', '.join(campaigns) or 'none'}), "
+            f"{len(settings.upstreams)} upstream(s), redis {summary['redis']}"
+        )
+    return OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    with redis_for(settings) as url:
+        _install_uvloop()
+        from gateway.server import serve
+
+        asyncio.run(serve(settings, url))
+    return OK
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[str]:
+    """The configured Redis URL, or an embedded redis-server for as long as needed."""
+    if settings.redis.url is not None:
+        yield settings.redis.url
+        return
+    with EmbeddedRedis() as embedded:
+        log.info("embedded redis-server (pid %s) at %s", embedded.pid, embedded.url)
+        yield embedded.url
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

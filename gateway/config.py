@@ -1,0 +1,275 @@
+"""The YAML configuration: frozen dataclasses, one loader, errors with field paths."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.errors import ConfigError
+from gateway.schema import Invalid, Problems, build, spec
+from limiter.keys import CAMPAIGN_ID
+
+#: Paths the gateway port answers itself; no campaign may take them.
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/reservations/")
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_HEADER_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(value: Any) -> float:
+    """Seconds, from a number or a string like ``250ms``, ``2s``, ``5m``, ``1h``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise Invalid(
+            f"must be a duration like 500ms, 2s, 5m or a number of seconds, got {value!r}"
+        )
+    if seconds <= 0:
+        raise Invalid(f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def route(value: Any) -> Route:
+    """``"POST /seckill/phone-1111"``."""
+    parts = value.split() if isinstance(value, str) else []
+    if len(parts) != 2:
+        raise Invalid(f"must be 'METHOD /path', got {value!r}")
+    method, path = parts[0].upper(), parts[1]
+    if method not in METHODS:
+        raise Invalid(f"method must be one of {', '.join(METHODS)}, got {parts[0]!r}")
+    if not path.startswith("/") or "?" in path or "#" in path:
+        raise Invalid(f"path must start with / and carry no query, got {path!r}")
+    if any(path == p or (p.endswith("/") and path.startswith(p)) for p in RESERVED_PATHS):
+        raise Invalid(f"path {path!r} is reserved by the gateway ({', '.join(RESERVED_PATHS)})")
+    return Route(method, path)
+
+
+def http_url(value: Any) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Invalid(f"must be an http:// or https:// URL with a host, got {value!r}")
+    if parts.query or parts.fragment:
+        raise Invalid(f"must not carry a query or fragment, got {value!r}")
+    return str(value).rstrip("/")
+
+
+def redis_url(value: Any) -> str | None:
+    if value is None or value == "embedded":
+        return None
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise Invalid(f"must be a redis://, rediss:// or unix:// URL, or 'embedded'; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    #: None: start an embedded redis-server.
+    url: str | None = spec(None, parse=redis_url)
+    #: Deadline of every Redis call; a slower answer counts as a failure (fail closed).
+    timeout: float = spec(0.25, parse=duration)
+    max_connections: int = spec(16, min=1, max=10_000)
+    key_prefix: str = spec("fg", pattern=r"[A-Za-z0-9_.-]{1,32}")
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = spec(8080, min=0, max=65535)
+    max_body_bytes: int = spec(64 * 1024, min=1, max=16 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: str = spec(pattern=r"\S+")
+    host: str = "127.0.0.1"
+    port: int = spec(9090, min=0, max=65535)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    #: Trusted header carrying the user id: safe only behind an authenticating proxy.
+    header: str = spec("X-User-Id", pattern=_HEADER_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = spec(parse=http_url)
+    timeout: float = spec(2.0, parse=duration)
+    max_connections: int = spec(256, min=1, max=100_000)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    #: Entries kept per campaign (approximately: Redis trims whole stream nodes).
+    max_length: int = spec(100_000, min=100, max=100_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSettings:
+    id: str = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
+    route: Route = spec(parse=route)
+    upstream: str = spec()
+    stock: int = spec(min=0, max=10**12)
+    per_user_limit: int = spec(1, min=1, max=10**9)
+    max_quantity: int = spec(1, min=1, max=10**9)
+    #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
+    forward: Literal["sync", "queue"] = "sync"
+    #: An unsettled reservation goes back to stock this long after it was made.
+    forward_deadline: float = spec(30.0, parse=duration)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    campaigns: tuple[CampaignSettings, ...] = ()
+    upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: MappingProxyType({}))
+    redis: RedisSettings = RedisSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    admin: AdminSettings | None = None
+    identity: IdentitySettings = IdentitySettings()
+    ledger: LedgerSettings = LedgerSettings()
+
+    def campaign(self, campaign_id: str) -> CampaignSettings | None:
+        return next((c for c in self.campaigns if c.id == campaign_id), None)
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand ``${VAR}`` and validate a YAML file; raises ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from exc
+    return parse_settings(text, source, environ)
+
+
+def parse_settings(
+    text: str, source: str = "<string>", environ: Mapping[str, str] | None = None
+) -> Settings:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML: {_yaml_reason(exc)}")]) from exc
+    problems = Problems()
+    data = _expand(data, "", os.environ if environ is None else environ, problems)
+    if problems.items:
+        raise ConfigError(source, problems.items)
+    settings = build(Settings, data, "", problems)
+    if settings is not None:
+        _check_relations(settings, problems)
+    if settings is None or problems.items:
+        raise ConfigError(source, problems.items)
+    return settings
+
+
+def _check_relations(s: Settings, problems: Problems) -> None:
+    seen_ids: dict[str, int] = {}
+    seen_routes: dict[Route, int] = {}
+    for i, c in enumerate(s.campaigns):
+        at = f"campaigns[{i}]"
+        if c.id in seen_ids:
+            problems.add(f"{at}.id", f"{c.id!r} is already used by campaigns[{seen_ids[c.id]}]")
+        seen_ids.setdefault(c.id, i)
+        if c.route in seen_routes:
+            problems.add(
+                f"{at}.route", f"'{c.route}' is already used by campaigns[{seen_routes[c.route]}]"
+            )
+        seen_routes.setdefault(c.route, i)
+        upstream = s.upstreams.get(c.upstream)
+        if upstream is None:
+            known = ", ".join(s.upstreams) or "none defined"
+            problems.add(f"{at}.upstream", f"no upstream named {c.upstream!r} (known: {known})")
+        elif c.forward_deadline <= upstream.timeout:
+            problems.add(
+                f"{at}.forward_deadline",
+                f"must be longer than upstream {c.upstream!r}'s timeout ({upstream.timeout:g}s)",
+            )
+        if c.max_quantity > c.per_user_limit:
+            problems.add(f"{at}.max_quantity", f"must be <= per_user_limit ({c.per_user_limit})")
+    if (
+        s.admin
+        and (s.admin.host, s.admin.port) == (s.gateway.host, s.gateway.port)
+        and s.admin.port
+    ):
+        problems.add("admin.port", "must differ from gateway.port on the same host")
+
+
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: str, environ: Mapping[str, str], problems: Problems) -> Any:
+    """Replace ``${VAR}`` (and ``${VAR:-default}``) in string values; ``$$`` is a dollar."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            problems.add(path, f"environment variable {name} is not set")
+            return ""
+
+        return _VARIABLE.sub(substitute, value)
+    if isinstance(value, dict):
+        return {
+            k: _expand(v, f"{path}.{k}" if path else str(k), environ, problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", environ, problems) for i, v in enumerate(value)]
+    return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return problem

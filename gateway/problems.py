@@ -1,0 +1,114 @@
+"""RFC 9457 problem details: every refusal the gateway gives, in one place."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+
+CONTENT_TYPE = "application/problem+json"
+TYPE_BASE = "urn:flashgate:problem:"
+
+
+class Code(StrEnum):
+    """The ``code`` member of a problem; each has one HTTP status."""
+
+    BAD_REQUEST = "bad-request"  #: malformed input (body, quantity, Idempotency-Key)
+    UNAUTHENTICATED = "unauthenticated"  #: no usable identity, or a bad admin token
+    LIMIT_EXCEEDED = "limit-exceeded"  #: the user would hold more than per_user_limit
+    NOT_STARTED = "not-started"  #: before the campaign window
+    ENDED = "ended"  #: after the campaign window
+    NOT_FOUND = "not-found"  #: no route, campaign or reservation
+    METHOD_NOT_ALLOWED = "method-not-allowed"  #: the path exists, the method does not
+    DUPLICATE = "duplicate"  #: an Idempotency-Key whose reservation is still in flight
+    SOLD_OUT = "sold-out"  #: nothing left
+    INSUFFICIENT_STOCK = "insufficient-stock"  #: some left, fewer than asked
+    EXPIRED = "expired"  #: the reservation went back to stock before this call
+    TOO_LARGE = "too-large"  #: body over gateway.max_body_bytes
+    RATE_LIMITED = "rate-limited"  #: a rate limit or the admission budget said no
+    INTERNAL = "internal"  #: a bug; the log has the traceback
+    UPSTREAM_FAILED = "upstream-failed"  #: the backend failed (5xx, refused, broken)
+    UNAVAILABLE = "unavailable"  #: Redis could not decide: fail closed
+    UPSTREAM_TIMEOUT = "upstream-timeout"  #: the backend did not answer in time
+
+
+STATUS: dict[Code, tuple[int, str]] = {
+    Code.BAD_REQUEST: (400, "Bad request"),
+    Code.UNAUTHENTICATED: (401, "Unauthenticated"),
+    Code.LIMIT_EXCEEDED: (403, "Purchase limit exceeded"),
+    Code.NOT_STARTED: (403, "Sale has not started"),
+    Code.ENDED: (403, "Sale has ended"),
+    Code.NOT_FOUND: (404, "Not found"),
+    Code.METHOD_NOT_ALLOWED: (405, "Method not allowed"),
+    Code.DUPLICATE: (409, "Duplicate request"),
+    Code.SOLD_OUT: (409, "Sold out"),
+    Code.INSUFFICIENT_STOCK: (409, "Insufficient stock"),
+    Code.EXPIRED: (409, "Reservation expired"),
+    Code.TOO_LARGE: (413, "Request body too large"),
+    Code.RATE_LIMITED: (429, "Too many requests"),
+    Code.INTERNAL: (500, "Internal error"),
+    Code.UPSTREAM_FAILED: (502, "Upstream failed"),
+    Code.UNAVAILABLE: (503, "Service unavailable"),
+    Code.UPSTREAM_TIMEOUT: (504, "Upstream timeout"),
+}
+
+
+class Problem(Exception):
+    """A refusal; raise it anywhere below a handler, or call ``response()``."""
+
+    def __init__(
+        self,
+        code: Code,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code][0]
+
+    def body(self) -> bytes:
+        status, title = STATUS[self.code]
+        document = {
+            "type": TYPE_BASE + self.code.value,
+            "title": title,
+            "status": status,
+            "detail": self.detail,
+            "code": self.code.value,
+            **self.extensions,
+        }
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.body(), content_type=CONTENT_TYPE, headers=self.headers
+        )
+
+
+def problem(code: Code, detail: str, **extensions: Any) -> web.Response:
+    return Problem(code, detail, **extensions).response()
+
+
+class CannedProblem:
+    """A problem whose body is built once, for refusals on the hot path (sold out)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, problem: Problem) -> None:
+        self.status = problem.status
+        self.body = problem.body()
+        self.headers = problem.headers
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.body, content_type=CONTENT_TYPE, headers=self.headers
+        )

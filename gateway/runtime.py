@@ -1,0 +1,176 @@
+"""Everything one gateway process holds while it runs, opened and closed together:
+the Redis pool and scripts, the campaigns, the backends, the background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from gateway.buyer import user_from_header
+from gateway.campaigns import Campaign, Registry
+from gateway.config import CampaignSettings, Settings
+from gateway.stockwatch import StockWatch
+from gateway.sweeper import run_sweeper
+from gateway.upstream import Upstream
+from limiter.batcher import ReserveBatcher
+from limiter.connection import connect
+from limiter.errors import StorageError
+from limiter.guard import RedisGuard
+from limiter.keys import CampaignKeys
+from limiter.records import Attempt, State
+from limiter.scripts import Scripts
+from limiter.store import CampaignStore, StorePolicy
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0
+PREPARE_RETRY = 1.0
+
+
+class Runtime:
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.redis = connect(
+            redis_url,
+            max_connections=settings.redis.max_connections,
+            timeout=settings.redis.timeout,
+        )
+        self.scripts = Scripts.register(self.redis)
+        self.guard = RedisGuard(settings.redis.timeout)
+        self.watch = StockWatch(self.redis, self.guard)
+        self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
+        self.identity: Callable[[web.Request], str] = partial(
+            user_from_header, header=settings.identity.header
+        )
+        self.max_body = settings.gateway.max_body_bytes
+        self.registry = Registry.of(self._campaign(c) for c in settings.campaigns)
+        #: Campaigns whose counters are known to exist in Redis.
+        self.initialised: set[str] = set()
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings, redis_url: str) -> AsyncIterator[Runtime]:
+        runtime = cls(settings, redis_url)
+        await runtime.start()
+        try:
+            yield runtime
+        finally:
+            await runtime.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.initialised >= self.registry.by_id.keys()
+
+    def _campaign(self, settings: CampaignSettings) -> Campaign:
+        keys = CampaignKeys(settings.id, self.settings.redis.key_prefix)
+        policy = StorePolicy(
+            per_user_limit=settings.per_user_limit,
+            reserve_deadline_ms=round(settings.forward_deadline * 1000),
+            ledger_max_length=self.settings.ledger.max_length,
+            mode=settings.forward,
+        )
+        store = CampaignStore(self.redis, self.scripts, self.guard, keys, policy)
+        batcher = ReserveBatcher(store, on_orphan=partial(self._release_orphan, store))
+        return Campaign(settings, store, batcher, self.upstreams[settings.upstream])
+
+    async def _release_orphan(self, store: CampaignStore, attempt: Attempt) -> None:
+        await store.release(
+            attempt.reservation_id,
+            leavable=(State.RESERVED,),
+            target=State.RELEASED,
+            reason="client went away",
+            actor=self.actor,
+        )
+
+    def stores(self) -> Iterable[CampaignStore]:
+        return [c.store for c in self.registry.by_id.values()]
+
+    def campaign_keys(self) -> Iterable[CampaignKeys]:
+        return [c.store.keys for c in self.registry.by_id.values()]
+
+    async def start(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.open()
+        try:
+            await self.prepare()
+        except StorageError as exc:
+            log.error("redis is not usable yet (%s); retrying, answering 503 meanwhile", exc)
+            self._loops.append(self.spawn(self._prepare_until_done()))
+        self._loops += [
+            self.spawn(self.watch.run_poll(self.campaign_keys)),
+            self.spawn(self.watch.run_listener(self.campaign_keys)),
+            self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
+        ]
+
+    async def prepare(self) -> None:
+        """Load the scripts; create missing campaigns' counters, never resetting existing ones."""
+        await self.guard.run(lambda: self.scripts.load(self.redis), "load scripts")
+        for campaign in self.registry.by_id.values():
+            if campaign.id in self.initialised:
+                continue
+            created, figures = await campaign.store.init(
+                campaign.settings.stock, f"config@{self.actor}"
+            )
+            if created:
+                log.info("campaign %s created with stock %d", campaign.id, figures.stock_total)
+            elif figures.stock_total != campaign.settings.stock:
+                log.info(
+                    "campaign %s already in Redis: kept its stock (total %d, available %d), "
+                    "not the file's %d",
+                    campaign.id,
+                    figures.stock_total,
+                    figures.available,
+                    campaign.settings.stock,
+                )
+            self.initialised.add(campaign.id)
+        await self.watch.poll(self.campaign_keys())
+
+    async def _prepare_until_done(self) -> None:
+        while not self.ready:
+            await asyncio.sleep(PREPARE_RETRY)
+            try:
+                await self.prepare()
+            except StorageError as exc:
+                log.debug("redis still not usable: %s", exc)
+        log.info("redis usable again; all campaigns initialised")
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` in the background until it ends or the runtime stops."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop the loops, give settling work (commits, releases) ``grace`` seconds, then close."""
+        for loop_task in self._loops:
+            loop_task.cancel()
+        for campaign in self.registry.by_id.values():
+            await campaign.batcher.close()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

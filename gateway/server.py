@@ -1,0 +1,59 @@
+"""Serving one process: the edge and admin sites, signals, and a draining shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from gateway.admin import create_admin_app
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: In-flight requests get this long to finish after SIGTERM.
+DRAIN_SECONDS = 10.0
+#: Pending connections the kernel keeps for us while a flash crowd arrives.
+BACKLOG = 4096
+
+
+async def serve(settings: Settings, redis_url: str, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and close."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with Runtime.open(settings, redis_url) as runtime:
+        runners = [
+            await _start(
+                create_app(runtime), settings.gateway.host, settings.gateway.port, reuse_port
+            )
+        ]
+        if settings.admin is not None:
+            admin = create_admin_app(runtime, settings.admin.token)
+            runners.append(
+                await _start(admin, settings.admin.host, settings.admin.port, reuse_port)
+            )
+        log.info("ready: %s", ", ".join(_addresses(runners)))
+        await stop.wait()
+        log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=BACKLOG)
+    await site.start()
+    return runner
+
+
+def _addresses(runners: list[web.AppRunner]) -> list[str]:
+    return [str(address) for runner in runners for address in runner.addresses]

@@ -1,0 +1,126 @@
+"""This process's view of every campaign's stock, and its local sold-out flags.
+
+A sold-out campaign is answered from memory, without Redis. The flag is set the
+moment Redis says so (a reserve reply here, or a ``sold-out`` notice that any
+gateway's script published), and cleared by a ``restock`` notice (a release, a
+cancel, an increase). A poll every ``interval`` reads all counters in one
+pipeline: it covers lost notices and reconnects, and keeps the figures that
+admission and the metrics use fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from limiter.errors import StorageError
+from limiter.guard import RedisGuard
+from limiter.keys import CampaignKeys
+from limiter.records import Figures
+
+log = logging.getLogger(__name__)
+
+SOLD_OUT_NOTICE = b"sold-out"
+RESTOCK_NOTICE = b"restock"
+
+
+class StockWatch:
+    def __init__(self, redis: Redis, guard: RedisGuard, *, interval: float = 0.25) -> None:
+        self.redis = redis
+        self.guard = guard
+        self.interval = interval
+        self.sold_out: set[str] = set()
+        self.figures: dict[str, Figures] = {}
+        #: Bumped by every direct flag change, so a poll that read before it cannot undo it.
+        self._epoch = 0
+
+    def mark_sold_out(self, campaign_id: str) -> None:
+        self.sold_out.add(campaign_id)
+        self._epoch += 1
+
+    def mark_restocked(self, campaign_id: str) -> None:
+        self.sold_out.discard(campaign_id)
+        self._epoch += 1
+
+    async def poll(self, campaigns: Iterable[CampaignKeys]) -> None:
+        """Read every campaign's counters in one round trip and update the flags."""
+        keys = list(campaigns)
+        if not keys:
+            return
+        epoch = self._epoch
+
+        async def read() -> list[list[bytes | None]]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hmget(k.state, "available", "reserved", "sold", "stock_total")
+                return await pipe.execute()
+
+        replies = await self.guard.run(read, "poll counters")
+        for k, reply in zip(keys, replies, strict=True):
+            if reply[0] is None:
+                continue
+            figures = Figures(*(int(v or 0) for v in reply))
+            self.figures[k.campaign_id] = figures
+            if epoch == self._epoch:
+                (self.sold_out.add if figures.available == 0 else self.sold_out.discard)(
+                    k.campaign_id
+                )
+
+    async def run_poll(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
+        while True:
+            try:
+                await self.poll(campaigns())
+            except StorageError as exc:
+                log.debug("stock poll failed: %s", exc)
+            await asyncio.sleep(self.interval)
+
+    async def run_listener(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
+        """Follow every campaign's events channel; resubscribe after errors and reloads."""
+        while True:
+            try:
+                await self._listen(campaigns)
+            except (RedisError, OSError) as exc:
+                log.debug("events listener reconnecting: %s", exc)
+                await asyncio.sleep(self.interval)
+
+    async def _listen(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        subscribed: dict[str, str] = {}
+        try:
+            while True:
+                wanted = {k.events: k.campaign_id for k in campaigns()}
+                if wanted.keys() != subscribed.keys():
+                    await self._resubscribe(pubsub, subscribed, wanted)
+                    subscribed = wanted
+                if not subscribed:
+                    await asyncio.sleep(self.interval)
+                    continue
+                message = await pubsub.get_message(timeout=self.interval)
+                if message and message["type"] == "message":
+                    self._notice(subscribed.get(message["channel"].decode(), ""), message["data"])
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def _resubscribe(pubsub: PubSub, old: dict[str, str], new: dict[str, str]) -> None:
+        gone = [c for c in old if c not in new]
+        added = [c for c in new if c not in old]
+        if gone:
+            await pubsub.unsubscribe(*gone)
+        if added:
+            await pubsub.subscribe(*added)
+
+    def _notice(self, campaign_id: str, data: bytes) -> None:
+        if not campaign_id:
+            return
+        if data == SOLD_OUT_NOTICE:
+            self.mark_sold_out(campaign_id)
+        elif data == RESTOCK_NOTICE:
+            self.mark_restocked(campaign_id)

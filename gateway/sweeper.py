@@ -1,0 +1,56 @@
+"""Giving back reservations whose deadline passed: never forwarded (the gateway
+died or Redis lost its reply) or held and never paid.
+
+Every gateway process sweeps; release.lua checks state and deadline atomically,
+so each reservation expires exactly once however many sweepers race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable
+
+from limiter.errors import StorageError
+from limiter.records import ReleaseStatus, State
+from limiter.store import CampaignStore
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+
+
+async def sweep(store: CampaignStore, actor: str) -> int:
+    """Expire every due reservation of one campaign; returns how many this call expired."""
+    expired = 0
+    while True:
+        due = await store.due(BATCH)
+        before = expired
+        for reservation_id in due:
+            result = await store.release(
+                reservation_id,
+                leavable=(State.RESERVED, State.HELD),
+                target=State.EXPIRED,
+                reason="deadline passed",
+                actor=actor,
+                only_when_due=True,
+            )
+            if result.status is ReleaseStatus.RELEASED:
+                expired += 1
+                log.info("reservation %s expired (%s)", reservation_id, result.state)
+        if len(due) < BATCH or expired == before:
+            return expired
+
+
+async def run_sweeper(
+    stores: Callable[[], Iterable[CampaignStore]], actor: str, interval: float
+) -> None:
+    while True:
+        # Jitter keeps the sweepers of many processes from waking together.
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+        for store in list(stores()):
+            try:
+                await sweep(store, actor)
+            except StorageError as exc:
+                log.debug("sweep of %s failed: %s", store.campaign_id, exc)

@@ -1,0 +1,131 @@
+"""Forwarding a winner's request to the shop's order backend, and reading its answer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import UpstreamSettings
+from gateway.errors import UpstreamError
+
+#: Headers that belong to one connection, never forwarded in either direction (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Headers the gateway sets itself; a client's own copies are dropped (no spoofing).
+GATEWAY_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "x-reservation-id",
+        "x-campaign-id",
+        "x-user-id",
+        "x-quantity",
+    }
+)
+#: A backend answer larger than this is treated as a failure.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+class OutboundRequest(NamedTuple):
+    method: str
+    path_qs: str
+    headers: Mapping[str, str] | CIMultiDictProxy[str]
+    body: bytes
+
+
+class UpstreamReply(NamedTuple):
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "")
+
+
+def end_to_end(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """The headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    excluded = HOP_BY_HOP | named | drop
+    return CIMultiDict((name, value) for name, value in pairs if name.lower() not in excluded)
+
+
+class Upstream:
+    """One order backend: a connection pool, a base URL and a timeout."""
+
+    def __init__(self, name: str, settings: UpstreamSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self, request: OutboundRequest, extra_headers: Mapping[str, str]
+    ) -> UpstreamReply:
+        """Send the request; raises UpstreamError on refusal, breakage or timeout."""
+        if self._session is None:
+            raise RuntimeError("upstream is not open")
+        headers = end_to_end(request.headers.items(), GATEWAY_HEADERS)
+        headers.update(extra_headers)
+        url = self.settings.url + request.path_qs
+        try:
+            async with self._session.request(
+                request.method, url, headers=headers, data=request.body, allow_redirects=False
+            ) as response:
+                body = await self._read_body(response)
+                return UpstreamReply(response.status, end_to_end(response.headers.items()), body)
+        except TimeoutError as exc:
+            raise UpstreamError(
+                f"{self.name} did not answer within {self.settings.timeout:g}s", timed_out=True
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"{self.name} failed: {exc or type(exc).__name__}", timed_out=False
+            ) from exc
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise UpstreamError(
+                    f"{self.name} answered more than {MAX_REPLY_BYTES} bytes", timed_out=False
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -1,0 +1,27 @@
+"""The Redis client of one gateway process: one deliberately sized pool.
+
+redis-py's default asyncio pool raises MaxConnectionsError once its cap is
+reached; under a flash crowd that would turn into errors. A BlockingConnectionPool
+makes callers wait for a free connection instead, and the guard's deadline bounds
+that wait. Batching keeps the number of connections a process needs small.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+
+def connect(url: str, *, max_connections: int, timeout: float) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_connect_timeout=max(timeout, 1.0),
+        socket_keepalive=True,
+        # Every script is safe to repeat (reserve checks its record, release and
+        # commit check state), so one retry after a dropped connection is harmless.
+        retry=Retry(NoBackoff(), 1),
+    )
+    return Redis(connection_pool=pool)

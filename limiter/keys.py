@@ -1,0 +1,112 @@
+"""Redis key layout of a campaign.
+
+Every key of one campaign carries the same hash tag, ``{<campaign id>}``, so that
+all of them live in one Redis Cluster slot and every script touches one slot.
+Key names are built here and nowhere else; scripts receive them through KEYS.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+#: Campaign ids are also the hash tag and the prefix of reservation ids.
+CAMPAIGN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: Reservation ids are ``<campaign id>.<token>``.
+RESERVATION_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.([0-9a-f]{20})$")
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignKeys:
+    """Names of one campaign's keys (and its pub/sub channel)."""
+
+    campaign_id: str
+    prefix: str = "fg"
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.campaign_id}}}"
+
+    @property
+    def state(self) -> str:
+        """Hash: stock_total, available, reserved, sold."""
+        return f"{self.base}:state"
+
+    @property
+    def users(self) -> str:
+        """Hash: user id -> units the user holds (reserved, held or sold)."""
+        return f"{self.base}:users"
+
+    @property
+    def idempotency(self) -> str:
+        """Hash: idempotency field (user + key) -> reservation id."""
+        return f"{self.base}:idem"
+
+    @property
+    def ledger(self) -> str:
+        """Stream: one entry per state change, with the figures before and after."""
+        return f"{self.base}:ledger"
+
+    @property
+    def index(self) -> str:
+        """Sorted set: every reservation id, scored by creation time (ms)."""
+        return f"{self.base}:rids"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: reservation id -> time (ms) after which it goes back to stock."""
+        return f"{self.base}:deadlines"
+
+    @property
+    def orders(self) -> str:
+        """Stream: orders waiting for the dispatcher (queue mode)."""
+        return f"{self.base}:orders"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream: orders the dispatcher gave up on."""
+        return f"{self.base}:dead"
+
+    @property
+    def bucket(self) -> str:
+        """Hash: the campaign's distributed token bucket."""
+        return f"{self.base}:bucket"
+
+    @property
+    def client_buckets(self) -> str:
+        """Key prefix of per-client buckets (one small hash per client)."""
+        return f"{self.base}:cb:"
+
+    @property
+    def admission(self) -> str:
+        """Hash: admission-ratio budget (requests let through to the deduction stage)."""
+        return f"{self.base}:admit"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel for sold-out and restock notices."""
+        return f"{self.base}:events"
+
+    def reservation(self, reservation_id: str) -> str:
+        """Hash holding one reservation record."""
+        return f"{self.base}:r:{reservation_id.rpartition('.')[2]}"
+
+    def client_bucket(self, client: str) -> str:
+        return f"{self.client_buckets}{client}"
+
+
+def new_reservation_id(campaign_id: str) -> str:
+    """A fresh, unguessable reservation id that names its campaign."""
+    return f"{campaign_id}.{secrets.token_hex(10)}"
+
+
+def campaign_of(reservation_id: str) -> str | None:
+    """The campaign id inside a reservation id, or None when it is not one of ours."""
+    match = RESERVATION_ID.match(reservation_id)
+    return match.group(1) if match else None
+
+
+def idempotency_field(user_id: str, key: str) -> str:
+    """Hash field scoping an Idempotency-Key to one user (length-prefixed, unambiguous)."""
+    return f"{len(user_id)}:{user_id}{key}"

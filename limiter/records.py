@@ -1,0 +1,132 @@
+"""Typed results of the scripts, instead of raw Redis replies."""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import NamedTuple
+
+
+class ReserveStatus(IntEnum):
+    RESERVED = 0  #: units deducted, a reservation created
+    DUPLICATE = 1  #: the idempotency key names a live reservation; nothing deducted
+    SOLD_OUT = 2  #: nothing left
+    INSUFFICIENT = 3  #: something left, fewer units than asked
+    LIMIT_EXCEEDED = 4  #: the user would hold more than the per-user limit
+    NO_CAMPAIGN = 5  #: the campaign has no counters in Redis
+
+
+class ReleaseStatus(IntEnum):
+    RELEASED = 0  #: units and quota given back now
+    ALREADY = 1  #: it had gone back to stock before; nothing changed
+    NOT_ALLOWED = 2  #: its state may not be released this way
+    NOT_FOUND = 3  #: no such reservation
+    NOT_DUE = 4  #: its deadline has not passed yet
+
+
+class CommitStatus(IntEnum):
+    DONE = 0  #: settled now
+    ALREADY = 1  #: it was in that state (or beyond) already
+    GONE = 2  #: it went back to stock and could not be taken again
+    NOT_FOUND = 3  #: no such reservation
+    RETAKEN = 4  #: it had gone back to stock; taken again and settled
+
+
+class AdjustStatus(IntEnum):
+    DONE = 0  #: stock changed
+    BELOW_ZERO = 1  #: refused: available would go below zero
+    NO_CAMPAIGN = 2  #: the campaign has no counters in Redis
+
+
+class State(StrEnum):
+    RESERVED = "reserved"  #: units deducted; the order is on its way to the backend
+    HELD = "held"  #: the backend accepted; waiting for payment until a deadline
+    COMMITTED = "committed"  #: sold
+    RELEASED = "released"  #: given back: the backend refused or failed
+    EXPIRED = "expired"  #: given back: a deadline passed
+    CANCELLED = "cancelled"  #: given back by an operator (or an after-sale return)
+
+
+#: States whose units are back in stock.
+FINAL_STATES = frozenset({State.RELEASED, State.EXPIRED, State.CANCELLED})
+
+
+class Attempt(NamedTuple):
+    """One purchase attempt, as handed to reserve.lua."""
+
+    reservation_id: str
+    user_id: str
+    quantity: int
+    idempotency_field: str = ""
+    payload: bytes = b""
+
+
+class Decision(NamedTuple):
+    """Outcome of one attempt. ``figure``: available after, or units held (limit)."""
+
+    status: ReserveStatus
+    reservation_id: str
+    figure: int
+
+
+class Transition(NamedTuple):
+    status: int
+    state: str
+
+
+class Figures(NamedTuple):
+    """A campaign's counters; stock_total == available + reserved + sold."""
+
+    available: int
+    reserved: int
+    sold: int
+    stock_total: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.stock_total == self.available + self.reserved + self.sold
+
+
+class Adjustment(NamedTuple):
+    status: AdjustStatus
+    figures: Figures
+
+
+class Reply(NamedTuple):
+    """The backend's answer, kept so that an idempotent retry can replay it."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+class Reservation(NamedTuple):
+    id: str
+    campaign_id: str
+    user_id: str
+    quantity: int
+    state: State
+    mode: str
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    reason: str
+    attempts: int
+    conflict: bool
+    reply: Reply | None
+
+    def public(self) -> dict[str, object]:
+        """The JSON shape of the admin and status APIs."""
+        return {
+            "id": self.id,
+            "campaign": self.campaign_id,
+            "user": self.user_id,
+            "quantity": self.quantity,
+            "state": self.state.value,
+            "mode": self.mode,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+            "deadline_ms": self.deadline_ms or None,
+            "reason": self.reason or None,
+            "delivery_attempts": self.attempts,
+            "conflict": self.conflict,
+        }

@@ -1,0 +1,233 @@
+"""Typed async wrappers around one campaign's scripts: keys first, then arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from limiter.errors import CampaignMissing
+from limiter.guard import RedisGuard
+from limiter.keys import CampaignKeys
+from limiter.records import (
+    Adjustment,
+    AdjustStatus,
+    Attempt,
+    CommitStatus,
+    Decision,
+    Figures,
+    ReleaseStatus,
+    Reply,
+    Reservation,
+    ReserveStatus,
+    State,
+    Transition,
+)
+from limiter.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class StorePolicy:
+    """The campaign settings the scripts need."""
+
+    per_user_limit: int
+    #: ms after reserving before an unsettled reservation goes back to stock (0: never)
+    reserve_deadline_ms: int
+    ledger_max_length: int
+    mode: str = "sync"
+
+
+class CampaignStore:
+    """All Redis operations of one campaign."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        guard: RedisGuard,
+        keys: CampaignKeys,
+        policy: StorePolicy,
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.guard = guard
+        self.keys = keys
+        self.policy = policy
+        k = keys
+        self._reserve_keys: list[str] = [
+            k.state,
+            k.users,
+            k.idempotency,
+            k.ledger,
+            k.index,
+            k.deadlines,
+            k.orders,
+        ]
+        self._reserve_args: list[str | int] = [
+            policy.per_user_limit,
+            policy.reserve_deadline_ms,
+            policy.ledger_max_length,
+            policy.mode,
+            k.events,
+        ]
+
+    @property
+    def campaign_id(self) -> str:
+        return self.keys.campaign_id
+
+    async def init(self, stock: int, actor: str = "config") -> tuple[bool, Figures]:
+        """Create the counters with ``stock`` unless they exist; returns (created, figures)."""
+        reply = await self.guard.run(
+            lambda: self.scripts.init_campaign(
+                keys=[self.keys.state, self.keys.ledger],
+                args=[stock, actor, self.policy.ledger_max_length],
+            ),
+            "init_campaign",
+        )
+        return bool(reply[0]), Figures(*map(int, reply[1:]))
+
+    async def reserve(self, attempts: Sequence[Attempt]) -> list[Decision]:
+        """Decide a batch of attempts in one script call."""
+        keys = list(self._reserve_keys)
+        args: list[str | int | bytes] = list(self._reserve_args)
+        for a in attempts:
+            keys.append(self.keys.reservation(a.reservation_id))
+            args += (a.reservation_id, a.user_id, a.quantity, a.idempotency_field, a.payload)
+        reply = await self.guard.run(lambda: self.scripts.reserve(keys=keys, args=args), "reserve")
+        return [
+            Decision(ReserveStatus(int(reply[i])), reply[i + 1].decode(), int(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
+    async def release(
+        self,
+        reservation_id: str,
+        *,
+        leavable: Sequence[State],
+        target: State,
+        reason: str,
+        actor: str,
+        only_when_due: bool = False,
+    ) -> Transition:
+        """Give a reservation back to stock, once; see release.lua for the statuses."""
+        k = self.keys
+        args = [
+            reservation_id,
+            ",".join(leavable),
+            target.value,
+            reason,
+            actor,
+            self.policy.ledger_max_length,
+            k.events,
+            "due" if only_when_due else "",
+        ]
+        keys = [
+            k.state,
+            k.users,
+            k.idempotency,
+            k.ledger,
+            k.deadlines,
+            k.reservation(reservation_id),
+        ]
+        reply = await self.guard.run(lambda: self.scripts.release(keys=keys, args=args), "release")
+        return Transition(ReleaseStatus(int(reply[0])), reply[1].decode())
+
+    async def commit(
+        self,
+        reservation_id: str,
+        *,
+        target: State,
+        hold_ms: int = 0,
+        retake: bool = False,
+        reply: Reply | None = None,
+        actor: str = "gateway",
+    ) -> Transition:
+        """Settle a reservation (commit, hold or confirm); see commit.lua for the statuses."""
+        k = self.keys
+        status, content_type, body = (
+            (str(reply.status), reply.content_type, reply.body) if reply else ("", "", b"")
+        )
+        args = [
+            reservation_id,
+            target.value,
+            hold_ms,
+            "retake" if retake else "",
+            self.policy.per_user_limit,
+            status,
+            content_type,
+            body,
+            actor,
+            self.policy.ledger_max_length,
+            k.events,
+        ]
+        keys = [k.state, k.users, k.ledger, k.deadlines, k.reservation(reservation_id)]
+        result = await self.guard.run(lambda: self.scripts.commit(keys=keys, args=args), "commit")
+        return Transition(CommitStatus(int(result[0])), result[1].decode())
+
+    async def adjust(
+        self, *, delta: int | None = None, set_to: int | None = None, actor: str
+    ) -> Adjustment:
+        """Change stock by ``delta`` or set available to ``set_to``, atomically against buying."""
+        how, n = ("delta", delta) if set_to is None else ("set", set_to)
+        if n is None:
+            raise ValueError("adjust needs delta or set_to")
+        args: list[str | int] = [how, n, actor, self.policy.ledger_max_length, self.keys.events]
+        reply = await self.guard.run(
+            lambda: self.scripts.adjust_stock(keys=[self.keys.state, self.keys.ledger], args=args),
+            "adjust_stock",
+        )
+        return Adjustment(AdjustStatus(int(reply[0])), Figures(*map(int, reply[1:])))
+
+    async def figures(self) -> Figures:
+        reply = await self.guard.run(
+            lambda: self.redis.hmget(
+                self.keys.state, "available", "reserved", "sold", "stock_total"
+            ),
+            "read counters",
+        )
+        if reply[0] is None:
+            raise CampaignMissing(self.campaign_id)
+        return Figures(*(int(v or 0) for v in reply))
+
+    async def due(self, limit: int = 100) -> list[str]:
+        """Ids of reservations whose deadline has passed (by Redis's clock)."""
+        reply = await self.guard.run(
+            lambda: self.scripts.due(keys=[self.keys.deadlines], args=[limit]), "due"
+        )
+        return [item.decode() for item in reply]
+
+    async def reservation(self, reservation_id: str) -> Reservation | None:
+        raw = await self.guard.run(
+            lambda: self.redis.hgetall(self.keys.reservation(reservation_id)), "read reservation"
+        )
+        return parse_reservation(reservation_id, self.campaign_id, raw) if raw else None
+
+
+def parse_reservation(reservation_id: str, campaign_id: str, raw: Mapping[Any, Any]) -> Reservation:
+    def text(field: str) -> str:
+        value: bytes = raw.get(field.encode(), b"")
+        return value.decode()
+
+    def number(field: str) -> int:
+        return int(raw.get(field.encode(), b"0") or 0)
+
+    reply = None
+    if raw.get(b"reply_status"):
+        reply = Reply(number("reply_status"), text("reply_type"), raw.get(b"reply_body", b""))
+    return Reservation(
+        id=reservation_id,
+        campaign_id=campaign_id,
+        user_id=text("user"),
+        quantity=number("qty"),
+        state=State(text("state")),
+        mode=text("mode"),
+        created_ms=number("created_ms"),
+        updated_ms=number("updated_ms"),
+        deadline_ms=number("deadline_ms"),
+        reason=text("reason"),
+        attempts=number("attempts"),
+        conflict=bool(number("conflict")),
+        reply=reply,
+    )

@@ -1,0 +1,60 @@
+-- _prelude.lua: helpers that limiter/scripts.py puts in front of every script.
+-- A campaign's counters live in one hash; a ledger entry records them before and after.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The four counters of a campaign, or nil when the campaign does not exist.
+local function read_figures(state_key)
+  local v = redis.call('HMGET', state_key, 'available', 'reserved', 'sold', 'stock_total')
+  if not v[1] then
+    return nil
+  end
+  return {available = tonumber(v[1]), reserved = tonumber(v[2]),
+          sold = tonumber(v[3]), total = tonumber(v[4])}
+end
+
+local function write_figures(state_key, f)
+  redis.call('HSET', state_key, 'available', f.available, 'reserved', f.reserved,
+             'sold', f.sold, 'stock_total', f.total)
+end
+
+local function copy_figures(f)
+  return {available = f.available, reserved = f.reserved, sold = f.sold, total = f.total}
+end
+
+-- "available/reserved/sold/stock_total", the ledger's before and after columns.
+local function figures_text(f)
+  return string.format('%d/%d/%d/%d', f.available, f.reserved, f.sold, f.total)
+end
+
+local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, before, after)
+  local fields = {'op', op, 'rid', rid, 'user', user, 'qty', qty, 'by', actor,
+                  'before', figures_text(before), 'after', figures_text(after)}
+  if max_len > 0 then
+    redis.call('XADD', ledger_key, 'MAXLEN', '~', max_len, '*', unpack(fields))
+  else
+    redis.call('XADD', ledger_key, '*', unpack(fields))
+  end
+end
+
+-- Tell every gateway when a campaign sells out or gets stock back.
+local function announce(channel, available_before, available_after)
+  if available_before > 0 and available_after == 0 then
+    redis.call('PUBLISH', channel, 'sold-out')
+  elseif available_before == 0 and available_after > 0 then
+    redis.call('PUBLISH', channel, 'restock')
+  end
+end
+
+local function give_back_quota(users_key, user, qty)
+  if redis.call('HINCRBY', users_key, user, -qty) <= 0 then
+    redis.call('HDEL', users_key, user)
+  end
+end
+
+local function listed(list, item)
+  return string.find(',' .. list .. ',', ',' .. item .. ',', 1, true) ~= nil
+end

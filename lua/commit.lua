@@ -1,0 +1,75 @@
+-- commit.lua: settle a reservation the backend accepted, or a payment it confirmed.
+--   reserved -> committed   a sale (on_success: commit)
+--   reserved -> held        accepted, awaiting payment until a deadline (on_success: hold)
+--   held|reserved -> committed   confirm
+-- A reservation that went back to stock meanwhile (its deadline passed while the
+-- backend was answering, or an operator cancelled it) is taken again when "retake"
+-- is asked and stock and quota permit; otherwise it is reported as gone, and the
+-- ledger records a commit-conflict for reconcile.
+--
+-- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] ledger stream
+-- KEYS[4] deadlines zset   KEYS[5] reservation record
+-- ARGV[1] reservation id   ARGV[2] target state, "committed" or "held"
+-- ARGV[3] hold time, ms (held only)   ARGV[4] "retake" or ""   ARGV[5] per-user limit
+-- ARGV[6] reply status ("" for none)   ARGV[7] reply content type   ARGV[8] reply body
+-- ARGV[9] actor   ARGV[10] ledger max length (0: no cap)   ARGV[11] events channel
+-- returns {status, state}
+--   0 done (state now)   1 already there or beyond (its state)   2 gone (its state)
+--   3 no such reservation   4 taken again and done (state now)
+
+local state_key, users_key, ledger_key, deadlines_key, record_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
+local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
+local actor, ledger_max, channel = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+
+local record = redis.call('HMGET', record_key, 'state', 'user', 'qty')
+local state, user, qty = record[1], record[2], tonumber(record[3])
+if not state then
+  return {3, ''}
+end
+if state == 'committed' or (state == 'held' and target == 'held') then
+  return {1, state}
+end
+
+local figures = read_figures(state_key)
+if not figures then
+  return {3, state}
+end
+local before = copy_figures(figures)
+local now = now_ms()
+local status, op = 0, target == 'held' and 'hold' or 'commit'
+
+if state == 'released' or state == 'expired' or state == 'cancelled' then
+  local held = tonumber(redis.call('HGET', users_key, user) or '0')
+  if not retake or figures.available < qty or held + qty > user_limit then
+    append_ledger(ledger_key, ledger_max, 'commit-conflict', rid, user, qty, actor, before, figures)
+    redis.call('HSET', record_key, 'conflict', 1)
+    return {2, state}
+  end
+  figures.available = figures.available - qty
+  figures.reserved = figures.reserved + qty
+  redis.call('HINCRBY', users_key, user, qty)
+  status, op = 4, 'late-' .. op
+elseif state == 'held' then
+  op = 'confirm'
+end
+
+if target == 'committed' then
+  figures.reserved = figures.reserved - qty
+  figures.sold = figures.sold + qty
+  redis.call('ZREM', deadlines_key, rid)
+else
+  redis.call('ZADD', deadlines_key, now + hold_ms, rid)
+  redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)
+end
+write_figures(state_key, figures)
+redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
+if reply_status ~= '' then
+  redis.call('HSET', record_key, 'reply_status', reply_status, 'reply_type', reply_type,
+             'reply_body', reply_body)
+end
+append_ledger(ledger_key, ledger_max, op, rid, user, qty, actor, before, figures)
+announce(channel, before.available, figures.available)
+return {status, target}

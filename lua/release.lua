@@ -1,0 +1,65 @@
+-- release.lua: give a reservation's units back to stock and its quota back to its
+-- user, exactly once. Used when the backend refuses or fails, by the sweeper when a
+-- deadline passes (forward deadline, unpaid hold), and by cancel (also of a
+-- committed sale: an after-sale return). After a release the idempotency key is
+-- free for a fresh attempt.
+--
+-- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] idempotency hash
+-- KEYS[4] ledger stream   KEYS[5] deadlines zset   KEYS[6] reservation record
+-- ARGV[1] reservation id
+-- ARGV[2] states it may leave, comma separated ("reserved,held,committed")
+-- ARGV[3] state it enters: "released", "expired" or "cancelled"
+-- ARGV[4] reason   ARGV[5] actor   ARGV[6] ledger max length (0: no cap)
+-- ARGV[7] events channel   ARGV[8] "due" to act only once its deadline has passed
+-- returns {status, state}
+--   0 released (state entered)      1 already back in stock (its state)
+--   2 not allowed from its state    3 no such reservation      4 not due yet
+
+local state_key, users_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
+local ledger_key, deadlines_key, record_key = KEYS[4], KEYS[5], KEYS[6]
+local rid, leavable, target = ARGV[1], ARGV[2], ARGV[3]
+local reason, actor, ledger_max, channel = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local only_when_due = ARGV[8] == 'due'
+
+local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms')
+local state, user, qty, idem, deadline = record[1], record[2], tonumber(record[3]), record[4], tonumber(record[5])
+if not state then
+  redis.call('ZREM', deadlines_key, rid)
+  return {3, ''}
+end
+if state == 'released' or state == 'expired' or state == 'cancelled' then
+  redis.call('ZREM', deadlines_key, rid)
+  return {1, state}
+end
+if not listed(leavable, state) then
+  if only_when_due then
+    redis.call('ZREM', deadlines_key, rid) -- a stale deadline of a settled reservation
+  end
+  return {2, state}
+end
+local now = now_ms()
+if only_when_due and (deadline == 0 or deadline > now) then
+  return {4, state}
+end
+
+local figures = read_figures(state_key)
+if not figures then
+  return {3, state}
+end
+local before = copy_figures(figures)
+figures.available = figures.available + qty
+if state == 'committed' then
+  figures.sold = figures.sold - qty
+else
+  figures.reserved = figures.reserved - qty
+end
+write_figures(state_key, figures)
+give_back_quota(users_key, user, qty)
+if idem ~= '' and redis.call('HGET', idem_key, idem) == rid then
+  redis.call('HDEL', idem_key, idem)
+end
+redis.call('ZREM', deadlines_key, rid)
+redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now)
+append_ledger(ledger_key, ledger_max, target, rid, user, qty, actor, before, figures)
+announce(channel, before.available, figures.available)
+return {0, target}

@@ -1,0 +1,112 @@
+-- reserve.lua: decide a batch of purchase attempts for one campaign, atomically.
+-- For each attempt, in order: a repeated call, the idempotency key, the per-user
+-- limit, the stock. A winner gets its units deducted, its quota counted, a
+-- reservation record, an index entry, a deadline, an order in the queue (queue
+-- mode) and a ledger entry. Several attempts per call is what lets a gateway
+-- process decide a whole event-loop tick of requests in one round trip.
+--
+-- KEYS[1] state hash       KEYS[2] users hash        KEYS[3] idempotency hash
+-- KEYS[4] ledger stream    KEYS[5] index zset        KEYS[6] deadlines zset
+-- KEYS[7] orders stream    KEYS[7 + i] reservation record of attempt i
+-- ARGV[1] per-user limit in units         ARGV[2] deadline after reserving, ms (0: none)
+-- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync" or "queue"
+-- ARGV[5] events channel
+-- ARGV[6 + 5 * (i - 1) ...] attempt i: reservation id, user id, quantity,
+--   idempotency field ("" for none), order payload (queue mode, else "")
+-- returns 3 values per attempt: status, reservation id, a figure
+--   0 reserved (figure: available after)     1 duplicate (id of the live reservation)
+--   2 sold out                              3 insufficient stock (figure: available)
+--   4 limit exceeded (figure: units held)   5 no such campaign
+
+local state_key, users_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
+local ledger_key, index_key, deadlines_key, orders_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local user_limit = tonumber(ARGV[1])
+local deadline_after = tonumber(ARGV[2])
+local ledger_max = tonumber(ARGV[3])
+local mode = ARGV[4]
+local channel = ARGV[5]
+local count = (#ARGV - 5) / 5
+
+-- Refuse the whole batch before writing anything: a script error does not roll back.
+for i = 1, count do
+  local qty = tonumber(ARGV[6 + 5 * (i - 1) + 2])
+  if not qty or qty < 1 or qty ~= math.floor(qty) then
+    return redis.error_reply('reserve: quantity must be a positive integer')
+  end
+end
+
+local out = {}
+local figures = read_figures(state_key)
+if not figures then
+  for i = 1, count do
+    out[#out + 1] = 5
+    out[#out + 1] = ARGV[6 + 5 * (i - 1)]
+    out[#out + 1] = 0
+  end
+  return out
+end
+
+local now = now_ms()
+local available_at_start = figures.available
+
+local function reserve(record_key, rid, user, qty, idem, payload)
+  local before = copy_figures(figures)
+  figures.available = figures.available - qty
+  figures.reserved = figures.reserved + qty
+  redis.call('HINCRBY', users_key, user, qty)
+  local deadline = 0
+  if deadline_after > 0 then
+    deadline = now + deadline_after
+    redis.call('ZADD', deadlines_key, deadline, rid)
+  end
+  redis.call('HSET', record_key, 'user', user, 'qty', qty, 'state', 'reserved',
+             'mode', mode, 'idem', idem, 'created_ms', now, 'updated_ms', now,
+             'deadline_ms', deadline, 'attempts', 0)
+  redis.call('ZADD', index_key, now, rid)
+  if idem ~= '' then
+    redis.call('HSET', idem_key, idem, rid)
+  end
+  if mode == 'queue' then
+    redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
+  end
+  append_ledger(ledger_key, ledger_max, 'reserve', rid, user, qty, 'gateway', before, figures)
+end
+
+local function decide(record_key, rid, user, qty, idem, payload)
+  if redis.call('EXISTS', record_key) == 1 then
+    return 0, rid, figures.available -- the same call again, after a lost reply
+  end
+  if idem ~= '' then
+    local earlier = redis.call('HGET', idem_key, idem)
+    if earlier then
+      return 1, earlier, figures.available
+    end
+  end
+  local held = tonumber(redis.call('HGET', users_key, user) or '0')
+  if held + qty > user_limit then
+    return 4, rid, held
+  end
+  if figures.available == 0 then
+    return 2, rid, 0
+  end
+  if figures.available < qty then
+    return 3, rid, figures.available
+  end
+  reserve(record_key, rid, user, qty, idem, payload)
+  return 0, rid, figures.available
+end
+
+for i = 1, count do
+  local at = 6 + 5 * (i - 1)
+  local status, rid, figure = decide(KEYS[7 + i], ARGV[at], ARGV[at + 1],
+                                     tonumber(ARGV[at + 2]), ARGV[at + 3], ARGV[at + 4])
+  out[#out + 1] = status
+  out[#out + 1] = rid
+  out[#out + 1] = figure
+end
+
+if figures.available ~= available_at_start then
+  write_figures(state_key, figures)
+  announce(channel, available_at_start, figures.available)
+end
+return out
