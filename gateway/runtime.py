@@ -25,6 +25,7 @@ from limiter.connection import connect
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys
+from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, State
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
@@ -46,7 +47,8 @@ class Runtime:
         )
         self.scripts = Scripts.register(self.redis)
         self.guard = RedisGuard(settings.redis.timeout)
-        self.watch = StockWatch(self.redis, self.guard)
+        self.pipe = AutoPipeline(self.redis, self.guard)
+        self.watch = StockWatch(self.redis, self.pipe)
         self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
         self.identity: Callable[[web.Request], str] = partial(
             user_from_header, header=settings.identity.header
@@ -81,7 +83,7 @@ class Runtime:
             ledger_max_length=self.settings.ledger.max_length,
             mode=settings.forward,
         )
-        store = CampaignStore(self.redis, self.scripts, self.guard, keys, policy)
+        store = CampaignStore(self.pipe, self.scripts, keys, policy)
         batcher = ReserveBatcher(store, on_orphan=partial(self._release_orphan, store))
         return Campaign(settings, store, batcher, self.upstreams[settings.upstream])
 
@@ -172,5 +174,7 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.pipe.close()
+        self.guard.close()
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()

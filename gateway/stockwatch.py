@@ -20,8 +20,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from limiter.errors import StorageError
-from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys
+from limiter.pipeline import AutoPipeline
 from limiter.records import Figures
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ RESTOCK_NOTICE = b"restock"
 
 
 class StockWatch:
-    def __init__(self, redis: Redis, guard: RedisGuard, *, interval: float = 0.25) -> None:
+    def __init__(self, redis: Redis, pipe: AutoPipeline, *, interval: float = 0.25) -> None:
         self.redis = redis
-        self.guard = guard
+        self.pipe = pipe
         self.interval = interval
         self.sold_out: set[str] = set()
         self.figures: dict[str, Figures] = {}
@@ -54,14 +54,20 @@ class StockWatch:
         if not keys:
             return
         epoch = self._epoch
-
-        async def read() -> list[list[bytes | None]]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for k in keys:
-                    pipe.hmget(k.state, "available", "reserved", "sold", "stock_total")
-                return await pipe.execute()
-
-        replies = await self.guard.run(read, "poll counters")
+        replies = await asyncio.gather(
+            *(
+                self.pipe.call(
+                    "HMGET",
+                    k.state,
+                    "available",
+                    "reserved",
+                    "sold",
+                    "stock_total",
+                    what="poll counters",
+                )
+                for k in keys
+            )
+        )
         for k, reply in zip(keys, replies, strict=True):
             if reply[0] is None:
                 continue

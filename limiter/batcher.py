@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from limiter.records import Attempt, Decision, ReserveStatus
 from limiter.store import CampaignStore
@@ -64,23 +65,39 @@ class ReserveBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _decide(self, batch: list[tuple[Attempt, asyncio.Future[Decision]]]) -> None:
+        attempts = [attempt for attempt, _ in batch]
+        reply = self.store.submit_reserve(attempts)
         try:
-            decisions = await self.store.reserve([attempt for attempt, _ in batch])
+            decisions = self.store.decisions(
+                await self.store.pipe.guard.wait(reply, "reserve", cancel=False)
+            )
         except Exception as exc:  # every waiter gets the failure (503), none is left hanging
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
+            # Redis may still decide: winners nobody waits for go back to stock at once.
+            reply.add_done_callback(lambda done: self._late(attempts, done))
         else:
             self.calls += 1
             self.attempts += len(batch)
             for (attempt, future), decision in zip(batch, decisions, strict=True):
                 if not future.done():
                     future.set_result(decision)
-                elif decision.status is ReserveStatus.RESERVED and self.on_orphan:
-                    self._spawn(self.on_orphan(attempt))
+                else:
+                    self._orphan(attempt, decision)
         finally:
             self._inflight -= 1
             self._schedule()
+
+    def _late(self, attempts: list[Attempt], reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled() or reply.exception() is not None:
+            return
+        for attempt, decision in zip(attempts, self.store.decisions(reply.result()), strict=True):
+            self._orphan(attempt, decision)
+
+    def _orphan(self, attempt: Attempt, decision: Decision) -> None:
+        if decision.status is ReserveStatus.RESERVED and self.on_orphan is not None:
+            self._spawn(self.on_orphan(attempt))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def run() -> None:

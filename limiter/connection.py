@@ -2,8 +2,9 @@
 
 redis-py's default asyncio pool raises MaxConnectionsError once its cap is
 reached; under a flash crowd that would turn into errors. A BlockingConnectionPool
-makes callers wait for a free connection instead, and the guard's deadline bounds
-that wait. Batching keeps the number of connections a process needs small.
+makes callers wait for a free connection instead; the guard's deadline (which does
+not count event-loop stalls) bounds that wait. Batching keeps the number of
+connections a process needs small.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def connect(url: str, *, max_connections: int, timeout: float) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout,
+        timeout=None,  # the guard's deadline bounds the wait
         socket_connect_timeout=max(timeout, 1.0),
         socket_keepalive=True,
         # Every script is safe to repeat (reserve checks its record, release and

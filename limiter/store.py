@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from limiter.errors import CampaignMissing
-from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys
+from limiter.pipeline import AutoPipeline
 from limiter.records import (
     Adjustment,
     AdjustStatus,
@@ -44,15 +43,13 @@ class CampaignStore:
 
     def __init__(
         self,
-        redis: Redis,
+        pipe: AutoPipeline,
         scripts: Scripts,
-        guard: RedisGuard,
         keys: CampaignKeys,
         policy: StorePolicy,
     ) -> None:
-        self.redis = redis
+        self.pipe = pipe
         self.scripts = scripts
-        self.guard = guard
         self.keys = keys
         self.policy = policy
         k = keys
@@ -79,27 +76,34 @@ class CampaignStore:
 
     async def init(self, stock: int, actor: str = "config") -> tuple[bool, Figures]:
         """Create the counters with ``stock`` unless they exist; returns (created, figures)."""
-        reply = await self.guard.run(
-            lambda: self.scripts.init_campaign(
-                keys=[self.keys.state, self.keys.ledger],
-                args=[stock, actor, self.policy.ledger_max_length],
-            ),
+        reply = await self.pipe.script(
+            self.scripts.init_campaign,
+            [self.keys.state, self.keys.ledger],
+            [stock, actor, self.policy.ledger_max_length],
             "init_campaign",
         )
         return bool(reply[0]), Figures(*map(int, reply[1:]))
 
-    async def reserve(self, attempts: Sequence[Attempt]) -> list[Decision]:
-        """Decide a batch of attempts in one script call."""
+    def submit_reserve(self, attempts: Sequence[Attempt]) -> asyncio.Future[Any]:
+        """Queue one reserve.lua call deciding ``attempts``; see ``decisions()``."""
         keys = list(self._reserve_keys)
         args: list[str | int | bytes] = list(self._reserve_args)
         for a in attempts:
             keys.append(self.keys.reservation(a.reservation_id))
             args += (a.reservation_id, a.user_id, a.quantity, a.idempotency_field, a.payload)
-        reply = await self.guard.run(lambda: self.scripts.reserve(keys=keys, args=args), "reserve")
+        return self.pipe.submit_script(self.scripts.reserve, keys, args)
+
+    @staticmethod
+    def decisions(reply: Sequence[Any]) -> list[Decision]:
         return [
             Decision(ReserveStatus(int(reply[i])), reply[i + 1].decode(), int(reply[i + 2]))
             for i in range(0, len(reply), 3)
         ]
+
+    async def reserve(self, attempts: Sequence[Attempt]) -> list[Decision]:
+        """Decide a batch of attempts in one script call."""
+        reply = await self.pipe.guard.wait(self.submit_reserve(attempts), "reserve")
+        return self.decisions(reply)
 
     async def release(
         self,
@@ -131,7 +135,7 @@ class CampaignStore:
             k.deadlines,
             k.reservation(reservation_id),
         ]
-        reply = await self.guard.run(lambda: self.scripts.release(keys=keys, args=args), "release")
+        reply = await self.pipe.script(self.scripts.release, keys, args, "release")
         return Transition(ReleaseStatus(int(reply[0])), reply[1].decode())
 
     async def commit(
@@ -163,7 +167,7 @@ class CampaignStore:
             k.events,
         ]
         keys = [k.state, k.users, k.ledger, k.deadlines, k.reservation(reservation_id)]
-        result = await self.guard.run(lambda: self.scripts.commit(keys=keys, args=args), "commit")
+        result = await self.pipe.script(self.scripts.commit, keys, args, "commit")
         return Transition(CommitStatus(int(result[0])), result[1].decode())
 
     async def adjust(
@@ -174,18 +178,20 @@ class CampaignStore:
         if n is None:
             raise ValueError("adjust needs delta or set_to")
         args: list[str | int] = [how, n, actor, self.policy.ledger_max_length, self.keys.events]
-        reply = await self.guard.run(
-            lambda: self.scripts.adjust_stock(keys=[self.keys.state, self.keys.ledger], args=args),
-            "adjust_stock",
+        reply = await self.pipe.script(
+            self.scripts.adjust_stock, [self.keys.state, self.keys.ledger], args, "adjust_stock"
         )
         return Adjustment(AdjustStatus(int(reply[0])), Figures(*map(int, reply[1:])))
 
     async def figures(self) -> Figures:
-        reply = await self.guard.run(
-            lambda: self.redis.hmget(
-                self.keys.state, "available", "reserved", "sold", "stock_total"
-            ),
-            "read counters",
+        reply = await self.pipe.call(
+            "HMGET",
+            self.keys.state,
+            "available",
+            "reserved",
+            "sold",
+            "stock_total",
+            what="read counters",
         )
         if reply[0] is None:
             raise CampaignMissing(self.campaign_id)
@@ -193,14 +199,12 @@ class CampaignStore:
 
     async def due(self, limit: int = 100) -> list[str]:
         """Ids of reservations whose deadline has passed (by Redis's clock)."""
-        reply = await self.guard.run(
-            lambda: self.scripts.due(keys=[self.keys.deadlines], args=[limit]), "due"
-        )
+        reply = await self.pipe.script(self.scripts.due, [self.keys.deadlines], [limit], "due")
         return [item.decode() for item in reply]
 
     async def reservation(self, reservation_id: str) -> Reservation | None:
-        raw = await self.guard.run(
-            lambda: self.redis.hgetall(self.keys.reservation(reservation_id)), "read reservation"
+        raw = await self.pipe.call(
+            "HGETALL", self.keys.reservation(reservation_id), what="read reservation"
         )
         return parse_reservation(reservation_id, self.campaign_id, raw) if raw else None
 

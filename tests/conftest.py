@@ -1,0 +1,78 @@
+"""Fixtures: a private, real redis-server; real aiohttp upstreams; gateways in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from gateway.embedded_redis import EmbeddedRedis
+from tests.helpers import Gateway, Shop, open_gateway, settings_for
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    """A client of the private Redis, emptied before each test."""
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.script_flush()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def shop() -> AsyncIterator[Shop]:
+    """A real order backend on loopback that records what reached it."""
+    backend = Shop()
+    server = TestServer(backend.app(), host="127.0.0.1")
+    await server.start_server()
+    backend.url = str(server.make_url("")).rstrip("/")
+    yield backend
+    await server.close()
+
+
+@pytest.fixture
+def settings_data(shop: Shop) -> dict[str, Any]:
+    """The issue's example config, pointed at the test shop; tests change it freely."""
+    return {
+        "gateway": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0, "token": "test-admin-token"},
+        "identity": {"header": "X-User-Id"},
+        "upstreams": {"shop": {"url": shop.url, "timeout": 2.0}},
+        "campaigns": [
+            {
+                "id": "phone-1111",
+                "route": "POST /seckill/phone-1111",
+                "upstream": "shop",
+                "stock": 10,
+                "per_user_limit": 1,
+                "max_quantity": 1,
+            }
+        ],
+    }
+
+
+@pytest.fixture
+async def gateway(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any]
+) -> AsyncIterator[Gateway]:
+    """A gateway (edge and admin test clients) on the settings in ``settings_data``."""
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        yield gw

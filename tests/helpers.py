@@ -1,0 +1,206 @@
+"""Test helpers: a recording order backend, gateways in-process, an invariant check
+that reads Redis directly (independent of the code under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from gateway.admin import create_admin_app
+from gateway.app import create_app
+from gateway.config import Settings, parse_settings
+from gateway.runtime import Runtime
+
+ADMIN_TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Responder = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def accept(request: web.Request) -> web.StreamResponse:
+    """The default backend answer: 201 with an order document."""
+    return web.json_response(
+        {"order_id": f"order-{request.headers.get('X-Reservation-Id')}"},
+        status=201,
+        headers={"X-Shop": "yes"},
+    )
+
+
+@dataclass
+class Shop:
+    """An order backend that records every request it receives."""
+
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    respond: Responder = accept
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), body))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self.respond(request)
+        finally:
+            self.in_flight -= 1
+
+    def reservation_ids(self) -> list[str]:
+        return [s.headers["X-Reservation-Id"] for s in self.seen]
+
+
+def settings_for(data: dict[str, Any]) -> Settings:
+    return parse_settings(yaml.safe_dump(data), "test.yaml", environ={})
+
+
+@dataclass
+class Gateway:
+    runtime: Runtime
+    edge: TestClient[web.Request, web.Application]
+    admin: TestClient[web.Request, web.Application]
+
+    async def buy(
+        self,
+        user: str | None = "alice",
+        *,
+        quantity: int | None = None,
+        key: str | None = None,
+        path: str = "/seckill/phone-1111",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> ClientResponse:
+        sent = dict(headers or {})
+        if user is not None:
+            sent["X-User-Id"] = user
+        if key is not None:
+            sent["Idempotency-Key"] = key
+        if quantity is not None:
+            kwargs.setdefault("json", {"quantity": quantity})
+        return await self.edge.post(path, headers=sent, **kwargs)
+
+    async def campaign(self, campaign_id: str = "phone-1111") -> dict[str, Any]:
+        response = await self.admin.get(f"/campaigns/{campaign_id}", headers=AUTH)
+        assert response.status == 200, await response.text()
+        document: dict[str, Any] = await response.json()
+        return document
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(settings: Settings, redis_url: str) -> AsyncIterator[Gateway]:
+    async with Runtime.open(settings, redis_url) as runtime:
+        edge = TestClient(TestServer(create_app(runtime), host="127.0.0.1"))
+        admin_token = settings.admin.token if settings.admin else ADMIN_TOKEN
+        admin = TestClient(TestServer(create_admin_app(runtime, admin_token), host="127.0.0.1"))
+        await edge.start_server()
+        await admin.start_server()
+        try:
+            yield Gateway(runtime, edge, admin)
+        finally:
+            await edge.close()
+            await admin.close()
+
+
+async def problem_of(response: ClientResponse) -> dict[str, Any]:
+    """The problem document of a refusal, checked for RFC 9457 shape."""
+    assert response.content_type == "application/problem+json", await response.text()
+    document: dict[str, Any] = json.loads(await response.read())
+    assert {"type", "title", "status", "detail", "code"} <= document.keys()
+    assert document["status"] == response.status
+    return document
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_text(mapping: dict[Any, Any]) -> dict[str, str]:
+    return {text(k): text(v) for k, v in mapping.items()}
+
+
+async def ledger(redis: Redis, campaign_id: str) -> list[dict[str, str]]:
+    """The campaign's ledger entries, oldest first."""
+    entries = await redis.xrange(f"fg:{{{campaign_id}}}:ledger") or []
+    return [as_text(fields or {}) for _, fields in entries]
+
+
+async def check_invariant(redis: Redis, campaign_id: str, per_user_limit: int) -> dict[str, int]:
+    """stock_total == available + reserved + sold; the reservation records and the
+    users' quotas agree with the counters; nobody above the limit. Returns the counters."""
+    base = f"fg:{{{campaign_id}}}"
+    raw = as_text(await redis.hgetall(f"{base}:state"))
+    state = {k: int(v) for k, v in raw.items() if k != "created_ms"}
+    assert state["stock_total"] == state["available"] + state["reserved"] + state["sold"], state
+    assert min(state.values()) >= 0, state
+    held_by_state = {"reserved": 0, "held": 0, "committed": 0}
+    held_by_user: dict[str, int] = {}
+    async for key in redis.scan_iter(match=f"{base}:r:*", count=1000):
+        record = as_text(await redis.hgetall(key))
+        if record["state"] in held_by_state:
+            held_by_state[record["state"]] += int(record["qty"])
+            held_by_user[record["user"]] = held_by_user.get(record["user"], 0) + int(record["qty"])
+    assert held_by_state["reserved"] + held_by_state["held"] == state["reserved"], (
+        held_by_state,
+        state,
+    )
+    assert held_by_state["committed"] == state["sold"], (held_by_state, state)
+    quotas = {k: int(v) for k, v in as_text(await redis.hgetall(f"{base}:users")).items()}
+    assert quotas == held_by_user, "users' quotas disagree with their reservations"
+    assert all(units <= per_user_limit for units in quotas.values()), "someone is above the limit"
+    return state
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> float:
+    """Poll ``condition`` until true; returns the seconds it took (fails after ``within``)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not await _truth(condition()):
+        if loop.time() - start > within:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+async def _truth(value: Awaitable[bool] | bool) -> bool:
+    return value if isinstance(value, bool) else await value
+
+
+async def redis_snapshot(redis: Redis) -> dict[Any, Any]:
+    """Every key and its content, to show that a request changed nothing."""
+    snapshot: dict[Any, Any] = {}
+    async for key in redis.scan_iter(count=1000):
+        kind = text(await redis.type(key))
+        if kind == "hash":
+            snapshot[key] = await redis.hgetall(key)
+        elif kind == "zset":
+            snapshot[key] = await redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            snapshot[key] = await redis.xrange(key)
+        elif kind == "set":
+            snapshot[key] = await redis.smembers(key)
+        else:
+            snapshot[key] = await redis.dump(key)
+    return snapshot
