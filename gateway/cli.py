@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="YAML config file")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(command=cmd_check)
+
+    demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
+    from gateway.demo import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(command=cmd_demo)
     return parser
 
 
@@ -96,6 +102,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         asyncio.run(serve(settings, url))
     return OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import print_report, run_demo
+
+    _install_uvloop()
+    report = asyncio.run(run_demo(args))
+    print_report(report, args.json)
+    return OK if report["verdict"]["correct"] else FAILED
 
 
 @contextlib.contextmanager

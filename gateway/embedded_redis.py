@@ -28,7 +28,14 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def find_redis_server() -> Path:
-    """The redis-server binary to run, or an error saying how to get one."""
+    """The redis-server binary to run, or an error saying how to get one.
+
+    ``$FLASHGATE_REDIS_SERVER`` names one explicitly (the tests use it to run
+    against several Redis versions).
+    """
+    chosen = os.environ.get("FLASHGATE_REDIS_SERVER")
+    if chosen:
+        return Path(chosen)
     on_path = shutil.which("redis-server")
     if on_path:
         return Path(on_path)
