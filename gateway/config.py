@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/reservations/")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _HEADER_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -35,6 +37,8 @@ def duration(value: Any) -> float:
         raise Invalid(
             f"must be a duration like 500ms, 2s, 5m or a number of seconds, got {value!r}"
         )
+    if not math.isfinite(seconds):
+        raise Invalid(f"must be a finite duration, got {value!r}")
     if seconds <= 0:
         raise Invalid(f"must be a positive duration, got {value!r}")
     return seconds
@@ -70,6 +74,10 @@ def http_url(value: Any) -> str:
         raise Invalid(f"must be an http:// or https:// URL with a host, got {value!r}")
     if parts.query or parts.fragment:
         raise Invalid(f"must not carry a query or fragment, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - reading it validates it
+    except ValueError:
+        raise Invalid(f"has an impossible port: {value!r}") from None
     return str(value).rstrip("/")
 
 
@@ -163,6 +171,10 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, [("", f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})")]
+        ) from exc
     return parse_settings(text, source, environ)
 
 
@@ -186,6 +198,9 @@ def parse_settings(
 
 
 def _check_relations(s: Settings, problems: Problems) -> None:
+    for name in s.upstreams:
+        if not _UPSTREAM_NAME.fullmatch(name):
+            problems.add(f"upstreams.{name}", "names are 1 to 64 letters, digits, _ or -")
     seen_ids: dict[str, int] = {}
     seen_routes: dict[Route, int] = {}
     for i, c in enumerate(s.campaigns):
@@ -228,10 +243,12 @@ def _expand(value: Any, path: str, environ: Mapping[str, str], problems: Problem
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
-            if name in environ:
+            if environ.get(name):
                 return environ[name]
-            if default is not None:
+            if default is not None:  # like the shell's ${VAR:-x}: unset or empty
                 return default
+            if name in environ:
+                return ""
             problems.add(path, f"environment variable {name} is not set")
             return ""
 
@@ -253,12 +270,24 @@ class _StrictLoader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<: *anchor": merged keys may be overridden, that is their purpose
         key = loader.construct_object(key_node)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a key must be a plain value, not {type(key).__name__}",
+                key_node.start_mark,
+            ) from None
+        if duplicate:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen.add(key)
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node)
 
 

@@ -134,9 +134,13 @@ def _scalar(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[
 def _bounds(value: float, path: str, problems: Problems, meta: Mapping[str, Any]) -> None:
     low, high = meta.get("min"), meta.get("max")
     if low is not None and value < low:
-        problems.add(path, f"must be >= {low:g}, got {value:g}")
+        problems.add(path, f"must be >= {_number(low)}, got {_number(value)}")
     if high is not None and value > high:
-        problems.add(path, f"must be <= {high:g}, got {value:g}")
+        problems.add(path, f"must be <= {_number(high)}, got {_number(value)}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _sequence(item: Any, value: Any, path: str, problems: Problems, meta: Mapping[str, Any]) -> Any:
