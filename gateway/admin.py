@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.campaigns import Campaign
+from gateway.config import CampaignSettings
 from gateway.health import health_handlers
 from gateway.problems import Code, Problem
 from gateway.runtime import Runtime
@@ -103,11 +104,34 @@ def _actor(request: web.Request) -> str:
 async def campaign_document(runtime: Runtime, campaign: Campaign) -> dict[str, Any]:
     try:
         figures = await campaign.store.figures()
+        decided = await campaign.store.decided()
     except CampaignMissing as exc:
         raise Problem(
             Code.UNAVAILABLE, f"{exc}; the gateway creates it when Redis is reachable"
         ) from None
-    return _document(campaign, figures)
+    return {**_document(campaign, figures), "decided": decided, **_process_view(runtime, campaign)}
+
+
+def _process_view(runtime: Runtime, campaign: Campaign) -> dict[str, Any]:
+    """What this process alone knows (with --workers, each worker its own)."""
+    return {
+        "process": {
+            "id": runtime.actor,
+            "local_sold_out": campaign.id in runtime.watch.sold_out,
+            "shadowed": dict(campaign.shaper.shadowed),
+            "refused": dict(campaign.shaper.refused),
+            "processes_alive": runtime.processes,
+        }
+    }
+
+
+def _limits(settings: CampaignSettings) -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    for name in ("rate_limit", "client_rate_limit", "admission_ratio"):
+        value = getattr(settings, name)
+        if value is not None:
+            limits[name] = {k: getattr(value, k) for k in value.__dataclass_fields__}
+    return limits
 
 
 def _document(campaign: Campaign, figures: Figures) -> dict[str, Any]:
@@ -125,6 +149,9 @@ def _document(campaign: Campaign, figures: Figures) -> dict[str, Any]:
         "per_user_limit": s.per_user_limit,
         "max_quantity": s.max_quantity,
         "forward": s.forward,
+        "starts_at": s.starts_at.isoformat() if s.starts_at else None,
+        "ends_at": s.ends_at.isoformat() if s.ends_at else None,
+        "limits": _limits(s),
     }
 
 

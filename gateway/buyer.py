@@ -1,4 +1,4 @@
-"""What a buyer's request says: who, how many, and its Idempotency-Key.
+"""What a buyer's request says: how many, and its Idempotency-Key.
 
 Everything here is checked before Redis is asked anything, so bad input is
 refused with a specific problem and changes nothing.
@@ -16,24 +16,11 @@ from gateway.problems import Code, Problem
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
-_USER_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")
 
 
 class Order(NamedTuple):
     quantity: int
     body: bytes
-
-
-def user_from_header(request: web.Request, header: str) -> str:
-    """The user id from the trusted identity header, or a 401."""
-    value = request.headers.get(header, "").strip()
-    if not value:
-        raise Problem(Code.UNAUTHENTICATED, f"the {header} header is missing or empty")
-    if not _USER_ID.match(value):
-        raise Problem(
-            Code.UNAUTHENTICATED, f"the {header} header must be 1 to 256 printable ASCII characters"
-        )
-    return value
 
 
 def idempotency_key(request: web.Request) -> str:

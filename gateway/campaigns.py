@@ -12,8 +12,10 @@ from types import MappingProxyType
 
 from gateway.config import CampaignSettings
 from gateway.problems import CannedProblem, Code, Problem
+from gateway.shaping import Shaper
 from gateway.upstream import Upstream
-from limiter.batcher import ReserveBatcher
+from limiter.batching import TickBatcher
+from limiter.records import Attempt, Decision
 from limiter.store import CampaignStore
 
 
@@ -21,8 +23,10 @@ from limiter.store import CampaignStore
 class Campaign:
     settings: CampaignSettings
     store: CampaignStore
-    batcher: ReserveBatcher
+    #: reserve attempts of one event-loop tick -> one reserve.lua call
+    batcher: TickBatcher[Attempt, Decision]
     upstream: Upstream
+    shaper: Shaper
     sold_out: CannedProblem = field(init=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -23,11 +24,7 @@ OK, FAILED, INVALID = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -42,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return FAILED
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale admission gateway.")
     parser.add_argument(
@@ -51,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve the campaigns of a config file")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="processes serving the same ports (default: the CPU count)",
+    )
     run.set_defaults(command=cmd_run)
 
     check = commands.add_parser("check", help="validate a config file (exit 2 when invalid)")
@@ -96,12 +107,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if args.workers > 1 and 0 in (
+        settings.gateway.port,
+        settings.admin.port if settings.admin else 1,
+    ):
+        print(f"{args.config}: --workers {args.workers} needs fixed ports, not 0", file=sys.stderr)
+        return INVALID
     with redis_for(settings) as url:
-        _install_uvloop()
-        from gateway.server import serve
+        if args.workers == 1:
+            serve_forever(settings, url)
+            return OK
+        from gateway.supervisor import run_workers
 
-        asyncio.run(serve(settings, url))
-    return OK
+        return run_workers(args.config, url, args.workers, args.log_level)
+
+
+def serve_forever(settings: Settings, redis_url: str, *, reuse_port: bool = False) -> None:
+    _install_uvloop()
+    from gateway.server import serve
+
+    asyncio.run(serve(settings, redis_url, reuse_port=reuse_port))
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,12 +7,15 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.errors import ConfigError
 from gateway.schema import Invalid, Problems, build, spec
@@ -89,6 +92,50 @@ def redis_url(value: Any) -> str | None:
     return value
 
 
+def positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"must be a number, got {value!r}")
+    if not 0 < value < math.inf:
+        raise Invalid(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _secret(value: Any, least: int) -> str:
+    """A secret, checked without echoing it into an error message or a log."""
+    if not isinstance(value, str) or len(value) < least:
+        raise Invalid(f"must be a string of at least {least} characters")
+    return value
+
+
+def instant(value: Any) -> datetime:
+    """An ISO-8601 time with an offset: ``2026-11-11T00:00:00+08:00``."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise Invalid(
+                f"must be an ISO-8601 time like 2026-11-11T00:00:00+08:00, got {value!r}"
+            ) from None
+    if not isinstance(value, datetime):
+        raise Invalid(f"must be an ISO-8601 time like 2026-11-11T00:00:00+08:00, got {value!r}")
+    if value.tzinfo is None:
+        raise Invalid(f"must carry an offset (+08:00, Z), got {value.isoformat()!r}")
+    return value
+
+
+def networks(value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
+    """CIDRs (a bare address is a /32 or /128)."""
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of CIDRs, got {value!r}")
+    parsed = []
+    for item in value:
+        try:
+            parsed.append(ip_network(str(item), strict=False))
+        except ValueError:
+            raise Invalid(f"{item!r} is not a CIDR like 10.0.0.0/8") from None
+    return tuple(parsed)
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     #: None: start an embedded redis-server.
@@ -108,6 +155,8 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = spec(8080, min=0, max=65535)
     max_body_bytes: int = spec(64 * 1024, min=1, max=16 * 1024 * 1024)
+    #: Peers whose X-Forwarded-For is believed (load balancers); nobody else's is.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = spec((), parse=networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +166,34 @@ class AdminSettings:
     port: int = spec(9090, min=0, max=65535)
 
 
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """A signed identity: ``Authorization: Bearer <JWT>``, verified with expiry."""
+
+    algorithms: tuple[JwtAlgorithm, ...] = ("HS256",)
+    #: Shared secret (HS*) ...
+    secret: str | None = spec(None, parse=lambda v: _secret(v, 16))
+    #: ... or a PEM public key (RS*, ES*); use ${VAR} to take either from the environment.
+    public_key: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    #: The claim that names the user.
+    claim: str = spec("sub", pattern=r"\S+")
+    #: Clock skew tolerated on exp/nbf/iat.
+    leeway: float = spec(0.0, min=0, max=300)
+
+
 @dataclass(frozen=True, slots=True)
 class IdentitySettings:
     #: Trusted header carrying the user id: safe only behind an authenticating proxy.
     header: str = spec("X-User-Id", pattern=_HEADER_NAME)
+    #: When set, the user comes from a verified JWT and the header is ignored.
+    jwt: JwtSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +209,64 @@ class LedgerSettings:
     max_length: int = spec(100_000, min=100, max=100_000_000)
 
 
+Mode = Literal["enforce", "shadow"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """A campaign-wide token bucket shared by every gateway through Redis."""
+
+    rate: float = spec(parse=positive)
+    per: float = spec(1.0, parse=duration)
+    #: Tokens the bucket holds when full (default: one period's worth).
+    burst: int | None = spec(None, min=1, max=10**9)
+    #: shadow: never refuse, count what would have been refused.
+    mode: Mode = "enforce"
+    #: Share of the rate one process may admit on its own while Redis is unreachable
+    #: (default: 1 / the processes last seen alive).
+    local_share: float | None = spec(None, parse=positive, max=1)
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+    @property
+    def capacity(self) -> int:
+        return self.burst or max(1, math.ceil(self.rate))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRateLimitSettings:
+    """A token bucket per client (user or IP), shared by every gateway through Redis."""
+
+    rate: float = spec(parse=positive)
+    key: Literal["user", "ip"] = "user"
+    per: float = spec(1.0, parse=duration)
+    burst: int | None = spec(None, min=1, max=10**9)
+    mode: Mode = "enforce"
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+    @property
+    def capacity(self) -> int:
+        return self.burst or max(1, math.ceil(self.rate))
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """At most ``ratio`` x available requests reach the deduction stage per ``window``."""
+
+    ratio: float = spec(parse=positive)
+    window: float = spec(1.0, parse=duration)
+    mode: Mode = "enforce"
+
+
+def _ratio(value: Any) -> Mapping[str, Any]:
+    return {"ratio": value}
+
+
 @dataclass(frozen=True, slots=True)
 class CampaignSettings:
     id: str = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
@@ -148,6 +279,13 @@ class CampaignSettings:
     forward: Literal["sync", "queue"] = "sync"
     #: An unsettled reservation goes back to stock this long after it was made.
     forward_deadline: float = spec(30.0, parse=duration)
+    #: The sale window; before it 403 not-started, after it 403 ended.
+    starts_at: datetime | None = spec(None, parse=instant)
+    ends_at: datetime | None = spec(None, parse=instant)
+    rate_limit: RateLimitSettings | None = None
+    client_rate_limit: ClientRateLimitSettings | None = None
+    #: A number (the ratio) or {ratio, window, mode}.
+    admission_ratio: AdmissionSettings | None = spec(None, shorthand=_ratio)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,12 +362,37 @@ def _check_relations(s: Settings, problems: Problems) -> None:
             )
         if c.max_quantity > c.per_user_limit:
             problems.add(f"{at}.max_quantity", f"must be <= per_user_limit ({c.per_user_limit})")
+        if c.starts_at and c.ends_at and c.ends_at <= c.starts_at:
+            problems.add(f"{at}.ends_at", "must be after starts_at")
     if (
         s.admin
         and (s.admin.host, s.admin.port) == (s.gateway.host, s.gateway.port)
         and s.admin.port
     ):
         problems.add("admin.port", "must differ from gateway.port on the same host")
+    if s.identity.jwt is not None:
+        _check_jwt(s.identity.jwt, problems)
+
+
+def _check_jwt(jwt: JwtSettings, problems: Problems) -> None:
+    """One key kind, matching the algorithms: mixing them invites algorithm confusion."""
+    at = "identity.jwt"
+    symmetric = {a.startswith("HS") for a in jwt.algorithms}
+    if not jwt.algorithms:
+        problems.add(f"{at}.algorithms", "must name at least one algorithm")
+    elif len(symmetric) > 1:
+        problems.add(f"{at}.algorithms", "must not mix HS* with RS*/ES* algorithms")
+    elif (jwt.secret is None) == (jwt.public_key is None):
+        problems.add(at, "needs exactly one of secret (HS*) or public_key (RS*, ES*)")
+    elif symmetric == {True} and jwt.secret is None:
+        problems.add(f"{at}.secret", "HS* algorithms need a secret")
+    elif symmetric == {False} and jwt.public_key is None:
+        problems.add(f"{at}.public_key", "RS*/ES* algorithms need a public_key")
+    elif jwt.public_key is not None:
+        try:
+            load_pem_public_key(jwt.public_key.encode())
+        except ValueError as exc:
+            problems.add(f"{at}.public_key", f"is not a PEM public key: {exc}")
 
 
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
 from gateway.campaigns import Campaign
+from gateway.clientip import forwarded_for
 from gateway.errors import UpstreamError
 from gateway.problems import Code, Problem
 from gateway.upstream import OutboundRequest, UpstreamReply
@@ -38,6 +39,9 @@ MAX_STORED_REPLY = 64 * 1024
 async def purchase(
     runtime: Runtime, campaign: Campaign, request: web.Request
 ) -> web.StreamResponse:
+    outside = campaign.shaper.window()
+    if outside is not None:
+        return outside.response()
     # A retry with an Idempotency-Key may be owed its earlier outcome, so only
     # requests without one are answered from the local flag.
     if campaign.id in runtime.watch.sold_out and IDEMPOTENCY_HEADER not in request.headers:
@@ -46,13 +50,14 @@ async def purchase(
         user = runtime.identity(request)
         key = idempotency_key(request)
         order = await read_order(request, campaign.settings.max_quantity, runtime.max_body)
+        await campaign.shaper.admit(request, user)
         attempt = Attempt(
             new_reservation_id(campaign.id),
             user,
             order.quantity,
             idempotency_field(user, key) if key else "",
         )
-        decision = await campaign.batcher.reserve(attempt)
+        decision = await campaign.batcher.submit(attempt)
         return await _outcome(runtime, campaign, request, attempt, order, decision)
     except Problem as problem:
         return problem.response()
@@ -110,7 +115,7 @@ async def _forward(
         "X-Campaign-Id": campaign.id,
         "X-User-Id": attempt.user_id,
         "X-Quantity": str(attempt.quantity),
-        "X-Forwarded-For": request.remote or "",
+        "X-Forwarded-For": forwarded_for(request, runtime.settings.gateway.trusted_proxies),
         "X-Forwarded-Proto": request.scheme,
         "X-Forwarded-Host": request.host,
     }

@@ -8,25 +8,24 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
-from aiohttp import web
-
-from gateway.buyer import user_from_header
 from gateway.campaigns import Campaign, Registry
 from gateway.config import CampaignSettings, Settings
+from gateway.identity import Identity, identity_for
+from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
 from gateway.sweeper import run_sweeper
 from gateway.upstream import Upstream
-from limiter.batcher import ReserveBatcher
+from limiter.batching import TickBatcher
 from limiter.connection import connect
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
-from limiter.keys import CampaignKeys
+from limiter.keys import CampaignKeys, processes_key
 from limiter.pipeline import AutoPipeline
-from limiter.records import Attempt, State
+from limiter.records import Attempt, Decision, ReserveStatus, State
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
 PREPARE_RETRY = 1.0
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_TTL_MS = 5000
 
 
 class Runtime:
@@ -50,14 +51,14 @@ class Runtime:
         self.pipe = AutoPipeline(self.redis, self.guard)
         self.watch = StockWatch(self.redis, self.pipe)
         self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
-        self.identity: Callable[[web.Request], str] = partial(
-            user_from_header, header=settings.identity.header
-        )
+        self.identity: Identity = identity_for(settings.identity)
         self.max_body = settings.gateway.max_body_bytes
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        #: Gateway processes sharing this Redis, as last counted.
+        self.processes = 1
         self.registry = Registry.of(self._campaign(c) for c in settings.campaigns)
         #: Campaigns whose counters are known to exist in Redis.
         self.initialised: set[str] = set()
-        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
 
@@ -84,15 +85,34 @@ class Runtime:
             mode=settings.forward,
         )
         store = CampaignStore(self.pipe, self.scripts, keys, policy)
-        batcher = ReserveBatcher(store, on_orphan=partial(self._release_orphan, store))
-        return Campaign(settings, store, batcher, self.upstreams[settings.upstream])
+        batcher: TickBatcher[Attempt, Decision] = TickBatcher(
+            self.guard,
+            store.submit_reserve,
+            store.decisions,
+            "reserve",
+            unclaimed=partial(self._release_unclaimed, store),
+        )
+        shaper = Shaper(
+            settings,
+            self.settings.gateway,
+            self.pipe,
+            self.scripts,
+            keys,
+            on_sold_out=partial(self.watch.mark_sold_out, settings.id),
+        )
+        return Campaign(settings, store, batcher, self.upstreams[settings.upstream], shaper)
 
-    async def _release_orphan(self, store: CampaignStore, attempt: Attempt) -> None:
-        await store.release(
+    def _release_unclaimed(
+        self, store: CampaignStore, attempt: Attempt, decision: Decision
+    ) -> Awaitable[object] | None:
+        """A reservation whose requester went away (or timed out) goes back to stock now."""
+        if decision.status is not ReserveStatus.RESERVED:
+            return None
+        return store.release(
             attempt.reservation_id,
             leavable=(State.RESERVED,),
             target=State.RELEASED,
-            reason="client went away",
+            reason="requester went away",
             actor=self.actor,
         )
 
@@ -114,6 +134,7 @@ class Runtime:
             self.spawn(self.watch.run_poll(self.campaign_keys)),
             self.spawn(self.watch.run_listener(self.campaign_keys)),
             self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
+            self.spawn(self._heartbeat()),
         ]
 
     async def prepare(self) -> None:
@@ -147,6 +168,21 @@ class Runtime:
             except StorageError as exc:
                 log.debug("redis still not usable: %s", exc)
         log.info("redis usable again; all campaigns initialised")
+
+    async def _heartbeat(self) -> None:
+        """Count live processes, so limits can fall back to a fair local share."""
+        key = processes_key(self.settings.redis.key_prefix)
+        while True:
+            try:
+                alive = await self.pipe.script(
+                    self.scripts.heartbeat, [key], [self.actor, HEARTBEAT_TTL_MS], "heartbeat"
+                )
+                self.processes = int(alive)
+                for campaign in self.registry.by_id.values():
+                    campaign.shaper.share(self.processes)
+            except StorageError as exc:
+                log.debug("heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends or the runtime stops."""

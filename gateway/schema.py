@@ -42,10 +42,22 @@ def spec(
     max: float | None = None,
     pattern: str | None = None,
     parse: Callable[[Any], Any] | None = None,
+    shorthand: Callable[[Any], Mapping[str, Any]] | None = None,
     doc: str = "",
 ) -> Any:
-    """A dataclass field with validation metadata."""
-    metadata = {"min": min, "max": max, "pattern": pattern, "parse": parse, "doc": doc}
+    """A dataclass field with validation metadata.
+
+    ``shorthand`` turns a scalar into the mapping a nested dataclass is built from
+    (``admission_ratio: 10`` for ``admission_ratio: {ratio: 10}``).
+    """
+    metadata = {
+        "min": min,
+        "max": max,
+        "pattern": pattern,
+        "parse": parse,
+        "shorthand": shorthand,
+        "doc": doc,
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("use immutable defaults (tuple, MappingProxyType)")
     return dataclasses.field(default=default, metadata=metadata)
@@ -102,6 +114,9 @@ def convert(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[
     if origin in (dict, Mapping, types.MappingProxyType):
         return _mapping(get_args(kind)[1], value, path, problems, meta)
     if dataclasses.is_dataclass(kind):
+        shorthand = meta.get("shorthand")
+        if shorthand is not None and not isinstance(value, Mapping):
+            value = shorthand(value)
         return build(typing.cast(type, kind), value, path, problems)
     return _scalar(kind, value, path, problems, meta)
 

@@ -92,8 +92,10 @@ class CampaignKeys:
         """Hash holding one reservation record."""
         return f"{self.base}:r:{reservation_id.rpartition('.')[2]}"
 
-    def client_bucket(self, client: str) -> str:
-        return f"{self.client_buckets}{client}"
+
+def processes_key(prefix: str = "fg") -> str:
+    """Sorted set of live gateway processes (not campaign data: any slot will do)."""
+    return f"{prefix}:gateways"
 
 
 def new_reservation_id(campaign_id: str) -> str:

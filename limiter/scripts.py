@@ -46,6 +46,9 @@ class Scripts:
     adjust_stock: AsyncScript
     init_campaign: AsyncScript
     due: AsyncScript
+    take_tokens: AsyncScript
+    take_client_tokens: AsyncScript
+    heartbeat: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -94,7 +94,7 @@ class CampaignStore:
         return self.pipe.submit_script(self.scripts.reserve, keys, args)
 
     @staticmethod
-    def decisions(reply: Sequence[Any]) -> list[Decision]:
+    def decisions(attempts: Sequence[Attempt], reply: Sequence[Any]) -> list[Decision]:
         return [
             Decision(ReserveStatus(int(reply[i])), reply[i + 1].decode(), int(reply[i + 2]))
             for i in range(0, len(reply), 3)
@@ -103,7 +103,7 @@ class CampaignStore:
     async def reserve(self, attempts: Sequence[Attempt]) -> list[Decision]:
         """Decide a batch of attempts in one script call."""
         reply = await self.pipe.guard.wait(self.submit_reserve(attempts), "reserve")
-        return self.decisions(reply)
+        return self.decisions(attempts, reply)
 
     async def release(
         self,
@@ -196,6 +196,11 @@ class CampaignStore:
         if reply[0] is None:
             raise CampaignMissing(self.campaign_id)
         return Figures(*(int(v or 0) for v in reply))
+
+    async def decided(self) -> int:
+        """Requests that ever reached the deduction stage (reserve.lua counts them)."""
+        reply = await self.pipe.call("HGET", self.keys.state, "decided", what="read counters")
+        return int(reply or 0)
 
     async def due(self, limit: int = 100) -> list[str]:
         """Ids of reservations whose deadline has passed (by Redis's clock)."""

@@ -58,3 +58,31 @@ end
 local function listed(list, item)
   return string.find(',' .. list .. ',', ',' .. item .. ',', 1, true) ~= nil
 end
+
+-- Take up to `want` tokens from a token bucket hash {tokens, ms}, refilled at `rate`
+-- tokens per second up to `capacity`, by Redis's clock. Returns granted, wait_ms:
+-- when fewer than wanted were granted, the ms until the next whole token (-1: never).
+local function take_from_bucket(key, now, rate, capacity, want)
+  local b = redis.call('HMGET', key, 'tokens', 'ms')
+  local tokens = tonumber(b[1]) or capacity
+  local last = tonumber(b[2]) or now
+  if now > last then
+    tokens = tokens + (now - last) * rate / 1000
+  end
+  tokens = math.min(tokens, capacity)
+  local granted = math.min(want, math.floor(tokens))
+  tokens = tokens - granted
+  redis.call('HSET', key, 'tokens', tokens, 'ms', now)
+  local wait = 0
+  if rate <= 0 then
+    wait = -1
+    redis.call('PEXPIRE', key, 60000)
+  else
+    -- an idle bucket refills completely: it may vanish and come back full
+    redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
+    if granted < want then
+      wait = math.ceil((1 - tokens) * 1000 / rate)
+    end
+  end
+  return granted, wait
+end

@@ -109,4 +109,6 @@ if figures.available ~= available_at_start then
   write_figures(state_key, figures)
   announce(channel, available_at_start, figures.available)
 end
+-- requests that reached the deduction stage, for the admission budget's accounts
+redis.call('HINCRBY', state_key, 'decided', count)
 return out

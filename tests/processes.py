@@ -77,6 +77,13 @@ class GatewayProcess:
         self.process = None
         return process.returncode
 
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the process to exit on its own; returns the exit code."""
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 

@@ -85,7 +85,7 @@ async def test_sigterm_drains_and_exits_cleanly(
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGTERM)
         assert await in_flight == 201  # the request in flight finished
-    assert gateway.stop() == 0
+    assert gateway.wait() == 0
     assert "stopping" in gateway.log()
 
 

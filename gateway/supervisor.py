@@ -1,0 +1,100 @@
+"""``flashgate run --workers N``: N processes serving the same ports (SO_REUSEPORT).
+
+The kernel spreads connections over the workers; each has its own event loop,
+Redis pool and local flags, and they share everything that matters through
+Redis. The parent only supervises: it forwards SIGTERM/SIGINT (drain and stop)
+and SIGHUP (reload) to every worker, restarts a worker that dies, and gives up
+when workers keep dying right after they start.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterable
+from multiprocessing.context import SpawnProcess
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+#: A worker that dies sooner than this after starting counts as failing to start.
+QUICK_DEATH = 5.0
+#: That many quick deaths in a row and the supervisor gives up.
+MAX_QUICK_DEATHS = 3
+#: How long stopping workers get to drain before they are killed.
+STOP_GRACE = 30.0
+
+
+def run_workers(config_path: str, redis_url: str, workers: int, log_level: str) -> int:
+    """Run and supervise ``workers`` processes until SIGTERM or SIGINT; returns an exit code."""
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(index: int) -> tuple[SpawnProcess, float]:
+        process = context.Process(
+            target=_worker,
+            args=(config_path, redis_url, log_level),
+            name=f"flashgate-worker-{index}",
+        )
+        process.start()
+        log.info("worker %d started (pid %s)", index, process.pid)
+        return process, time.monotonic()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process, _ in running.values():
+            if process.pid and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    running = {index: start(index) for index in range(workers)}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    quick_deaths = 0
+    while not stopping:
+        time.sleep(0.2)
+        for index, (process, started) in list(running.items()):
+            if process.is_alive() or stopping:
+                continue
+            lived = time.monotonic() - started
+            quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
+            log.error(
+                "worker %d (pid %s) exited with %s after %.1fs",
+                index,
+                process.pid,
+                process.exitcode,
+                lived,
+            )
+            if quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers keep dying at start; giving up")
+                forward(signal.SIGTERM, None)
+                _reap(running.values())
+                return 1
+            running[index] = start(index)
+    _reap(running.values())
+    return 0
+
+
+def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
+    deadline = time.monotonic() + STOP_GRACE
+    for process, _ in list(workers):
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.error("worker pid %s did not stop in time; killing it", process.pid)
+            process.kill()
+            process.join()
+
+
+def _worker(config_path: str, redis_url: str, log_level: str) -> None:
+    """One worker: its own event loop and Redis pool, on the shared ports."""
+    from gateway.cli import configure_logging, serve_forever
+    from gateway.config import load_settings
+    from gateway.embedded_redis import die_with_parent
+
+    die_with_parent()
+    configure_logging(log_level)
+    serve_forever(load_settings(config_path), redis_url, reuse_port=True)
