@@ -196,10 +196,14 @@ class Runtime:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop the loops, give settling work (commits, releases) ``grace`` seconds, then close."""
+    def stop_background(self) -> None:
+        """Stop the periodic work: polling, listening, sweeping, heartbeats."""
         for loop_task in self._loops:
             loop_task.cancel()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop the loops, give settling work (commits, releases) ``grace`` seconds, then close."""
+        self.stop_background()
         for campaign in self.registry.by_id.values():
             await campaign.batcher.close()
         pending = [t for t in self._tasks if not t.done()]
