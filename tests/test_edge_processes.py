@@ -136,8 +136,7 @@ async def test_sold_out_broadcast_reaches_the_other_process_quickly(
     delays = []
     try:
         async with aiohttp.ClientSession() as session:
-            for campaign in campaigns:
-                cid = campaign["id"]
+            for cid in ids:
                 assert not await _locally_sold_out(session, b, cid)
                 async with session.post(f"{a.url}/{cid}", headers={"X-User-Id": "u"}) as sale:
                     assert sale.status == 201
