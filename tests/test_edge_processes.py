@@ -126,9 +126,8 @@ async def test_sold_out_broadcast_reaches_the_other_process_quickly(
     settings_data: dict[str, Any], redis_server: EmbeddedRedis, redis: Redis, tmp_path: Path
 ) -> None:
     """A sells the last unit; B learns it is sold out (and stops asking Redis) within 100 ms."""
-    campaigns = [
-        {"id": f"c{i}", "route": f"POST /c{i}", "upstream": "shop", "stock": 1} for i in range(5)
-    ]
+    ids = [f"c{i}" for i in range(5)]
+    campaigns = [{"id": c, "route": f"POST /{c}", "upstream": "shop", "stock": 1} for c in ids]
     config = _config(settings_data, redis_server.url)
     config["campaigns"] = campaigns
     a = GatewayProcess(json.loads(json.dumps(config)), tmp_path, "--workers", "1").start()
