@@ -21,7 +21,14 @@ from gateway.problems import Code, Problem
 from gateway.runtime import Runtime
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
-from limiter.records import AdjustStatus, Figures, ReleaseStatus, Reservation, State
+from limiter.records import (
+    AdjustStatus,
+    CommitStatus,
+    Figures,
+    ReleaseStatus,
+    Reservation,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ def create_admin_app(runtime: Runtime, token: str) -> web.Application:
     app.router.add_post("/campaigns/{id}/stock", adjust_stock)
     app.router.add_get("/reservations/{id}", show_reservation)
     app.router.add_post("/reservations/{id}/cancel", cancel_reservation)
+    app.router.add_post("/reservations/{id}/confirm", confirm_reservation)
     return app
 
 
@@ -246,3 +254,23 @@ async def cancel_reservation(request: web.Request) -> web.Response:
     updated = await campaign.store.reservation(record.id)
     document = (updated or record).public()
     return web.json_response({**document, "released_now": result.status is ReleaseStatus.RELEASED})
+
+
+async def confirm_reservation(request: web.Request) -> web.Response:
+    """The backend says a held order was paid: the sale is final. Idempotent; 409
+    ``expired`` when the hold ran out first (the backend must then cancel its order)."""
+    campaign, record = await _reservation(request)
+    result = await campaign.store.commit(
+        record.id, target=State.COMMITTED, retake=False, actor=_actor(request)
+    )
+    if result.status is CommitStatus.GONE:
+        raise Problem(
+            Code.EXPIRED,
+            f"reservation {record.id} went back to stock ({result.state}) before this confirm; "
+            "the order must not be fulfilled",
+            reservation_id=record.id,
+            state=result.state,
+        )
+    updated = await campaign.store.reservation(record.id)
+    document = (updated or record).public()
+    return web.json_response({**document, "confirmed_now": result.status is CommitStatus.DONE})

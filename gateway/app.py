@@ -7,6 +7,7 @@ no middleware and no router regexes, and every refusal is problem+json.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from aiohttp import web
 
@@ -14,6 +15,8 @@ from gateway.health import Handler, health_handlers
 from gateway.problems import Code, Problem, problem
 from gateway.purchase import purchase
 from gateway.runtime import Runtime
+from gateway.status import PREFIX as STATUS_PREFIX
+from gateway.status import reservation_status
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ def create_app(runtime: Runtime) -> web.Application:
         methods = runtime.registry.routes.get(request.path)
         if methods is None:
             handler = own.get(request.path)
+            if handler is None and request.path.startswith(STATUS_PREFIX):
+                handler = partial(reservation_status, runtime)
             if handler is None:
                 return problem(Code.NOT_FOUND, f"no campaign at {request.path}")
             return await _guarded(handler, request, allowed=("GET", "HEAD"))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from gateway.config import Settings, load_settings
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from gateway.errors import ConfigError
+from limiter.errors import StorageError
 
 log = logging.getLogger("flashgate")
 
@@ -62,12 +63,35 @@ def _parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="processes serving the same ports (default: the CPU count)",
     )
+    run.add_argument(
+        "--no-dispatch",
+        action="store_true",
+        help="do not deliver queued orders here (run `flashgate dispatch` elsewhere)",
+    )
     run.set_defaults(command=cmd_run)
+
+    dispatch = commands.add_parser(
+        "dispatch", help="deliver queue-mode orders to the backends (no HTTP serving)"
+    )
+    dispatch.add_argument("-c", "--config", required=True, help="YAML config file")
+    dispatch.set_defaults(command=cmd_dispatch)
 
     check = commands.add_parser("check", help="validate a config file (exit 2 when invalid)")
     check.add_argument("-c", "--config", required=True, help="YAML config file")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(command=cmd_check)
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="check counters against reservation records and the ledger (exit 1 on drift)",
+    )
+    reconcile.add_argument("-c", "--config", required=True, help="YAML config file")
+    reconcile.add_argument("--campaign", help="only this campaign")
+    reconcile.add_argument(
+        "--repair", action="store_true", help="make the counters agree with the records"
+    )
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
+    reconcile.set_defaults(command=cmd_reconcile)
 
     demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
     from gateway.demo import add_arguments
@@ -113,20 +137,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     ):
         print(f"{args.config}: --workers {args.workers} needs fixed ports, not 0", file=sys.stderr)
         return INVALID
+    dispatch = not args.no_dispatch
     with redis_for(settings) as url:
         if args.workers == 1:
-            serve_forever(settings, url)
+            serve_forever(settings, url, dispatch=dispatch)
             return OK
         from gateway.supervisor import run_workers
 
-        return run_workers(args.config, url, args.workers, args.log_level)
+        return run_workers(args.config, url, args.workers, args.log_level, dispatch)
 
 
-def serve_forever(settings: Settings, redis_url: str, *, reuse_port: bool = False) -> None:
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    url = _shared_redis(settings, args.config, "dispatch")
+    _install_uvloop()
+    from gateway.server import dispatch_only
+
+    asyncio.run(dispatch_only(settings, url))
+    return OK
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from gateway.tools import UnknownCampaign, audits_json, reconcile, render_audits
+
+    settings = load_settings(args.config)
+    url = _shared_redis(settings, args.config, "reconcile")
+    try:
+        audits = asyncio.run(
+            reconcile(settings, url, only=args.campaign, repair=args.repair, progress=not args.json)
+        )
+    except UnknownCampaign as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return INVALID
+    except StorageError as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return FAILED
+    print(audits_json(audits) if args.json else render_audits(audits))
+    if args.repair:
+        return OK
+    return FAILED if any(a.drift for a in audits) else OK
+
+
+def _shared_redis(settings: Settings, config: str, command: str) -> str:
+    if settings.redis.url is None:
+        raise ConfigError(
+            config, [("redis.url", f"{command} needs the gateways' Redis, not an embedded one")]
+        )
+    return settings.redis.url
+
+
+def serve_forever(
+    settings: Settings, redis_url: str, *, reuse_port: bool = False, dispatch: bool = True
+) -> None:
     _install_uvloop()
     from gateway.server import serve
 
-    asyncio.run(serve(settings, redis_url, reuse_port=reuse_port))
+    asyncio.run(serve(settings, redis_url, reuse_port=reuse_port, dispatch=dispatch))
 
 
 def _positive_int(value: str) -> int:

@@ -277,8 +277,20 @@ class CampaignSettings:
     max_quantity: int = spec(1, min=1, max=10**9)
     #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
     forward: Literal["sync", "queue"] = "sync"
-    #: An unsettled reservation goes back to stock this long after it was made.
+    #: A reservation not handed to the backend this long after it was made goes back to
+    #: stock; one handed over but never answered (its gateway died) is delivered again.
     forward_deadline: float = spec(30.0, parse=duration)
+    #: commit: the backend's 2xx is the sale; hold: it reserves until confirmed (paid).
+    on_success: Literal["commit", "hold"] = "commit"
+    #: A held reservation not confirmed within this goes back to stock, quota included.
+    hold_seconds: float = spec(900.0, parse=duration)
+    #: Queue mode: at most this many deliveries in flight to the backend, all gateways together.
+    max_inflight: int = spec(16, min=1, max=100_000)
+    #: Queue mode: failed deliveries before an order is dead-lettered and its stock released.
+    max_attempts: int = spec(5, min=1, max=1000)
+    #: Queue mode: the first retry waits this long, doubling up to max_retry_backoff.
+    retry_backoff: float = spec(0.5, parse=duration)
+    max_retry_backoff: float = spec(30.0, parse=duration)
     #: The sale window; before it 403 not-started, after it 403 ended.
     starts_at: datetime | None = spec(None, parse=instant)
     ends_at: datetime | None = spec(None, parse=instant)

@@ -1,14 +1,15 @@
-"""The purchase flow of one request, from the sold-out flag to the backend's answer.
+"""The purchase flow of one request, from the sale window to the backend's answer.
 
-Order matters: the cheapest refusals come first (local flag), then the buyer's
-input (no Redis), then one atomic decision in Redis, then the backend. A
-reservation the backend did not accept goes back to stock before the buyer hears
-about it; one it accepted is committed (or held until paid).
+Order matters: the cheapest refusals come first (window, local sold-out flag),
+then the buyer's input (no Redis), the edge limits, one atomic decision in Redis,
+and the backend. In sync mode a winner's request is recorded (the hand-over)
+and forwarded at once; a reservation the backend did not accept goes back to
+stock before the buyer hears about it. In queue mode the order goes into a Redis
+stream in the same atomic step as the deduction, and the buyer gets 202.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -20,10 +21,11 @@ from gateway.campaigns import Campaign
 from gateway.clientip import forwarded_for
 from gateway.errors import UpstreamError
 from gateway.problems import Code, Problem
+from gateway.settle import accepted, give_back, settle_accepted
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
-from limiter.records import Attempt, CommitStatus, Decision, Reply, ReserveStatus, State
+from limiter.records import Attempt, Decision, Reservation, ReserveStatus, State
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -32,8 +34,6 @@ log = logging.getLogger(__name__)
 
 RESERVATION_HEADER = "X-Reservation-Id"
 REPLAYED_HEADER = "Idempotent-Replayed"
-#: Backend answers up to this size are kept for idempotent replays.
-MAX_STORED_REPLY = 64 * 1024
 
 
 async def purchase(
@@ -51,14 +51,19 @@ async def purchase(
         key = idempotency_key(request)
         order = await read_order(request, campaign.settings.max_quantity, runtime.max_body)
         await campaign.shaper.admit(request, user)
-        attempt = Attempt(
-            new_reservation_id(campaign.id),
-            user,
-            order.quantity,
-            idempotency_field(user, key) if key else "",
-        )
+        rid = new_reservation_id(campaign.id)
+        # The order itself is built for the queue before the decision; a sync winner
+        # builds it after (losers never pay for copying headers).
+        payload = b""
+        if campaign.settings.forward == "queue":
+            payload = _outbound(runtime, campaign, request, rid, user, order).encode()
+        field = idempotency_field(user, key) if key else ""
+        attempt = Attempt(rid, user, order.quantity, field, payload)
         decision = await campaign.batcher.submit(attempt)
-        return await _outcome(runtime, campaign, request, attempt, order, decision)
+        if decision.status is ReserveStatus.RESERVED and not payload:
+            outbound = _outbound(runtime, campaign, request, rid, user, order)
+            return await _forward(runtime, campaign, rid, outbound)
+        return await _outcome(runtime, campaign, attempt, decision)
     except Problem as problem:
         return problem.response()
     except StorageError as exc:
@@ -70,17 +75,27 @@ def _unavailable(detail: str) -> web.Response:
     return Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": "1"}).response()
 
 
+def _outbound(
+    runtime: Runtime, campaign: Campaign, request: web.Request, rid: str, user: str, order: Order
+) -> OutboundRequest:
+    extra = {
+        RESERVATION_HEADER: rid,
+        "X-Campaign-Id": campaign.id,
+        "X-User-Id": user,
+        "X-Quantity": str(order.quantity),
+        "X-Forwarded-For": forwarded_for(request, runtime.settings.gateway.trusted_proxies),
+        "X-Forwarded-Proto": request.scheme,
+        "X-Forwarded-Host": request.host,
+    }
+    return OutboundRequest.of(request.method, request.path_qs, request.headers, order.body, extra)
+
+
 async def _outcome(
-    runtime: Runtime,
-    campaign: Campaign,
-    request: web.Request,
-    attempt: Attempt,
-    order: Order,
-    decision: Decision,
+    runtime: Runtime, campaign: Campaign, attempt: Attempt, decision: Decision
 ) -> web.StreamResponse:
     match decision.status:
         case ReserveStatus.RESERVED:
-            return await _forward(runtime, campaign, request, attempt, order)
+            return queued(attempt.reservation_id, State.RESERVED)
         case ReserveStatus.DUPLICATE:
             return await _replay(campaign, decision.reservation_id)
         case ReserveStatus.SOLD_OUT:
@@ -105,35 +120,39 @@ async def _outcome(
             return _unavailable(f"campaign {campaign.id} is not initialised in Redis")
 
 
+def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
+    """202: the order waits in the queue; the buyer polls status_url."""
+    status_url = f"/reservations/{rid}"
+    headers = {RESERVATION_HEADER: rid, "Location": status_url}
+    if replayed:
+        headers[REPLAYED_HEADER] = "true"
+    document = {"reservation_id": rid, "status_url": status_url, "state": state.value}
+    return web.json_response(document, status=202, headers=headers)
+
+
 async def _forward(
-    runtime: Runtime, campaign: Campaign, request: web.Request, attempt: Attempt, order: Order
+    runtime: Runtime, campaign: Campaign, rid: str, outbound: OutboundRequest
 ) -> web.StreamResponse:
-    rid = attempt.reservation_id
-    outbound = OutboundRequest(request.method, request.path_qs, request.headers, order.body)
-    extra = {
-        RESERVATION_HEADER: rid,
-        "X-Campaign-Id": campaign.id,
-        "X-User-Id": attempt.user_id,
-        "X-Quantity": str(attempt.quantity),
-        "X-Forwarded-For": forwarded_for(request, runtime.settings.gateway.trusted_proxies),
-        "X-Forwarded-Proto": request.scheme,
-        "X-Forwarded-Host": request.host,
-    }
     try:
-        reply = await campaign.upstream.send(outbound, extra)
+        await campaign.store.hand_over(rid, outbound.encode())
+    except StorageError:
+        await give_back(runtime, campaign, rid, "hand-over not recorded")
+        raise
+    try:
+        reply = await campaign.upstream.send(outbound)
     except UpstreamError as exc:
         code = Code.UPSTREAM_TIMEOUT if exc.timed_out else Code.UPSTREAM_FAILED
-        await _give_back(campaign, rid, code.value)
+        await give_back(runtime, campaign, rid, code.value)
         raise Problem(
             code,
             f"{exc}; the reservation was released",
             headers={RESERVATION_HEADER: rid},
             reservation_id=rid,
         ) from None
-    if 200 <= reply.status < 300:
-        await _settle(runtime, campaign, rid, reply)
+    if accepted(reply.status):
+        await settle_accepted(runtime, campaign, rid, reply)
         return _relay(reply, rid)
-    await _give_back(campaign, rid, f"upstream answered {reply.status}")
+    await give_back(runtime, campaign, rid, f"upstream answered {reply.status}")
     if reply.status >= 500:
         raise Problem(
             Code.UPSTREAM_FAILED,
@@ -154,67 +173,21 @@ def _relay(reply: UpstreamReply, rid: str, replayed: bool = False) -> web.Respon
     return web.Response(status=reply.status, headers=headers, body=reply.body)
 
 
-async def _give_back(campaign: Campaign, rid: str, reason: str) -> None:
-    """Release a reservation the backend did not accept, before the buyer is answered."""
-    try:
-        await campaign.store.release(
-            rid, leavable=(State.RESERVED,), target=State.RELEASED, reason=reason, actor="gateway"
-        )
-    except StorageError as exc:
-        log.warning("release of %s failed (%s); its deadline will release it", rid, exc)
-
-
-async def _settle(runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply) -> None:
-    """Commit (or hold) an accepted reservation; keep trying in the background if Redis fails."""
-    stored = None
-    if len(reply.body) <= MAX_STORED_REPLY:
-        stored = Reply(reply.status, reply.content_type, reply.body)
-    try:
-        await _commit(campaign, rid, stored)
-    except StorageError as exc:
-        log.warning("commit of %s failed (%s); retrying in the background", rid, exc)
-        runtime.spawn(_commit_until_deadline(campaign, rid, stored))
-
-
-async def _commit(campaign: Campaign, rid: str, reply: Reply | None) -> None:
-    result = await campaign.store.commit(rid, target=State.COMMITTED, retake=True, reply=reply)
-    if result.status is CommitStatus.RETAKEN:
-        log.warning("reservation %s had gone back to stock before its commit; taken again", rid)
-    elif result.status is CommitStatus.GONE:
-        log.error(
-            "reservation %s went back to stock (%s) before the backend accepted it and no stock "
-            "was left to take again: the backend holds an order flashgate did not count",
-            rid,
-            result.state,
-        )
-
-
-async def _commit_until_deadline(campaign: Campaign, rid: str, reply: Reply | None) -> None:
-    deadline = asyncio.get_running_loop().time() + campaign.settings.forward_deadline
-    delay = 0.05
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(delay)
-        try:
-            await _commit(campaign, rid, reply)
-            return
-        except StorageError:
-            delay = min(delay * 2, 1.0)
-    log.error("commit of %s never reached Redis; reconcile against the backend", rid)
-
-
 async def _replay(campaign: Campaign, rid: str) -> web.Response:
     """The answer to a retry whose Idempotency-Key names a live reservation."""
     record = await campaign.store.reservation(rid)
+    if record is not None and record.mode == "queue":
+        return queued(rid, record.state, replayed=True)
     if (
         record is not None
         and record.reply is not None
-        and record.state in (State.COMMITTED, State.HELD)
-    ):
-        reply = record.reply
-        headers = {"Content-Type": reply.content_type} if reply.content_type else {}
-        return _relay(
-            UpstreamReply(reply.status, CIMultiDict(headers), reply.body), rid, replayed=True
+        and record.state
+        in (
+            State.COMMITTED,
+            State.HELD,
         )
+    ):
+        return _replayed_reply(record, rid)
     state = record.state.value if record else "unknown"
     raise Problem(
         Code.DUPLICATE,
@@ -223,3 +196,10 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
         reservation_id=rid,
         state=state,
     )
+
+
+def _replayed_reply(record: Reservation, rid: str) -> web.Response:
+    assert record.reply is not None
+    reply = record.reply
+    headers = CIMultiDict({"Content-Type": reply.content_type} if reply.content_type else {})
+    return _relay(UpstreamReply(reply.status, headers, reply.body), rid, replayed=True)

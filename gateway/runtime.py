@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.campaigns import Campaign, Registry
 from gateway.config import CampaignSettings, Settings
+from gateway.dispatcher import Dispatcher, ensure_group
 from gateway.identity import Identity, identity_for
 from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
@@ -37,8 +38,24 @@ HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL_MS = 5000
 
 
+def campaign_store(
+    settings: Settings, campaign: CampaignSettings, pipe: AutoPipeline, scripts: Scripts
+) -> CampaignStore:
+    policy = StorePolicy(
+        per_user_limit=campaign.per_user_limit,
+        # queued orders wait for the dispatcher, which settles or dead-letters each
+        reserve_deadline_ms=0
+        if campaign.forward == "queue"
+        else round(campaign.forward_deadline * 1000),
+        ledger_max_length=settings.ledger.max_length,
+        mode=campaign.forward,
+    )
+    keys = CampaignKeys(campaign.id, settings.redis.key_prefix)
+    return CampaignStore(pipe, scripts, keys, policy)
+
+
 class Runtime:
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(self, settings: Settings, redis_url: str, *, dispatch: bool = True) -> None:
         self.settings = settings
         self.redis_url = redis_url
         self.redis = connect(
@@ -46,6 +63,11 @@ class Runtime:
             max_connections=settings.redis.max_connections,
             timeout=settings.redis.timeout,
         )
+        #: The dispatcher's blocking reads get connections of their own.
+        self.dispatcher: Dispatcher | None = None
+        if dispatch:
+            blocking = connect(redis_url, max_connections=64, timeout=settings.redis.timeout)
+            self.dispatcher = Dispatcher(self, blocking)
         self.scripts = Scripts.register(self.redis)
         self.guard = RedisGuard(settings.redis.timeout)
         self.pipe = AutoPipeline(self.redis, self.guard)
@@ -64,8 +86,10 @@ class Runtime:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings, redis_url: str) -> AsyncIterator[Runtime]:
-        runtime = cls(settings, redis_url)
+    async def open(
+        cls, settings: Settings, redis_url: str, *, dispatch: bool = True
+    ) -> AsyncIterator[Runtime]:
+        runtime = cls(settings, redis_url, dispatch=dispatch)
         await runtime.start()
         try:
             yield runtime
@@ -77,14 +101,8 @@ class Runtime:
         return self.initialised >= self.registry.by_id.keys()
 
     def _campaign(self, settings: CampaignSettings) -> Campaign:
-        keys = CampaignKeys(settings.id, self.settings.redis.key_prefix)
-        policy = StorePolicy(
-            per_user_limit=settings.per_user_limit,
-            reserve_deadline_ms=round(settings.forward_deadline * 1000),
-            ledger_max_length=self.settings.ledger.max_length,
-            mode=settings.forward,
-        )
-        store = CampaignStore(self.pipe, self.scripts, keys, policy)
+        store = campaign_store(self.settings, settings, self.pipe, self.scripts)
+        keys = store.keys
         batcher: TickBatcher[Attempt, Decision] = TickBatcher(
             self.guard,
             store.submit_reserve,
@@ -136,13 +154,18 @@ class Runtime:
             self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
             self.spawn(self._heartbeat()),
         ]
+        if self.dispatcher is not None:
+            self._loops.append(self.spawn(self.dispatcher.run()))
 
     async def prepare(self) -> None:
-        """Load the scripts; create missing campaigns' counters, never resetting existing ones."""
+        """Load the scripts; create missing campaigns' counters (never resetting existing
+        ones) and order queues."""
         await self.guard.run(lambda: self.scripts.load(self.redis), "load scripts")
         for campaign in self.registry.by_id.values():
             if campaign.id in self.initialised:
                 continue
+            create = partial(ensure_group, self.redis, campaign.store.keys.orders)
+            await self.guard.run(create, "create the order queue")
             created, figures = await campaign.store.init(
                 campaign.settings.stock, f"config@{self.actor}"
             )
@@ -210,11 +233,14 @@ class Runtime:
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
             for task in late:
+                log.warning("stopping: cancelling %s after %gs", task.get_coro(), grace)
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.pipe.close()
         self.guard.close()
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        clients = [self.redis] + ([self.dispatcher.redis] if self.dispatcher else [])
+        for client in clients:
+            await client.aclose()
+            await client.connection_pool.disconnect()

@@ -21,13 +21,16 @@ DRAIN_SECONDS = 10.0
 BACKLOG = 4096
 
 
-async def serve(settings: Settings, redis_url: str, *, reuse_port: bool = False) -> None:
+async def serve(
+    settings: Settings,
+    redis_url: str,
+    *,
+    reuse_port: bool = False,
+    dispatch: bool = True,
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain and close."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with Runtime.open(settings, redis_url) as runtime:
+    stop = _stop_on_signals()
+    async with Runtime.open(settings, redis_url, dispatch=dispatch) as runtime:
         runners = [
             await _start(
                 create_app(runtime), settings.gateway.host, settings.gateway.port, reuse_port
@@ -43,6 +46,23 @@ async def serve(settings: Settings, redis_url: str, *, reuse_port: bool = False)
         log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
         for runner in runners:
             await runner.cleanup()
+
+
+async def dispatch_only(settings: Settings, redis_url: str) -> None:
+    """``flashgate dispatch``: deliver queued orders (and sweep deadlines), no HTTP."""
+    stop = _stop_on_signals()
+    async with Runtime.open(settings, redis_url, dispatch=True):
+        log.info("dispatching for %d campaign(s)", len(settings.campaigns))
+        await stop.wait()
+        log.info("stopping: finishing deliveries in flight")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
 
 
 async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:

@@ -28,7 +28,9 @@ MAX_QUICK_DEATHS = 3
 STOP_GRACE = 30.0
 
 
-def run_workers(config_path: str, redis_url: str, workers: int, log_level: str) -> int:
+def run_workers(
+    config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool = True
+) -> int:
     """Run and supervise ``workers`` processes until SIGTERM or SIGINT; returns an exit code."""
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -36,7 +38,7 @@ def run_workers(config_path: str, redis_url: str, workers: int, log_level: str) 
     def start(index: int) -> tuple[SpawnProcess, float]:
         process = context.Process(
             target=_worker,
-            args=(config_path, redis_url, log_level),
+            args=(config_path, redis_url, log_level, dispatch),
             name=f"flashgate-worker-{index}",
         )
         process.start()
@@ -89,7 +91,7 @@ def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
             process.join()
 
 
-def _worker(config_path: str, redis_url: str, log_level: str) -> None:
+def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
     """One worker: its own event loop and Redis pool, on the shared ports."""
     from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
@@ -97,4 +99,4 @@ def _worker(config_path: str, redis_url: str, log_level: str) -> None:
 
     die_with_parent()
     configure_logging(log_level)
-    serve_forever(load_settings(config_path), redis_url, reuse_port=True)
+    serve_forever(load_settings(config_path), redis_url, reuse_port=True, dispatch=dispatch)

@@ -1,5 +1,6 @@
-"""Giving back reservations whose deadline passed: never forwarded (the gateway
-died or Redis lost its reply) or held and never paid.
+"""Settling reservations whose deadline passed: never handed to the backend (the
+gateway died, or Redis's reply was lost) or held and never paid go back to
+stock; handed over but never answered go to the dispatcher for redelivery.
 
 Every gateway process sweeps; release.lua checks state and deadline atomically,
 so each reservation expires exactly once however many sweepers race.
@@ -22,7 +23,7 @@ BATCH = 100
 
 
 async def sweep(store: CampaignStore, actor: str) -> int:
-    """Expire every due reservation of one campaign; returns how many this call expired."""
+    """Settle every due reservation of one campaign; returns how many this call settled."""
     expired = 0
     while True:
         due = await store.due(BATCH)
@@ -39,6 +40,13 @@ async def sweep(store: CampaignStore, actor: str) -> int:
             if result.status is ReleaseStatus.RELEASED:
                 expired += 1
                 log.info("reservation %s expired (%s)", reservation_id, result.state)
+            elif result.status is ReleaseStatus.REDELIVER:
+                expired += 1
+                log.warning(
+                    "reservation %s was handed to the backend and never answered: "
+                    "queued for redelivery",
+                    reservation_id,
+                )
         if len(due) < BATCH or expired == before:
             return expired
 

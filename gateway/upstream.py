@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -41,10 +43,47 @@ MAX_REPLY_BYTES = 4 * 1024 * 1024
 
 
 class OutboundRequest(NamedTuple):
+    """Exactly what goes to the backend: end-to-end headers plus the gateway's own."""
+
     method: str
     path_qs: str
-    headers: Mapping[str, str] | CIMultiDictProxy[str]
+    headers: CIMultiDict[str]
     body: bytes
+
+    @classmethod
+    def of(
+        cls,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        extra: Mapping[str, str],
+    ) -> OutboundRequest:
+        forwarded = end_to_end(headers.items(), GATEWAY_HEADERS)
+        forwarded.update(extra)
+        return cls(method, path_qs, forwarded, body)
+
+    def encode(self) -> bytes:
+        """The order payload kept in Redis (hand-over record, order queue, dead letters)."""
+        return json.dumps(
+            {
+                "method": self.method,
+                "path": self.path_qs,
+                "headers": list(self.headers.items()),
+                "body": base64.b64encode(self.body).decode(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> OutboundRequest:
+        order = json.loads(payload)
+        return cls(
+            order["method"],
+            order["path"],
+            CIMultiDict((str(k), str(v)) for k, v in order["headers"]),
+            base64.b64decode(order["body"]),
+        )
 
 
 class UpstreamReply(NamedTuple):
@@ -94,18 +133,18 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    async def send(
-        self, request: OutboundRequest, extra_headers: Mapping[str, str]
-    ) -> UpstreamReply:
+    async def send(self, request: OutboundRequest) -> UpstreamReply:
         """Send the request; raises UpstreamError on refusal, breakage or timeout."""
         if self._session is None:
             raise RuntimeError("upstream is not open")
-        headers = end_to_end(request.headers.items(), GATEWAY_HEADERS)
-        headers.update(extra_headers)
         url = self.settings.url + request.path_qs
         try:
             async with self._session.request(
-                request.method, url, headers=headers, data=request.body, allow_redirects=False
+                request.method,
+                url,
+                headers=request.headers,
+                data=request.body,
+                allow_redirects=False,
             ) as response:
                 body = await self._read_body(response)
                 return UpstreamReply(response.status, end_to_end(response.headers.items()), body)

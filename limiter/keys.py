@@ -69,6 +69,11 @@ class CampaignKeys:
         return f"{self.base}:dead"
 
     @property
+    def delivery_slots(self) -> str:
+        """Sorted set: deliveries in flight to the backend (holder -> expiry, ms)."""
+        return f"{self.base}:inflight"
+
+    @property
     def bucket(self) -> str:
         """Hash: the campaign's distributed token bucket."""
         return f"{self.base}:bucket"

@@ -49,6 +49,8 @@ class Scripts:
     take_tokens: AsyncScript
     take_client_tokens: AsyncScript
     heartbeat: AsyncScript
+    delivery_slot: AsyncScript
+    audit: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -114,10 +114,14 @@ class CampaignStore:
         reason: str,
         actor: str,
         only_when_due: bool = False,
+        dead_letter: bytes = b"",
     ) -> Transition:
-        """Give a reservation back to stock, once; see release.lua for the statuses."""
+        """Give a reservation back to stock, once; see release.lua for the statuses.
+
+        ``dead_letter``: the order payload to keep in the dead letters stream.
+        """
         k = self.keys
-        args = [
+        args: list[str | int | bytes] = [
             reservation_id,
             ",".join(leavable),
             target.value,
@@ -126,6 +130,7 @@ class CampaignStore:
             self.policy.ledger_max_length,
             k.events,
             "due" if only_when_due else "",
+            dead_letter,
         ]
         keys = [
             k.state,
@@ -134,9 +139,28 @@ class CampaignStore:
             k.ledger,
             k.deadlines,
             k.reservation(reservation_id),
+            k.orders,
+            k.dead_letters,
         ]
         reply = await self.pipe.script(self.scripts.release, keys, args, "release")
         return Transition(ReleaseStatus(int(reply[0])), reply[1].decode())
+
+    async def hand_over(self, reservation_id: str, payload: bytes) -> None:
+        """Record what is sent to the backend before sending it: should this gateway die
+        before the answer, a sweeper delivers it again instead of releasing it."""
+        await self.pipe.call(
+            "HSET",
+            self.keys.reservation(reservation_id),
+            "payload",
+            payload,
+            what="record the hand-over",
+        )
+
+    async def count_attempt(self, reservation_id: str) -> int:
+        reply = await self.pipe.call(
+            "HINCRBY", self.keys.reservation(reservation_id), "attempts", 1, what="count attempt"
+        )
+        return int(reply)
 
     async def commit(
         self,

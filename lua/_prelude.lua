@@ -30,9 +30,14 @@ local function figures_text(f)
   return string.format('%d/%d/%d/%d', f.available, f.reserved, f.sold, f.total)
 end
 
-local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, before, after)
+-- `why` (optional) says what caused a release: an upstream status, a deadline, ...
+local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, before, after, why)
   local fields = {'op', op, 'rid', rid, 'user', user, 'qty', qty, 'by', actor,
                   'before', figures_text(before), 'after', figures_text(after)}
+  if why and why ~= '' then
+    fields[#fields + 1] = 'why'
+    fields[#fields + 1] = why
+  end
   if max_len > 0 then
     redis.call('XADD', ledger_key, 'MAXLEN', '~', max_len, '*', unpack(fields))
   else

@@ -60,6 +60,7 @@ if target == 'committed' then
   figures.reserved = figures.reserved - qty
   figures.sold = figures.sold + qty
   redis.call('ZREM', deadlines_key, rid)
+  redis.call('HSET', record_key, 'deadline_ms', 0)
 else
   redis.call('ZADD', deadlines_key, now + hold_ms, rid)
   redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)

@@ -1,28 +1,40 @@
 -- release.lua: give a reservation's units back to stock and its quota back to its
--- user, exactly once. Used when the backend refuses or fails, by the sweeper when a
--- deadline passes (forward deadline, unpaid hold), and by cancel (also of a
--- committed sale: an after-sale return). After a release the idempotency key is
--- free for a fresh attempt.
+-- user, exactly once. Used when the backend refuses or fails, by the dispatcher when
+-- it gives up (dead letter), by cancel (also of a committed sale: an after-sale
+-- return), and by the sweepers when a deadline passes. After a release the
+-- idempotency key is free for a fresh attempt.
+--
+-- A sweeper ("due") may find a reservation whose gateway handed it to the backend
+-- and died before the answer came back: only the backend knows whether it took
+-- the order. Such a reservation is not released but queued for redelivery: the
+-- dispatcher asks the backend again (backends treat X-Reservation-Id as their
+-- idempotency key) and settles it by the answer.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] idempotency hash
 -- KEYS[4] ledger stream   KEYS[5] deadlines zset   KEYS[6] reservation record
+-- KEYS[7] orders stream   KEYS[8] dead letters stream
 -- ARGV[1] reservation id
 -- ARGV[2] states it may leave, comma separated ("reserved,held,committed")
 -- ARGV[3] state it enters: "released", "expired" or "cancelled"
 -- ARGV[4] reason   ARGV[5] actor   ARGV[6] ledger max length (0: no cap)
 -- ARGV[7] events channel   ARGV[8] "due" to act only once its deadline has passed
+-- ARGV[9] order payload to keep in the dead letters ("" for no dead letter)
 -- returns {status, state}
 --   0 released (state entered)      1 already back in stock (its state)
 --   2 not allowed from its state    3 no such reservation      4 not due yet
+--   5 queued for redelivery
 
 local state_key, users_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local ledger_key, deadlines_key, record_key = KEYS[4], KEYS[5], KEYS[6]
+local orders_key, dead_key = KEYS[7], KEYS[8]
 local rid, leavable, target = ARGV[1], ARGV[2], ARGV[3]
 local reason, actor, ledger_max, channel = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
-local only_when_due = ARGV[8] == 'due'
+local only_when_due, dead_payload = ARGV[8] == 'due', ARGV[9]
 
-local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms')
-local state, user, qty, idem, deadline = record[1], record[2], tonumber(record[3]), record[4], tonumber(record[5])
+local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms',
+                          'payload', 'attempts')
+local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
+local deadline, payload = tonumber(record[5]), record[6]
 if not state then
   redis.call('ZREM', deadlines_key, rid)
   return {3, ''}
@@ -46,6 +58,16 @@ local figures = read_figures(state_key)
 if not figures then
   return {3, state}
 end
+
+if only_when_due and state == 'reserved' and payload and payload ~= '' then
+  redis.call('ZREM', deadlines_key, rid)
+  redis.call('HSET', record_key, 'mode', 'redelivery', 'deadline_ms', 0, 'updated_ms', now)
+  redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
+  append_ledger(ledger_key, ledger_max, 'redeliver', rid, user, qty, actor, figures, figures,
+                'forwarded, never answered')
+  return {5, state}
+end
+
 local before = copy_figures(figures)
 figures.available = figures.available + qty
 if state == 'committed' then
@@ -60,6 +82,10 @@ if idem ~= '' and redis.call('HGET', idem_key, idem) == rid then
 end
 redis.call('ZREM', deadlines_key, rid)
 redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now)
-append_ledger(ledger_key, ledger_max, target, rid, user, qty, actor, before, figures)
+if dead_payload ~= '' then
+  redis.call('XADD', dead_key, 'MAXLEN', '~', math.max(ledger_max, 1000), '*', 'rid', rid,
+             'reason', reason, 'attempts', record[7] or '0', 'payload', dead_payload)
+end
+append_ledger(ledger_key, ledger_max, target, rid, user, qty, actor, before, figures, reason)
 announce(channel, before.available, figures.available)
 return {0, target}

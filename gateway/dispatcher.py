@@ -1,0 +1,236 @@
+"""Queue mode's dispatcher: delivers queued orders to the backend, shaving the peak.
+
+Every campaign's orders stream has one consumer group; every gateway process (or
+``flashgate dispatch``) is a consumer. A delivery first takes one of the
+campaign's ``max_inflight`` slots in Redis, so however many dispatchers run and
+however large the crowd, the backend never sees more than ``max_inflight``
+requests at once. The backend's answer settles the reservation (2xx commit or
+hold, 4xx release); failures are retried with doubling backoff, and after
+``max_attempts`` the order goes to the dead letters and its stock back. Orders a
+dead dispatcher had taken are claimed by the others (XAUTOCLAIM) once idle for
+longer than any live dispatcher would hold one.
+
+Sync campaigns use the same path for hand-overs whose gateway died before the
+backend's answer: the sweeper queues them here instead of releasing them.
+
+Delivery is at least once: the backend must treat X-Reservation-Id as its
+idempotency key (a redelivered order it already has gets the same answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.campaigns import Campaign
+from gateway.errors import UpstreamError
+from gateway.settle import accepted, give_back, settle_accepted
+from gateway.upstream import OutboundRequest, UpstreamReply
+from limiter.errors import StorageError
+from limiter.records import State
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+GROUP = "flashgate"
+#: How long one blocking read waits for new orders, ms.
+READ_BLOCK_MS = 1000
+#: How often a dispatcher looks for orders that dead dispatchers left behind.
+CLAIM_EVERY = 2.0
+#: How long to wait before asking again for a busy delivery slot.
+SLOT_WAIT = (0.01, 0.05)
+
+
+async def ensure_group(redis: Redis, orders: str) -> None:
+    """Create the campaign's order queue and its consumer group, unless they exist."""
+    try:
+        await redis.xgroup_create(orders, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class Dispatcher:
+    def __init__(self, runtime: Runtime, redis: Redis) -> None:
+        self.runtime = runtime
+        #: A client of its own: blocking reads must not hold the request path's connections.
+        self.redis = redis
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        #: Deliveries made, by outcome, for metrics and tests.
+        self.delivered = 0
+        self.failed = 0
+        self.dead_lettered = 0
+
+    async def run(self) -> None:
+        """One loop per campaign, kept in step with the registry (reloads add and remove)."""
+        try:
+            while True:
+                campaigns = self.runtime.registry.by_id
+                for cid, task in list(self._loops.items()):
+                    if cid not in campaigns or task.done():
+                        task.cancel()
+                        del self._loops[cid]
+                for cid, campaign in campaigns.items():
+                    if cid not in self._loops:
+                        self._loops[cid] = asyncio.ensure_future(self._serve(campaign))
+                await asyncio.sleep(1.0)
+        finally:
+            for task in self._loops.values():
+                task.cancel()
+            # A blocking read may not notice its cancellation until its connection closes.
+            await self.redis.connection_pool.disconnect()
+            if self._loops:
+                await asyncio.wait(self._loops.values(), timeout=2.0)
+
+    async def _serve(self, campaign: Campaign) -> None:
+        limit = campaign.settings.max_inflight
+        deliveries: set[asyncio.Task[None]] = set()
+        claimed_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._ensure_group(campaign)
+                while True:
+                    if len(deliveries) >= limit:
+                        await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    free = limit - len(deliveries)
+                    messages: list[Any] = []
+                    if loop.time() - claimed_at > CLAIM_EVERY:
+                        messages += await self._claim(campaign, free)
+                        claimed_at = loop.time()
+                    messages += await self._read(campaign, max(1, free - len(messages)))
+                    for message_id, fields in messages:
+                        task = asyncio.ensure_future(self._deliver(campaign, message_id, fields))
+                        deliveries.add(task)
+                        task.add_done_callback(deliveries.discard)
+            except (StorageError, RedisError, OSError, TimeoutError) as exc:
+                log.debug("dispatcher of %s: %s; retrying", campaign.id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _ensure_group(self, campaign: Campaign) -> None:
+        await ensure_group(self.redis, campaign.store.keys.orders)
+
+    async def _read(self, campaign: Campaign, count: int) -> list[Any]:
+        async with asyncio.timeout(READ_BLOCK_MS / 1000 + 5 * self.runtime.guard.timeout):
+            reply: Any = await self.redis.xreadgroup(
+                GROUP,
+                self.runtime.actor,
+                {campaign.store.keys.orders: ">"},
+                count=count,
+                block=READ_BLOCK_MS,
+            )
+        return [message for _, messages in reply or [] for message in messages]
+
+    async def _claim(self, campaign: Campaign, count: int) -> list[Any]:
+        s = campaign.settings
+        idle_ms = round(
+            1000 * (self.runtime.upstreams[s.upstream].settings.timeout + s.max_retry_backoff + 10)
+        )
+        async with asyncio.timeout(5 * self.runtime.guard.timeout):
+            reply = await self.redis.xautoclaim(
+                campaign.store.keys.orders, GROUP, self.runtime.actor, idle_ms, "0-0", count=count
+            )
+        return list(reply[1])
+
+    async def _deliver(
+        self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
+    ) -> None:
+        rid = fields[b"rid"].decode()
+        payload = fields[b"payload"]
+        try:
+            order = OutboundRequest.decode(payload)
+        except (ValueError, KeyError):
+            log.error("order %s of %s is unreadable; dead-lettering it", message_id, rid)
+            await give_back(self.runtime, campaign, rid, "unreadable order", dead_letter=payload)
+            await self._ack(campaign, message_id)
+            return
+        while True:
+            try:
+                if await self._attempt(campaign, rid, order, payload):
+                    await self._ack(campaign, message_id)
+                    return
+            except StorageError as exc:
+                log.debug("delivery of %s paused: %s", rid, exc)
+                await asyncio.sleep(0.5)
+
+    async def _attempt(
+        self, campaign: Campaign, rid: str, order: OutboundRequest, payload: bytes
+    ) -> bool:
+        """One delivery; True when the order is settled (or was already) and can be acked."""
+        record = await campaign.store.reservation(rid)
+        if record is None or record.state is not State.RESERVED:
+            return True
+        if not await self._take_slot(campaign, rid):
+            return False  # someone else is delivering it right now; look again later
+        try:
+            attempts = await campaign.store.count_attempt(rid)
+            reply, failure = await self._send(campaign, order)
+        finally:
+            await self._give_slot(campaign, rid)
+        if reply is not None and accepted(reply.status):
+            await settle_accepted(self.runtime, campaign, rid, reply)
+            self.delivered += 1
+            return True
+        if reply is not None and reply.status < 500:
+            await give_back(self.runtime, campaign, rid, f"upstream answered {reply.status}")
+            self.delivered += 1
+            return True
+        self.failed += 1
+        s = campaign.settings
+        if attempts >= s.max_attempts:
+            reason = f"dead-lettered after {attempts} failed deliveries: {failure}"
+            if await give_back(self.runtime, campaign, rid, reason, dead_letter=payload):
+                self.dead_lettered += 1
+                log.error("order %s: %s", rid, reason)
+                return True
+            return False
+        await asyncio.sleep(min(s.retry_backoff * 2 ** (attempts - 1), s.max_retry_backoff))
+        return False
+
+    async def _send(
+        self, campaign: Campaign, order: OutboundRequest
+    ) -> tuple[UpstreamReply | None, str]:
+        try:
+            reply = await campaign.upstream.send(order)
+        except UpstreamError as exc:
+            return None, str(exc)
+        return reply, f"upstream answered {reply.status}"
+
+    async def _take_slot(self, campaign: Campaign, rid: str) -> bool:
+        s = campaign.settings
+        ttl_ms = round(1000 * (self.runtime.upstreams[s.upstream].settings.timeout + 5))
+        keys = [campaign.store.keys.delivery_slots]
+        while True:
+            taken = await self.runtime.pipe.script(
+                self.runtime.scripts.delivery_slot,
+                keys,
+                ["take", rid, s.max_inflight, ttl_ms],
+                "take a delivery slot",
+            )
+            if int(taken) != 0:
+                return int(taken) == 1
+            await asyncio.sleep(random.uniform(*SLOT_WAIT))
+
+    async def _give_slot(self, campaign: Campaign, rid: str) -> None:
+        with contextlib.suppress(StorageError):  # it frees itself after its ttl
+            await self.runtime.pipe.script(
+                self.runtime.scripts.delivery_slot,
+                [campaign.store.keys.delivery_slots],
+                ["give", rid, 0, 0],
+                "give a delivery slot back",
+            )
+
+    async def _ack(self, campaign: Campaign, message_id: bytes) -> None:
+        with contextlib.suppress(StorageError):  # unacked, it is claimed and found settled
+            await self.runtime.pipe.call(
+                "XACK", campaign.store.keys.orders, GROUP, message_id, what="ack an order"
+            )
