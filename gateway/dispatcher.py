@@ -64,6 +64,9 @@ class Dispatcher:
         #: A client of its own: blocking reads must not hold the request path's connections.
         self.redis = redis
         self._loops: dict[str, asyncio.Task[None]] = {}
+        #: Set to stop: a blocking read does not always notice a cancellation, so the
+        #: loops also look at this, and their connections are closed under them.
+        self.stopping = asyncio.Event()
         #: Deliveries made, by outcome, for metrics and tests.
         self.delivered = 0
         self.failed = 0
@@ -83,9 +86,9 @@ class Dispatcher:
                         self._loops[cid] = asyncio.ensure_future(self._serve(campaign))
                 await asyncio.sleep(1.0)
         finally:
+            self.stopping.set()
             for task in self._loops.values():
                 task.cancel()
-            # A blocking read may not notice its cancellation until its connection closes.
             await self.redis.connection_pool.disconnect()
             if self._loops:
                 await asyncio.wait(self._loops.values(), timeout=2.0)
@@ -95,10 +98,10 @@ class Dispatcher:
         deliveries: set[asyncio.Task[None]] = set()
         claimed_at = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.stopping.is_set():
             try:
                 await self._ensure_group(campaign)
-                while True:
+                while not self.stopping.is_set():
                     if len(deliveries) >= limit:
                         await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
                         continue
@@ -113,6 +116,8 @@ class Dispatcher:
                         deliveries.add(task)
                         task.add_done_callback(deliveries.discard)
             except (StorageError, RedisError, OSError, TimeoutError) as exc:
+                if self.stopping.is_set():
+                    return
                 log.debug("dispatcher of %s: %s; retrying", campaign.id, exc)
                 await asyncio.sleep(0.5)
 

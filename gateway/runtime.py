@@ -66,7 +66,10 @@ class Runtime:
         #: The dispatcher's blocking reads get connections of their own.
         self.dispatcher: Dispatcher | None = None
         if dispatch:
-            blocking = connect(redis_url, max_connections=64, timeout=settings.redis.timeout)
+            # no retries: a blocking read that fails must come back, not start again
+            blocking = connect(
+                redis_url, max_connections=64, timeout=settings.redis.timeout, retries=0
+            )
             self.dispatcher = Dispatcher(self, blocking)
         self.scripts = Scripts.register(self.redis)
         self.guard = RedisGuard(settings.redis.timeout)
@@ -220,7 +223,9 @@ class Runtime:
             log.error("background task failed", exc_info=task.exception())
 
     def stop_background(self) -> None:
-        """Stop the periodic work: polling, listening, sweeping, heartbeats."""
+        """Stop the periodic work: polling, listening, sweeping, heartbeats, dispatching."""
+        if self.dispatcher is not None:
+            self.dispatcher.stopping.set()
         for loop_task in self._loops:
             loop_task.cancel()
 

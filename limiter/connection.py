@@ -14,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 
-def connect(url: str, *, max_connections: int, timeout: float) -> Redis:
+def connect(url: str, *, max_connections: int, timeout: float, retries: int = 1) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -23,6 +23,6 @@ def connect(url: str, *, max_connections: int, timeout: float) -> Redis:
         socket_keepalive=True,
         # Every script is safe to repeat (reserve checks its record, release and
         # commit check state), so one retry after a dropped connection is harmless.
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
     )
     return Redis(connection_pool=pool)
