@@ -47,7 +47,7 @@ def client_ip(request: web.Request, trusted: Networks) -> str:
 def forwarded_for(request: web.Request, trusted: Networks) -> str:
     """The X-Forwarded-For to send upstream: the trusted chain plus the peer."""
     peer = request.remote or ""
-    previous = request.headers.get("X-Forwarded-For")
+    previous = ", ".join(request.headers.getall("X-Forwarded-For", []))
     if previous and trusted and _trusted(peer, trusted):
         return f"{previous}, {peer}"
     return peer

@@ -177,7 +177,7 @@ class JwtSettings:
 
     algorithms: tuple[JwtAlgorithm, ...] = ("HS256",)
     #: Shared secret (HS*) ...
-    secret: str | None = spec(None, parse=lambda v: _secret(v, 16))
+    secret: str | None = spec(None, parse=lambda v: _secret(v, 32))
     #: ... or a PEM public key (RS*, ES*); use ${VAR} to take either from the environment.
     public_key: str | None = None
     audience: str | None = None
@@ -386,21 +386,30 @@ def _check_relations(s: Settings, problems: Problems) -> None:
         _check_jwt(s.identity.jwt, problems)
 
 
+#: RFC 7518 3.2: an HMAC key at least as long as the hash.
+_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
 def _check_jwt(jwt: JwtSettings, problems: Problems) -> None:
     """One key kind, matching the algorithms: mixing them invites algorithm confusion."""
     at = "identity.jwt"
-    symmetric = {a.startswith("HS") for a in jwt.algorithms}
+    hmac = {a.startswith("HS") for a in jwt.algorithms}
     if not jwt.algorithms:
         problems.add(f"{at}.algorithms", "must name at least one algorithm")
-    elif len(symmetric) > 1:
+    elif len(hmac) > 1:
         problems.add(f"{at}.algorithms", "must not mix HS* with RS*/ES* algorithms")
     elif (jwt.secret is None) == (jwt.public_key is None):
         problems.add(at, "needs exactly one of secret (HS*) or public_key (RS*, ES*)")
-    elif symmetric == {True} and jwt.secret is None:
-        problems.add(f"{at}.secret", "HS* algorithms need a secret")
-    elif symmetric == {False} and jwt.public_key is None:
+    elif hmac == {True}:
+        strongest = max(jwt.algorithms)
+        if jwt.secret is None:
+            problems.add(f"{at}.secret", "HS* algorithms need a secret")
+        elif len(jwt.secret.encode()) < _HMAC_KEY_BYTES[strongest]:
+            needed = _HMAC_KEY_BYTES[strongest]
+            problems.add(f"{at}.secret", f"{strongest} needs a secret of {needed} bytes or more")
+    elif jwt.public_key is None:
         problems.add(f"{at}.public_key", "RS*/ES* algorithms need a public_key")
-    elif jwt.public_key is not None:
+    else:
         try:
             load_pem_public_key(jwt.public_key.encode())
         except ValueError as exc:

@@ -65,7 +65,11 @@ def die_with_parent() -> None:
 
 
 class EmbeddedRedis:
-    """``with EmbeddedRedis() as redis: redis.url``. ``stop()`` then ``start()`` keeps the data."""
+    """``with EmbeddedRedis() as redis: redis.url``.
+
+    ``stop()`` then ``start()`` brings the server back on the same port and data
+    directory; its data survives only with ``appendonly=True``.
+    """
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from gateway.problems import Code, Problem
 Identity = Callable[[web.Request], str]
 
 _USER_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")
+_INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 def identity_for(settings: IdentitySettings) -> Identity:
@@ -31,10 +32,12 @@ def identity_for(settings: IdentitySettings) -> Identity:
     return HeaderIdentity(settings.header)
 
 
-def _checked(user: str, source: str) -> str:
+def _checked(user: str, source: str, headers: dict[str, str] | None = None) -> str:
     if not _USER_ID.match(user):
         raise Problem(
-            Code.UNAUTHENTICATED, f"the {source} must be 1 to 256 printable ASCII characters"
+            Code.UNAUTHENTICATED,
+            f"the {source} must be 1 to 256 printable ASCII characters",
+            headers=headers,
         )
     return user
 
@@ -99,11 +102,15 @@ class JwtIdentity:
             raise Problem(
                 Code.UNAUTHENTICATED,
                 f"the bearer token was refused: {exc}",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                headers=_INVALID_TOKEN,
             ) from None
         user = claims.get(s.claim)
         if isinstance(user, int) and not isinstance(user, bool):
             user = str(user)
         if not isinstance(user, str) or not user:
-            raise Problem(Code.UNAUTHENTICATED, f"the token's {s.claim!r} claim names no user")
-        return _checked(user, f"token's {s.claim!r} claim"), float(claims["exp"])
+            raise Problem(
+                Code.UNAUTHENTICATED,
+                f"the token's {s.claim!r} claim names no user",
+                headers=_INVALID_TOKEN,
+            )
+        return _checked(user, f"token's {s.claim!r} claim", _INVALID_TOKEN), float(claims["exp"])

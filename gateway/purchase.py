@@ -50,7 +50,7 @@ async def purchase(
         user = runtime.identity(request)
         key = idempotency_key(request)
         order = await read_order(request, campaign.settings.max_quantity, runtime.max_body)
-        await campaign.shaper.admit(request, user)
+        await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
         # The order itself is built for the queue before the decision; a sync winner
         # builds it after (losers never pay for copying headers).

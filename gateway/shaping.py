@@ -109,8 +109,12 @@ class Shaper:
             )
         return None
 
-    async def admit(self, request: web.Request, user: str) -> None:
-        """Raise a 429 (or sold-out) Problem when a limit in enforce mode says no."""
+    async def admit(self, request: web.Request, user: str, *, retry: bool = False) -> None:
+        """Raise a 429 (or sold-out) Problem when a limit in enforce mode says no.
+
+        ``retry``: the request carries an Idempotency-Key; when the admission budget is
+        gone because stock is, it still goes to Redis, which may owe it a stored answer.
+        """
         if self.clients is not None and (c := self.settings.client_rate_limit) is not None:
             client = user if c.key == "user" else client_ip(request, self.trusted)
             try:
@@ -123,6 +127,8 @@ class Shaper:
             self._judge(RATE_LIMIT, r.mode, verdict, "the campaign's request rate is exhausted")
         if self.admission is not None and (a := self.settings.admission_ratio) is not None:
             verdict = self.admission.try_take(time.monotonic()) or await self.admission.take()
+            if verdict.exhausted and retry:
+                return
             if verdict.exhausted:
                 self.on_sold_out()
                 raise Problem(

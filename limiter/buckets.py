@@ -35,6 +35,8 @@ LEASE_TTL = 0.1
 LEASE_SHARE = 0.02
 #: While Redis is unreachable, buckets fall back to local ones for at least this long.
 FALLBACK_SECONDS = 1.0
+#: After a stock bucket said "never" (sold out), ask again this soon (stock may come back).
+EXHAUSTED_SECONDS = 0.25
 
 
 class Verdict(NamedTuple):
@@ -160,7 +162,7 @@ class LeasedBucket:
         self._expires = now + self.lease_ttl
         self._exhausted = wait_ms < 0
         if granted < want:
-            self._empty_until = now + (FALLBACK_SECONDS if self._exhausted else wait_ms / 1000)
+            self._empty_until = now + (EXHAUSTED_SECONDS if self._exhausted else wait_ms / 1000)
 
 
 def lease_size(per_second: float, capacity: int) -> int:
