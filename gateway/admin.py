@@ -9,16 +9,22 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
+import signal
 from typing import Any
 
 from aiohttp import web
 
 from gateway.campaigns import Campaign
-from gateway.config import CampaignSettings
+from gateway.config import CampaignSettings, load_settings
+from gateway.errors import ConfigError
 from gateway.health import health_handlers
+from gateway.metrics import RedisFigures, exposition, read_redis_figures
 from gateway.problems import Code, Problem
+from gateway.reload import reload_file, restart_only
 from gateway.runtime import Runtime
+from gateway.supervisor import SUPERVISOR_ENV
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
 from limiter.records import (
@@ -35,20 +41,25 @@ log = logging.getLogger(__name__)
 ADMIN_RUNTIME = web.AppKey("admin_runtime", Runtime)
 ACTOR_HEADER = "X-Actor"
 _ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,63}$")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def create_admin_app(runtime: Runtime, token: str) -> web.Application:
-    app = web.Application(middlewares=[_problems, _authenticate(token)], client_max_size=64 * 1024)
+def create_admin_app(runtime: Runtime, *, metrics_need_token: bool = False) -> web.Application:
+    """The admin API; the token is read from the runtime's settings at each call, so a
+    reload can rotate it."""
+    public = PUBLIC_PATHS - ({"/metrics"} if metrics_need_token else set())
+    app = web.Application(middlewares=[_problems, _authenticate(public)], client_max_size=64 * 1024)
     app[ADMIN_RUNTIME] = runtime
     for path, handler in health_handlers(runtime).items():
         app.router.add_get(path, handler)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/campaigns", list_campaigns)
     app.router.add_get("/campaigns/{id}", show_campaign)
     app.router.add_post("/campaigns/{id}/stock", adjust_stock)
     app.router.add_get("/reservations/{id}", show_reservation)
     app.router.add_post("/reservations/{id}/cancel", cancel_reservation)
     app.router.add_post("/reservations/{id}/confirm", confirm_reservation)
+    app.router.add_post("/reload", reload_config)
     return app
 
 
@@ -74,14 +85,14 @@ async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
         return Problem(Code.UNAVAILABLE, str(exc), headers={"Retry-After": "1"}).response()
 
 
-def _authenticate(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
-
+def _authenticate(public: frozenset[str]) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in public:
+            admin = request.app[ADMIN_RUNTIME].settings.admin
+            expected = f"Bearer {admin.token if admin else ''}".encode()
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            if admin is None or not hmac.compare_digest(given, expected):
                 raise Problem(
                     Code.UNAUTHENTICATED,
                     "a valid 'Authorization: Bearer <admin token>' is required",
@@ -274,3 +285,42 @@ async def confirm_reservation(request: web.Request) -> web.Response:
     updated = await campaign.store.reservation(record.id)
     document = (updated or record).public()
     return web.json_response({**document, "confirmed_now": result.status is CommitStatus.DONE})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition: every worker's counters, and figures read from Redis now."""
+    runtime = request.app[ADMIN_RUNTIME]
+    figures = RedisFigures()
+    try:
+        await read_redis_figures(runtime, figures)
+    except StorageError as exc:
+        log.warning("metrics without Redis figures: %s", exc)
+    runtime.publisher.flush()
+    body, content_type = exposition(figures)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    """Re-read the config file: 200 with what changed; 422 ``invalid-config`` naming
+    every problem (the running config stays). Under ``--workers`` the file is checked
+    here, then every worker reloads (202)."""
+    runtime = request.app[ADMIN_RUNTIME]
+    path = runtime.config_path
+    if path is None:
+        raise Problem(Code.NOT_FOUND, "this gateway was not started from a file")
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    try:
+        if supervisor and int(supervisor) == os.getppid():
+            problems = restart_only(runtime.settings, load_settings(path))
+            if problems:
+                raise ConfigError(path, problems)
+            os.kill(int(supervisor), signal.SIGHUP)
+            return web.json_response({"status": "reloading", "scope": "every worker"}, status=202)
+        result = await reload_file(runtime, path)
+    except ConfigError as exc:
+        raise Problem(
+            Code.INVALID_CONFIG,
+            f"{path} was not applied; the running configuration stays",
+            problems=exc.lines(),
+        ) from None
+    return web.json_response({"status": "reloaded", **result.summary()})

@@ -7,13 +7,14 @@ no middleware and no router regexes, and every refusal is problem+json.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 
 from aiohttp import web
 
 from gateway.health import Handler, health_handlers
 from gateway.problems import Code, Problem, problem
-from gateway.purchase import purchase
+from gateway.purchase import Answer, purchase
 from gateway.runtime import Runtime
 from gateway.status import PREFIX as STATUS_PREFIX
 from gateway.status import reservation_status
@@ -24,9 +25,11 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    app = web.Application(client_max_size=runtime.max_body)
+    # The body limit (gateway.max_body_bytes, reloadable) is enforced while reading.
+    app = web.Application()
     app[RUNTIME] = runtime
     own = health_handlers(runtime)
+    count = runtime.publisher.hot.request
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         methods = runtime.registry.routes.get(request.path)
@@ -40,11 +43,26 @@ def create_app(runtime: Runtime) -> web.Application:
         campaign = methods.get(request.method)
         if campaign is None:
             return _method_not_allowed(request, tuple(methods))
+        started = time.perf_counter()
         try:
-            return await purchase(runtime, campaign, request)
+            answer = await purchase(runtime, campaign, request)
         except Exception:
             log.exception("purchase at %s failed", request.path)
-            return problem(Code.INTERNAL, "the gateway failed; the log has the details")
+            failed = problem(Code.INTERNAL, "the gateway failed; the log has the details")
+            answer = Answer(Code.INTERNAL.value, failed)
+        count(campaign.id, answer.code)
+        access = runtime.access
+        if access.wants(answer.local):
+            access.record(
+                campaign=campaign.id,
+                user=answer.user,
+                code=answer.code,
+                status=answer.response.status,
+                seconds=time.perf_counter() - started,
+                reservation_id=answer.response.headers.get("X-Reservation-Id", ""),
+                client=request.remote or "",
+            )
+        return answer.response
 
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app

@@ -40,10 +40,14 @@ async def read_order(request: web.Request, max_quantity: int, max_body: int) -> 
     """The body, read within the size limit, and the quantity it asks for (default 1)."""
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(max_body) from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():  # a chunked body has no Content-Length
+        size += len(chunk)
+        if size > max_body:
+            raise _too_large(max_body)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         return Order(1, body)
     return Order(_quantity(_json_object(body), max_quantity), body)

@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     reconcile.set_defaults(command=cmd_reconcile)
 
+    status = commands.add_parser("status", help="a table of the campaigns, read from Redis")
+    status.add_argument("-c", "--config", required=True, help="YAML config file")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(command=cmd_status)
+
     demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
     from gateway.demo import add_arguments
 
@@ -140,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dispatch = not args.no_dispatch
     with redis_for(settings) as url:
         if args.workers == 1:
-            serve_forever(settings, url, dispatch=dispatch)
+            serve_forever(settings, url, dispatch=dispatch, config_path=args.config)
             return OK
         from gateway.supervisor import run_workers
 
@@ -153,7 +158,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     _install_uvloop()
     from gateway.server import dispatch_only
 
-    asyncio.run(dispatch_only(settings, url))
+    asyncio.run(dispatch_only(settings, url, args.config))
     return OK
 
 
@@ -178,6 +183,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return FAILED if any(a.drift for a in audits) else OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.tools import render_status, status
+
+    settings = load_settings(args.config)
+    url = _shared_redis(settings, args.config, "status")
+    try:
+        rows = asyncio.run(status(settings, url))
+    except StorageError as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return FAILED
+    print(json.dumps({"campaigns": rows}) if args.json else render_status(rows))
+    return OK
+
+
 def _shared_redis(settings: Settings, config: str, command: str) -> str:
     if settings.redis.url is None:
         raise ConfigError(
@@ -187,12 +206,21 @@ def _shared_redis(settings: Settings, config: str, command: str) -> str:
 
 
 def serve_forever(
-    settings: Settings, redis_url: str, *, reuse_port: bool = False, dispatch: bool = True
+    settings: Settings,
+    redis_url: str,
+    *,
+    reuse_port: bool = False,
+    dispatch: bool = True,
+    config_path: str | None = None,
 ) -> None:
     _install_uvloop()
     from gateway.server import serve
 
-    asyncio.run(serve(settings, redis_url, reuse_port=reuse_port, dispatch=dispatch))
+    asyncio.run(
+        serve(
+            settings, redis_url, reuse_port=reuse_port, dispatch=dispatch, config_path=config_path
+        )
+    )
 
 
 def _positive_int(value: str) -> int:

@@ -164,6 +164,8 @@ class AdminSettings:
     token: str = spec(pattern=r"\S+")
     host: str = "127.0.0.1"
     port: int = spec(9090, min=0, max=65535)
+    #: /metrics answers without the token unless this is true (it carries no personal data).
+    metrics_need_token: bool = False
 
 
 JwtAlgorithm = Literal[
@@ -201,6 +203,16 @@ class UpstreamSettings:
     url: str = spec(parse=http_url)
     timeout: float = spec(2.0, parse=duration)
     max_connections: int = spec(256, min=1, max=100_000)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = True
+    #: "-" (stderr), "stdout", or a file to append to.
+    path: str = spec("-", pattern=r".+")
+    #: Also log refusals answered from memory (sold out, outside the window): at a flash
+    #: sale's peak that is nearly every request, and logging costs more than answering.
+    local_refusals: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +321,7 @@ class Settings:
     admin: AdminSettings | None = None
     identity: IdentitySettings = IdentitySettings()
     ledger: LedgerSettings = LedgerSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
 
     def campaign(self, campaign_id: str) -> CampaignSettings | None:
         return next((c for c in self.campaigns if c.id == campaign_id), None)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -63,35 +64,35 @@ class Dispatcher:
         self.runtime = runtime
         #: A client of its own: blocking reads must not hold the request path's connections.
         self.redis = redis
-        self._loops: dict[str, asyncio.Task[None]] = {}
+        #: campaign id -> (the campaign object served, its loop); a reload replaces both
+        self._loops: dict[str, tuple[Campaign, asyncio.Task[None]]] = {}
         #: Set to stop: a blocking read does not always notice a cancellation, so the
         #: loops also look at this, and their connections are closed under them.
         self.stopping = asyncio.Event()
-        #: Deliveries made, by outcome, for metrics and tests.
-        self.delivered = 0
-        self.failed = 0
-        self.dead_lettered = 0
+        #: Delivery attempts by (campaign, result), for metrics and tests.
+        self.results: Counter[tuple[str, str]] = Counter()
 
     async def run(self) -> None:
         """One loop per campaign, kept in step with the registry (reloads add and remove)."""
         try:
             while True:
                 campaigns = self.runtime.registry.by_id
-                for cid, task in list(self._loops.items()):
-                    if cid not in campaigns or task.done():
+                for cid, (served, task) in list(self._loops.items()):
+                    if campaigns.get(cid) is not served or task.done():
                         task.cancel()
                         del self._loops[cid]
                 for cid, campaign in campaigns.items():
                     if cid not in self._loops:
-                        self._loops[cid] = asyncio.ensure_future(self._serve(campaign))
+                        self._loops[cid] = (campaign, asyncio.ensure_future(self._serve(campaign)))
                 await asyncio.sleep(1.0)
         finally:
             self.stopping.set()
-            for task in self._loops.values():
+            tasks = [task for _, task in self._loops.values()]
+            for task in tasks:
                 task.cancel()
             await self.redis.connection_pool.disconnect()
-            if self._loops:
-                await asyncio.wait(self._loops.values(), timeout=2.0)
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
 
     async def _serve(self, campaign: Campaign) -> None:
         limit = campaign.settings.max_inflight
@@ -183,18 +184,18 @@ class Dispatcher:
             await self._give_slot(campaign, rid)
         if reply is not None and accepted(reply.status):
             await settle_accepted(self.runtime, campaign, rid, reply)
-            self.delivered += 1
+            self.results[(campaign.id, "accepted")] += 1
             return True
         if reply is not None and reply.status < 500:
             await give_back(self.runtime, campaign, rid, f"upstream answered {reply.status}")
-            self.delivered += 1
+            self.results[(campaign.id, "refused")] += 1
             return True
-        self.failed += 1
+        self.results[(campaign.id, "failed")] += 1
         s = campaign.settings
         if attempts >= s.max_attempts:
             reason = f"dead-lettered after {attempts} failed deliveries: {failure}"
             if await give_back(self.runtime, campaign, rid, reason, dead_letter=payload):
-                self.dead_lettered += 1
+                self.results[(campaign.id, "dead-lettered")] += 1
                 log.error("order %s: %s", rid, reason)
                 return True
             return False
@@ -235,7 +236,11 @@ class Dispatcher:
             )
 
     async def _ack(self, campaign: Campaign, message_id: bytes) -> None:
+        """Done with an order: out of the group's pending list and out of the stream, so
+        the stream's length is the queue's depth."""
+        orders = campaign.store.keys.orders
         with contextlib.suppress(StorageError):  # unacked, it is claimed and found settled
-            await self.runtime.pipe.call(
-                "XACK", campaign.store.keys.orders, GROUP, message_id, what="ack an order"
+            await asyncio.gather(
+                self.runtime.pipe.call("XACK", orders, GROUP, message_id, what="ack an order"),
+                self.runtime.pipe.call("XDEL", orders, message_id, what="drop an order"),
             )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.runtime import Runtime
+
+#: Readiness fails when Redis has not answered the counters poll for this long.
+REDIS_SILENCE = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -17,12 +21,19 @@ def health_handlers(runtime: Runtime) -> dict[str, Handler]:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        """Readiness: scripts loaded and every campaign's counters present in Redis."""
+        """Readiness: Redis answering, scripts loaded, every campaign's counters present.
+
+        A refused reload does not make the gateway unready (the previous configuration
+        keeps running) but is reported."""
         waiting = sorted(runtime.registry.by_id.keys() - runtime.initialised)
-        if waiting:
-            return web.json_response(
-                {"status": "not ready", "campaigns_waiting": waiting}, status=503
-            )
-        return web.json_response({"status": "ready"})
+        silent = time.monotonic() - runtime.watch.last_success
+        redis_ok = not runtime.guard.breaker.is_open and silent < REDIS_SILENCE
+        document: dict[str, object] = {
+            "status": "ready" if redis_ok and not waiting else "not ready",
+            "redis": "ok" if redis_ok else "unreachable",
+            "campaigns_waiting": waiting,
+            "last_reload_error": runtime.reload_error,
+        }
+        return web.json_response(document, status=200 if document["status"] == "ready" else 503)
 
     return {"/healthz": healthz, "/readyz": readyz}

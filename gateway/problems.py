@@ -28,6 +28,7 @@ class Code(StrEnum):
     EXPIRED = "expired"  #: the reservation went back to stock before this call
     TOO_LARGE = "too-large"  #: body over gateway.max_body_bytes
     RATE_LIMITED = "rate-limited"  #: a rate limit or the admission budget said no
+    INVALID_CONFIG = "invalid-config"  #: a reload found the file invalid (problems listed)
     INTERNAL = "internal"  #: a bug; the log has the traceback
     UPSTREAM_FAILED = "upstream-failed"  #: the backend failed (5xx, refused, broken)
     UNAVAILABLE = "unavailable"  #: Redis could not decide: fail closed
@@ -48,6 +49,7 @@ STATUS: dict[Code, tuple[int, str]] = {
     Code.EXPIRED: (409, "Reservation expired"),
     Code.TOO_LARGE: (413, "Request body too large"),
     Code.RATE_LIMITED: (429, "Too many requests"),
+    Code.INVALID_CONFIG: (422, "Invalid configuration"),
     Code.INTERNAL: (500, "Internal error"),
     Code.UPSTREAM_FAILED: (502, "Upstream failed"),
     Code.UNAVAILABLE: (503, "Service unavailable"),

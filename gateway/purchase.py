@@ -11,7 +11,8 @@ stream in the same atomic step as the deduction, and the buyer gets 202.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,6 +21,7 @@ from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
 from gateway.campaigns import Campaign
 from gateway.clientip import forwarded_for
 from gateway.errors import UpstreamError
+from gateway.metrics import DECISION_SECONDS
 from gateway.problems import Code, Problem
 from gateway.settle import accepted, give_back, settle_accepted
 from gateway.upstream import OutboundRequest, UpstreamReply
@@ -36,16 +38,32 @@ RESERVATION_HEADER = "X-Reservation-Id"
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-async def purchase(
-    runtime: Runtime, campaign: Campaign, request: web.Request
-) -> web.StreamResponse:
+#: A decided request's outcome code (a problem code, or one of ``ok``, ``queued``,
+#: ``replayed``, ``upstream-refused``) and the response.
+Decided = tuple[str, web.StreamResponse]
+SOLD_OUT = Code.SOLD_OUT.value
+
+
+class Answer(NamedTuple):
+    """What the edge answered, for the metrics and the access log."""
+
+    code: str
+    response: web.StreamResponse
+    user: str = ""
+    #: Answered from memory (sale window, sold-out flag): the flood at peak.
+    local: bool = False
+
+
+async def purchase(runtime: Runtime, campaign: Campaign, request: web.Request) -> Answer:
     outside = campaign.shaper.window()
     if outside is not None:
-        return outside.response()
+        return Answer(outside.code.value, outside.response(), local=True)
     # A retry with an Idempotency-Key may be owed its earlier outcome, so only
     # requests without one are answered from the local flag.
     if campaign.id in runtime.watch.sold_out and IDEMPOTENCY_HEADER not in request.headers:
-        return campaign.sold_out.response()
+        return Answer(SOLD_OUT, campaign.sold_out.response(), local=True)
+    started = time.perf_counter()
+    user = ""
     try:
         user = runtime.identity(request)
         key = idempotency_key(request)
@@ -60,19 +78,23 @@ async def purchase(
         field = idempotency_field(user, key) if key else ""
         attempt = Attempt(rid, user, order.quantity, field, payload)
         decision = await campaign.batcher.submit(attempt)
+        DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
         if decision.status is ReserveStatus.RESERVED and not payload:
             outbound = _outbound(runtime, campaign, request, rid, user, order)
-            return await _forward(runtime, campaign, rid, outbound)
-        return await _outcome(runtime, campaign, attempt, decision)
+            code, response = await _forward(runtime, campaign, rid, outbound)
+        else:
+            code, response = await _outcome(runtime, campaign, attempt, decision)
     except Problem as problem:
-        return problem.response()
+        code, response = problem.code.value, problem.response()
     except StorageError as exc:
         log.warning("campaign %s: %s", campaign.id, exc)
-        return _unavailable("redis could not decide; nothing was reserved or charged")
+        code, response = _unavailable("redis could not decide; nothing was reserved or charged")
+    return Answer(code, response, user)
 
 
-def _unavailable(detail: str) -> web.Response:
-    return Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": "1"}).response()
+def _unavailable(detail: str) -> Decided:
+    problem = Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": "1"})
+    return problem.code.value, problem.response()
 
 
 def _outbound(
@@ -92,15 +114,15 @@ def _outbound(
 
 async def _outcome(
     runtime: Runtime, campaign: Campaign, attempt: Attempt, decision: Decision
-) -> web.StreamResponse:
+) -> Decided:
     match decision.status:
         case ReserveStatus.RESERVED:
-            return queued(attempt.reservation_id, State.RESERVED)
+            return "queued", queued(attempt.reservation_id, State.RESERVED)
         case ReserveStatus.DUPLICATE:
-            return await _replay(campaign, decision.reservation_id)
+            return "replayed", await _replay(campaign, decision.reservation_id)
         case ReserveStatus.SOLD_OUT:
             runtime.watch.mark_sold_out(campaign.id)
-            return campaign.sold_out.response()
+            return SOLD_OUT, campaign.sold_out.response()
         case ReserveStatus.INSUFFICIENT:
             raise Problem(
                 Code.INSUFFICIENT_STOCK,
@@ -132,7 +154,7 @@ def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
 
 async def _forward(
     runtime: Runtime, campaign: Campaign, rid: str, outbound: OutboundRequest
-) -> web.StreamResponse:
+) -> Decided:
     try:
         await campaign.store.hand_over(rid, outbound.encode())
     except StorageError:
@@ -151,7 +173,7 @@ async def _forward(
         ) from None
     if accepted(reply.status):
         await settle_accepted(runtime, campaign, rid, reply)
-        return _relay(reply, rid)
+        return "ok", _relay(reply, rid)
     await give_back(runtime, campaign, rid, f"upstream answered {reply.status}")
     if reply.status >= 500:
         raise Problem(
@@ -161,7 +183,7 @@ async def _forward(
             reservation_id=rid,
             upstream_status=reply.status,
         )
-    return _relay(reply, rid)
+    return "upstream-refused", _relay(reply, rid)
 
 
 def _relay(reply: UpstreamReply, rid: str, replayed: bool = False) -> web.Response:

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
+from gateway.accesslog import AccessLog
 from gateway.campaigns import Campaign, Registry
 from gateway.config import CampaignSettings, Settings
 from gateway.dispatcher import Dispatcher, ensure_group
 from gateway.identity import Identity, identity_for
+from gateway.metrics import Publisher
 from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
 from gateway.sweeper import run_sweeper
@@ -55,9 +57,18 @@ def campaign_store(
 
 
 class Runtime:
-    def __init__(self, settings: Settings, redis_url: str, *, dispatch: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        *,
+        dispatch: bool = True,
+        config_path: str | None = None,
+    ) -> None:
         self.settings = settings
         self.redis_url = redis_url
+        #: The file a reload reads (None: settings given in code, nothing to reload).
+        self.config_path = config_path
         self.redis = connect(
             redis_url,
             max_connections=settings.redis.max_connections,
@@ -79,20 +90,31 @@ class Runtime:
         self.identity: Identity = identity_for(settings.identity)
         self.max_body = settings.gateway.max_body_bytes
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.publisher = Publisher(self)
+        self.access = AccessLog(settings.access_log)
         #: Gateway processes sharing this Redis, as last counted.
         self.processes = 1
-        self.registry = Registry.of(self._campaign(c) for c in settings.campaigns)
+        self.registry = Registry.of(self.build_campaign(c) for c in settings.campaigns)
+        #: Why the last reload was refused (None after a good one), and when one last worked.
+        self.reload_error: str | None = None
+        self.reloaded_at: float | None = None
         #: Campaigns whose counters are known to exist in Redis.
         self.initialised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
+        self._preparing: asyncio.Task[None] | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, settings: Settings, redis_url: str, *, dispatch: bool = True
+        cls,
+        settings: Settings,
+        redis_url: str,
+        *,
+        dispatch: bool = True,
+        config_path: str | None = None,
     ) -> AsyncIterator[Runtime]:
-        runtime = cls(settings, redis_url, dispatch=dispatch)
+        runtime = cls(settings, redis_url, dispatch=dispatch, config_path=config_path)
         await runtime.start()
         try:
             yield runtime
@@ -103,7 +125,7 @@ class Runtime:
     def ready(self) -> bool:
         return self.initialised >= self.registry.by_id.keys()
 
-    def _campaign(self, settings: CampaignSettings) -> Campaign:
+    def build_campaign(self, settings: CampaignSettings) -> Campaign:
         store = campaign_store(self.settings, settings, self.pipe, self.scripts)
         keys = store.keys
         batcher: TickBatcher[Attempt, Decision] = TickBatcher(
@@ -146,16 +168,14 @@ class Runtime:
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.open()
-        try:
-            await self.prepare()
-        except StorageError as exc:
-            log.error("redis is not usable yet (%s); retrying, answering 503 meanwhile", exc)
-            self._loops.append(self.spawn(self._prepare_until_done()))
+        await self.prepare_or_retry()
         self._loops += [
             self.spawn(self.watch.run_poll(self.campaign_keys)),
             self.spawn(self.watch.run_listener(self.campaign_keys)),
             self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
             self.spawn(self._heartbeat()),
+            self.spawn(self._publish_metrics()),
+            self.spawn(self.access.run()),
         ]
         if self.dispatcher is not None:
             self._loops.append(self.spawn(self.dispatcher.run()))
@@ -186,6 +206,16 @@ class Runtime:
             self.initialised.add(campaign.id)
         await self.watch.poll(self.campaign_keys())
 
+    async def prepare_or_retry(self) -> None:
+        """Prepare now, or keep trying in the background (answering 503 meanwhile)."""
+        try:
+            await self.prepare()
+        except StorageError as exc:
+            log.error("redis is not usable yet (%s); retrying, answering 503 meanwhile", exc)
+            if self._preparing is None or self._preparing.done():
+                self._preparing = self.spawn(self._prepare_until_done())
+                self._loops.append(self._preparing)
+
     async def _prepare_until_done(self) -> None:
         while not self.ready:
             await asyncio.sleep(PREPARE_RETRY)
@@ -209,6 +239,11 @@ class Runtime:
             except StorageError as exc:
                 log.debug("heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.publisher.flush()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends or the runtime stops."""

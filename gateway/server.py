@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -11,6 +12,8 @@ from aiohttp import web
 from gateway.admin import create_admin_app
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.reload import reload_file
 from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,17 +30,21 @@ async def serve(
     *,
     reuse_port: bool = False,
     dispatch: bool = True,
+    config_path: str | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and close."""
+    """Serve until SIGTERM or SIGINT, then drain and close; SIGHUP reloads the config."""
     stop = _stop_on_signals()
-    async with Runtime.open(settings, redis_url, dispatch=dispatch) as runtime:
+    async with Runtime.open(
+        settings, redis_url, dispatch=dispatch, config_path=config_path
+    ) as runtime:
+        _reload_on_sighup(runtime)
         runners = [
             await _start(
                 create_app(runtime), settings.gateway.host, settings.gateway.port, reuse_port
             )
         ]
         if settings.admin is not None:
-            admin = create_admin_app(runtime, settings.admin.token)
+            admin = create_admin_app(runtime, metrics_need_token=settings.admin.metrics_need_token)
             runners.append(
                 await _start(admin, settings.admin.host, settings.admin.port, reuse_port)
             )
@@ -48,13 +55,23 @@ async def serve(
             await runner.cleanup()
 
 
-async def dispatch_only(settings: Settings, redis_url: str) -> None:
+async def dispatch_only(settings: Settings, redis_url: str, config_path: str) -> None:
     """``flashgate dispatch``: deliver queued orders (and sweep deadlines), no HTTP."""
     stop = _stop_on_signals()
-    async with Runtime.open(settings, redis_url, dispatch=True):
+    async with Runtime.open(settings, redis_url, dispatch=True, config_path=config_path) as runtime:
+        _reload_on_sighup(runtime)
         log.info("dispatching for %d campaign(s)", len(settings.campaigns))
         await stop.wait()
         log.info("stopping: finishing deliveries in flight")
+
+
+def _reload_on_sighup(runtime: Runtime) -> None:
+    async def reload() -> None:
+        if runtime.config_path is not None:
+            with contextlib.suppress(ConfigError):  # logged and counted; the old config stays
+                await reload_file(runtime, runtime.config_path)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: runtime.spawn(reload()))
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
@@ -39,6 +40,8 @@ class StockWatch:
         self.figures: dict[str, Figures] = {}
         #: Bumped by every direct flag change, so a poll that read before it cannot undo it.
         self._epoch = 0
+        #: When a poll last got an answer from Redis (monotonic), for readiness.
+        self.last_success = float("-inf")
 
     def mark_sold_out(self, campaign_id: str) -> None:
         self.sold_out.add(campaign_id)
@@ -54,6 +57,7 @@ class StockWatch:
         if not keys:
             return
         epoch = self._epoch
+        started = time.monotonic()
         replies = await asyncio.gather(
             *(
                 self.pipe.call(
@@ -68,6 +72,7 @@ class StockWatch:
                 for k in keys
             )
         )
+        self.last_success = started
         for k, reply in zip(keys, replies, strict=True):
             if reply[0] is None:
                 continue

@@ -9,14 +9,19 @@ when workers keep dying right after they start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from multiprocessing.context import SpawnProcess
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 QUICK_DEATH = 5.0
 #: That many quick deaths in a row and the supervisor gives up.
 MAX_QUICK_DEATHS = 3
+#: Set in workers to the supervisor's pid.
+SUPERVISOR_ENV = "FLASHGATE_SUPERVISOR_PID"
 #: How long stopping workers get to drain before they are killed.
 STOP_GRACE = 30.0
 
@@ -32,6 +39,30 @@ def run_workers(
     config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool = True
 ) -> int:
     """Run and supervise ``workers`` processes until SIGTERM or SIGINT; returns an exit code."""
+    with _metrics_dir():
+        return _supervise(config_path, redis_url, workers, log_level, dispatch)
+
+
+@contextlib.contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """Where prometheus-client's multiprocess mode keeps every worker's counters, so that
+    whichever worker Prometheus reaches reports them all (a dir given by the operator in
+    PROMETHEUS_MULTIPROC_DIR is used and kept)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="flashgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervise(
+    config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool
+) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -53,6 +84,7 @@ def run_workers(
             if process.pid and process.is_alive():
                 os.kill(process.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # lets a worker's POST /reload reach all
     running = {index: start(index) for index in range(workers)}
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -64,6 +96,8 @@ def run_workers(
                 continue
             lived = time.monotonic() - started
             quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
+            if process.pid is not None:
+                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
             log.error(
                 "worker %d (pid %s) exited with %s after %.1fs",
                 index,
@@ -99,4 +133,10 @@ def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) ->
 
     die_with_parent()
     configure_logging(log_level)
-    serve_forever(load_settings(config_path), redis_url, reuse_port=True, dispatch=dispatch)
+    serve_forever(
+        load_settings(config_path),
+        redis_url,
+        reuse_port=True,
+        dispatch=dispatch,
+        config_path=config_path,
+    )

@@ -1,4 +1,4 @@
-"""Operator commands that work on Redis directly: ``reconcile`` (and ``status``)."""
+"""Operator commands that work on Redis directly: ``reconcile`` and ``status``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gateway.runtime import campaign_store
 from gateway.terminal import Progress, table
 from limiter.audit import Audit, audit
 from limiter.connection import connect
+from limiter.errors import CampaignMissing
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
 from limiter.scripts import Scripts
@@ -108,3 +109,69 @@ def audits_json(audits: Sequence[Audit]) -> str:
         document["drift"] = a.drift
         documents.append(document)
     return json.dumps({"campaigns": documents, "drift": any(a.drift for a in audits)})
+
+
+async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
+    """Every configured campaign with its counters from Redis (None when not created yet)."""
+    rows = []
+    async with campaign_stores(settings, redis_url) as stores:
+        for store, campaign in zip(stores, settings.campaigns, strict=True):
+            try:
+                figures: dict[str, Any] = (await store.figures())._asdict()
+            except CampaignMissing:
+                figures = dict.fromkeys(("available", "reserved", "sold", "stock_total"))
+            rate = campaign.rate_limit
+            rows.append(
+                {
+                    "id": campaign.id,
+                    "route": str(campaign.route),
+                    **figures,
+                    "sold_out": figures["available"] == 0
+                    if figures["available"] is not None
+                    else None,
+                    "starts_at": campaign.starts_at.isoformat() if campaign.starts_at else None,
+                    "ends_at": campaign.ends_at.isoformat() if campaign.ends_at else None,
+                    "rate_per_second": rate.per_second if rate else None,
+                    "forward": campaign.forward,
+                }
+            )
+    return rows
+
+
+def render_status(rows: Sequence[dict[str, Any]]) -> str:
+    headers = [
+        "campaign",
+        "stock total",
+        "available",
+        "reserved",
+        "sold",
+        "sold out",
+        "window",
+        "rate/s",
+        "forward",
+    ]
+    lines = []
+    for r in rows:
+        window = (
+            "always"
+            if not (r["starts_at"] or r["ends_at"])
+            else (f"{r['starts_at'] or '...'} .. {r['ends_at'] or '...'}")
+        )
+        lines.append(
+            (
+                r["id"],
+                r["stock_total"],
+                r["available"],
+                r["reserved"],
+                r["sold"],
+                r["sold_out"],
+                window,
+                r["rate_per_second"],
+                r["forward"],
+            )
+        )
+    missing = [r["id"] for r in rows if r["stock_total"] is None]
+    text = table(headers, lines)
+    if missing:
+        text += f"\nnot in Redis yet (a gateway creates them when it starts): {', '.join(missing)}"
+    return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -12,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamError
+from gateway.metrics import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
 #: Headers that belong to one connection, never forwarded in either direction (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset(
@@ -138,6 +140,7 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("upstream is not open")
         url = self.settings.url + request.path_qs
+        started = time.perf_counter()
         try:
             async with self._session.request(
                 request.method,
@@ -147,15 +150,23 @@ class Upstream:
                 allow_redirects=False,
             ) as response:
                 body = await self._read_body(response)
-                return UpstreamReply(response.status, end_to_end(response.headers.items()), body)
+                reply = UpstreamReply(response.status, end_to_end(response.headers.items()), body)
         except TimeoutError as exc:
+            self._measure(started, "timeout")
             raise UpstreamError(
                 f"{self.name} did not answer within {self.settings.timeout:g}s", timed_out=True
             ) from exc
         except aiohttp.ClientError as exc:
+            self._measure(started, "error")
             raise UpstreamError(
                 f"{self.name} failed: {exc or type(exc).__name__}", timed_out=False
             ) from exc
+        self._measure(started, f"{reply.status // 100}xx")
+        return reply
+
+    def _measure(self, started: float, status_class: str) -> None:
+        UPSTREAM_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        UPSTREAM_RESPONSES.labels(self.name, status_class).inc()
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         chunks: list[bytes] = []

@@ -26,6 +26,8 @@ class Audit:
     ledger_after: Figures | None = None
     #: The counters after a repair (None when none was asked)
     repaired: Figures | None = None
+    #: (state, reservations counted in the state hash, by the records) where they differ
+    count_drift: list[tuple[str, int, int]] = field(default_factory=list)
 
     def checks(self) -> list[tuple[str, int, int]]:
         """(what, counter, expected) for every check; drift where the two differ."""
@@ -39,6 +41,10 @@ class Audit:
             ("reserved vs reservation records", c.reserved, self.reserved_by_records),
             ("sold vs reservation records", c.sold, self.sold_by_records),
             ("users whose quota differs from their records", self.users_differing, 0),
+        ]
+        rows += [
+            (f"{state} reservations vs records", counted, records)
+            for state, counted, records in self.count_drift
         ]
         if self.ledger_after is not None:
             for name, counter, ledger in zip(
@@ -76,5 +82,6 @@ async def audit(store: CampaignStore, *, repair: bool, actor: str) -> Audit:
                 user_drift=[(u.decode(), int(a), int(b)) for u, a, b in reply[5]],
                 ledger_after=_figures(reply[6]) if reply[6] else None,
                 repaired=_figures(reply[7]) if repair else None,
+                count_drift=[(s.decode(), int(a), int(b)) for s, a, b in reply[8]],
             )
     raise StorageError(f"campaign {store.campaign_id} kept changing; audit it when it is quieter")

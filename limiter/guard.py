@@ -1,8 +1,11 @@
-"""The one door every Redis call goes through: a deadline and error wrapping.
+"""The one door every Redis call goes through: a deadline, a circuit breaker and
+error wrapping.
 
 A slow Redis must not make every request slow, so each call gets ``timeout``
 seconds; whatever goes wrong comes out as ``StorageError`` and the gateway fails
-closed on it.
+closed on it. After ``threshold`` failures in a row the breaker opens: for a
+cooldown (doubling on each failed probe, up to a cap) calls fail at once instead
+of piling onto a dead Redis; then one call probes, and a success closes it again.
 
 The deadline measures Redis, not this process: when a flash crowd keeps the event
 loop busy, a reply can sit unread in the socket for longer than the deadline.
@@ -72,33 +75,102 @@ class StallClock:
             self._handle = None
 
 
+class CircuitBreaker:
+    def __init__(
+        self, threshold: int = 5, cooldown: float = 0.5, max_cooldown: float = 5.0
+    ) -> None:
+        self.threshold = threshold
+        self.first_cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.failures = 0
+        self.cooldown = cooldown
+        self.open_until = 0.0
+        self._probing = False
+        #: Times it opened, for metrics.
+        self.openings = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def allow(self, now: float) -> bool:
+        """Whether a call may go to Redis now (while open: one probe per cooldown)."""
+        if not self.is_open:
+            return True
+        if now < self.open_until or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.cooldown = self.first_cooldown
+        self._probing = False
+
+    def failed(self, now: float) -> None:
+        was_open = self.is_open
+        self.failures += 1
+        if was_open:  # a failed probe: wait longer before the next
+            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+        elif self.is_open:
+            self.openings += 1
+        if self.is_open:
+            self.open_until = now + self.cooldown
+            self._probing = False
+
+
 class RedisGuard:
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, breaker: CircuitBreaker | None = None) -> None:
         self.timeout = timeout
         self.stalls = StallClock()
+        self.breaker = breaker or CircuitBreaker()
+        #: Failures by operation, for metrics.
+        self.errors: dict[str, int] = {}
 
-    async def run(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run ``call()`` within the deadline; ``what`` names it in the error."""
+    async def run(self, call: Callable[[], Awaitable[T]], what: str, *, guarded: bool = True) -> T:
+        """Run ``call()`` within the deadline; ``what`` names it in the error.
+
+        ``guarded=False`` skips the breaker (waiting for a command already sent).
+        """
+        loop = asyncio.get_running_loop()
+        if guarded and not self.breaker.allow(loop.time()):
+            wait = max(self.breaker.open_until - loop.time(), 0.0)
+            raise StorageError(
+                f"redis failed {self.breaker.failures} times in a row; not asking it {what} "
+                f"for {wait:.1f}s more (circuit open)"
+            )
         self.stalls.ensure_running()
         try:
             async with asyncio.timeout(self.timeout) as deadline:
                 self.stalls.deadlines.add(deadline)
                 try:
-                    return await call()
+                    result = await call()
                 finally:
                     self.stalls.deadlines.discard(deadline)
         except TimeoutError as exc:
+            self._failed(what, guarded)
             raise StorageError(f"redis did not answer {what} within {self.timeout:g}s") from exc
         except (RedisError, OSError) as exc:
+            self._failed(what, guarded)
             raise StorageError(f"redis failed {what}: {exc}") from exc
+        if guarded:
+            self.breaker.succeeded()
+        return result
+
+    def _failed(self, what: str, guarded: bool) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+        if guarded:
+            self.breaker.failed(asyncio.get_running_loop().time())
 
     async def wait(self, future: asyncio.Future[T], what: str, *, cancel: bool = True) -> T:
-        """Wait for a queued command's reply within the deadline.
+        """Wait for a queued command's reply within the deadline (the pipeline that
+        carries it is what the breaker judges).
 
         With ``cancel=False`` a late reply still lands in ``future`` (its owner can
-        then undo what it did: see ReserveBatcher).
+        then undo what it did: see TickBatcher).
         """
-        return await self.run(lambda: future if cancel else asyncio.shield(future), what)
+        call = (lambda: future) if cancel else (lambda: asyncio.shield(future))
+        return await self.run(call, what, guarded=False)
 
     def close(self) -> None:
         self.stalls.stop()

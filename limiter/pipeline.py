@@ -15,6 +15,7 @@ pipeline never needs a SCRIPT EXISTS round trip of its own.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 
 EncodableArg = str | bytes | int | float
+#: Round-trip timings kept between two metrics flushes at most.
+MAX_TIMINGS = 10_000
 
 
 @dataclass(slots=True)
@@ -52,6 +55,8 @@ class AutoPipeline:
         #: Pipelines sent and commands carried, for metrics and benchmarks.
         self.round_trips = 0
         self.commands = 0
+        #: Seconds each recent round trip took (taken away by the metrics).
+        self.timings: list[float] = []
 
     def submit(self, *args: EncodableArg) -> asyncio.Future[Any]:
         """Queue one command; the future gets its reply (or a StorageError)."""
@@ -95,6 +100,7 @@ class AutoPipeline:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[_Queued]) -> None:
+        started = time.perf_counter()
         try:
             replies = await self.guard.run(lambda: self._execute(batch), "pipeline")
         except StorageError as exc:
@@ -104,6 +110,8 @@ class AutoPipeline:
         else:
             self.round_trips += 1
             self.commands += len(batch)
+            if len(self.timings) < MAX_TIMINGS:
+                self.timings.append(time.perf_counter() - started)
             for queued, reply in zip(batch, replies, strict=True):
                 await self._deliver(queued, reply)
         finally:

@@ -91,3 +91,12 @@ local function take_from_bucket(key, now, rate, capacity, want)
   end
   return granted, wait
 end
+
+-- Reservations by state ("n:reserved", "n:held", ...) kept beside the counters, for
+-- the metrics; `from` is nil for a new reservation.
+local function count_move(state_key, from, to, n)
+  if from then
+    redis.call('HINCRBY', state_key, 'n:' .. from, -n)
+  end
+  redis.call('HINCRBY', state_key, 'n:' .. to, n)
+end

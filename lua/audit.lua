@@ -13,7 +13,9 @@
 -- ARGV[1] "repair" or ""   ARGV[2] actor   ARGV[3] ledger max length   ARGV[4] events channel
 -- returns {status, counters "a/r/s/t", reserved by records, sold by records,
 --          users whose quota differs, a list of {user, counter, records} (at most 100),
---          the ledger's last "after" figures ("" if none), counters after a repair}
+--          the ledger's last "after" figures ("" if none), counters after a repair,
+--          reservations by state where the count kept beside the counters differs:
+--          a list of {state, counted, records}}
 --   status 0 audited (and repaired when asked), 1 the index changed since the caller read
 --   it: read it again, 2 no such campaign
 
@@ -29,9 +31,11 @@ if not figures then
 end
 
 local reserved, sold, held_by = 0, 0, {}
+local states = {reserved = 0, held = 0, committed = 0, released = 0, expired = 0, cancelled = 0}
 for i = 5, #KEYS do
   local r = redis.call('HMGET', KEYS[i], 'state', 'user', 'qty')
   local state, user, qty = r[1], r[2], tonumber(r[3])
+  states[state] = (states[state] or 0) + 1
   if state == 'reserved' or state == 'held' then
     reserved = reserved + qty
   elseif state == 'committed' then
@@ -64,6 +68,14 @@ for user, units in pairs(held_by) do
   end
 end
 
+local counts = {}
+for state, n in pairs(states) do
+  local counted = tonumber(redis.call('HGET', state_key, 'n:' .. state) or '0')
+  if counted ~= n then
+    counts[#counts + 1] = {state, counted, n}
+  end
+end
+
 local last = redis.call('XREVRANGE', ledger_key, '+', '-', 'COUNT', 1)
 local ledger_after = ''
 if #last > 0 then
@@ -86,8 +98,12 @@ if repair then
   for user, units in pairs(held_by) do
     redis.call('HSET', users_key, user, units)
   end
+  for state, n in pairs(states) do
+    redis.call('HSET', state_key, 'n:' .. state, n)
+  end
   append_ledger(ledger_key, ledger_max, 'repair', '', '', 0, actor, before, figures,
                 'counters made to agree with the reservation records')
   announce(channel, before.available, figures.available)
 end
-return {0, counters, reserved, sold, differ, listed_users, ledger_after, figures_text(figures)}
+return {0, counters, reserved, sold, differ, listed_users, ledger_after, figures_text(figures),
+        counts}

@@ -67,6 +67,7 @@ else
 end
 write_figures(state_key, figures)
 redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
+count_move(state_key, state, target, 1)
 if reply_status ~= '' then
   redis.call('HSET', record_key, 'reply_status', reply_status, 'reply_type', reply_type,
              'reply_body', reply_body)

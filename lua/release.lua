@@ -82,6 +82,7 @@ if idem ~= '' and redis.call('HGET', idem_key, idem) == rid then
 end
 redis.call('ZREM', deadlines_key, rid)
 redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now)
+count_move(state_key, state, target, 1)
 if dead_payload ~= '' then
   redis.call('XADD', dead_key, 'MAXLEN', '~', math.max(ledger_max, 1000), '*', 'rid', rid,
              'reason', reason, 'attempts', record[7] or '0', 'payload', dead_payload)

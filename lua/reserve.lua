@@ -48,6 +48,7 @@ end
 
 local now = now_ms()
 local available_at_start = figures.available
+local winners = 0
 
 local function reserve(record_key, rid, user, qty, idem, payload)
   local before = copy_figures(figures)
@@ -93,6 +94,7 @@ local function decide(record_key, rid, user, qty, idem, payload)
     return 3, rid, figures.available
   end
   reserve(record_key, rid, user, qty, idem, payload)
+  winners = winners + 1
   return 0, rid, figures.available
 end
 
@@ -107,6 +109,7 @@ end
 
 if figures.available ~= available_at_start then
   write_figures(state_key, figures)
+  count_move(state_key, nil, 'reserved', winners)
   announce(channel, available_at_start, figures.available)
 end
 -- requests that reached the deduction stage, for the admission budget's accounts

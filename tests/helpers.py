@@ -113,8 +113,7 @@ class Gateway:
 async def open_gateway(settings: Settings, redis_url: str) -> AsyncIterator[Gateway]:
     async with Runtime.open(settings, redis_url) as runtime:
         edge = TestClient(TestServer(create_app(runtime), host="127.0.0.1"))
-        admin_token = settings.admin.token if settings.admin else ADMIN_TOKEN
-        admin = TestClient(TestServer(create_admin_app(runtime, admin_token), host="127.0.0.1"))
+        admin = TestClient(TestServer(create_admin_app(runtime), host="127.0.0.1"))
         await edge.start_server()
         await admin.start_server()
         try:

@@ -1,0 +1,258 @@
+"""Prometheus metrics, exposed at ``GET /metrics`` on the admin port.
+
+Counters on the hot path are plain integers, published every second (a request
+answered from the local sold-out flag costs a dict increment, not a locked write
+to a shared file). Figures that belong to a campaign (stock, reservations by
+state, the queue) are read from Redis when Prometheus scrapes, never guessed per
+process. With ``--workers N`` prometheus-client's multiprocess mode adds up every
+worker's counters, whichever worker Prometheus reaches. No label carries a user,
+an address or a reservation id: series are bounded by campaigns x codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+REQUESTS = Counter(
+    "flashgate_requests_total",
+    "Purchase requests answered, by campaign and outcome (a problem code, ok, queued, "
+    "replayed or upstream-refused).",
+    ["campaign", "code"],
+)
+DECISION_SECONDS = Histogram(
+    "flashgate_decision_seconds",
+    "Time from a purchase request's arrival to Redis's decision.",
+    ["campaign"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_SECONDS = Histogram(
+    "flashgate_upstream_seconds",
+    "Time the order backend took to answer.",
+    ["upstream"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_RESPONSES = Counter(
+    "flashgate_upstream_responses_total",
+    "Answers of the order backend by status class (2xx, 4xx, 5xx, error, timeout).",
+    ["upstream", "class"],
+)
+REDIS_SECONDS = Histogram(
+    "flashgate_redis_seconds",
+    "Redis round trips (one auto-pipeline each).",
+    buckets=LATENCY_BUCKETS,
+)
+REDIS_ERRORS = Counter(
+    "flashgate_redis_errors_total",
+    "Redis calls that failed or missed their deadline, by operation.",
+    ["operation"],
+)
+LIMIT_REFUSALS = Counter(
+    "flashgate_limit_refusals_total",
+    "Requests a limit refused (mode enforce) or would have refused (mode shadow).",
+    ["campaign", "limit", "mode"],
+)
+DELIVERIES = Counter(
+    "flashgate_deliveries_total",
+    "Queue-mode delivery attempts by result (accepted, refused, failed, dead-lettered).",
+    ["campaign", "result"],
+)
+RELOADS = Counter("flashgate_config_reloads_total", "Configuration reloads by result.", ["result"])
+CIRCUIT_OPEN = Gauge(
+    "flashgate_redis_circuit_open",
+    "1 while the Redis circuit breaker of a process is open.",
+    multiprocess_mode="max",
+)
+LOOP_STALL_SECONDS = Gauge(
+    "flashgate_event_loop_stall_seconds",
+    "Longest event-loop stall in the last second (the process was too busy to run).",
+    multiprocess_mode="max",
+)
+
+
+@dataclass
+class HotCounters:
+    """Counts taken on the hot path, published by ``flush()`` once a second."""
+
+    requests: Tally[tuple[str, str]] = field(default_factory=Tally)
+
+    def request(self, campaign: str, code: str) -> None:
+        self.requests[(campaign, code)] += 1
+
+    def flush(self) -> None:
+        requests, self.requests = self.requests, Tally()
+        for (campaign, code), count in requests.items():
+            REQUESTS.labels(campaign, code).inc(count)
+
+
+@dataclass(frozen=True)
+class CampaignFigures:
+    """What Redis says about one campaign at scrape time."""
+
+    campaign: str
+    counters: dict[str, int]
+    reservations: dict[str, int]
+    queue_depth: int
+    dead_letters: int
+
+
+class RedisFigures(Collector):
+    """Gauges from Redis, filled in just before a scrape (see ``exposition``)."""
+
+    STATES = ("reserved", "held", "committed", "released", "expired", "cancelled")
+
+    def __init__(self) -> None:
+        self.campaigns: Sequence[CampaignFigures] = ()
+        self.processes: int | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        units = GaugeMetricFamily(
+            "flashgate_stock_units", "Units by bucket, from Redis.", labels=["campaign", "state"]
+        )
+        sold_out = GaugeMetricFamily(
+            "flashgate_sold_out", "1 when nothing is left, from Redis.", labels=["campaign"]
+        )
+        balanced = GaugeMetricFamily(
+            "flashgate_books_balanced",
+            "1 when stock_total == available + reserved + sold, from Redis.",
+            labels=["campaign"],
+        )
+        reservations = GaugeMetricFamily(
+            "flashgate_reservations",
+            "Reservations by state, from Redis.",
+            labels=["campaign", "state"],
+        )
+        queue = GaugeMetricFamily(
+            "flashgate_queue_depth", "Orders waiting for or in delivery.", labels=["campaign"]
+        )
+        dead = GaugeMetricFamily(
+            "flashgate_dead_letters",
+            "Orders given up on (kept for inspection).",
+            labels=["campaign"],
+        )
+        for c in self.campaigns:
+            figures = c.counters
+            for state in ("available", "reserved", "sold", "stock_total"):
+                units.add_metric([c.campaign, state], figures.get(state, 0))
+            sold_out.add_metric([c.campaign], 1 if figures.get("available", 0) == 0 else 0)
+            total = (
+                figures.get("available", 0) + figures.get("reserved", 0) + figures.get("sold", 0)
+            )
+            balanced.add_metric([c.campaign], 1 if figures.get("stock_total", 0) == total else 0)
+            for state in self.STATES:
+                reservations.add_metric([c.campaign, state], c.reservations.get(state, 0))
+            queue.add_metric([c.campaign], c.queue_depth)
+            dead.add_metric([c.campaign], c.dead_letters)
+        yield from (units, sold_out, balanced, reservations, queue, dead)
+        if self.processes is not None:
+            alive = GaugeMetricFamily(
+                "flashgate_gateway_processes", "Gateway processes alive, by their heartbeat."
+            )
+            alive.add_metric([], self.processes)
+            yield alive
+
+
+def exposition(redis_figures: RedisFigures) -> tuple[bytes, str]:
+    """The text Prometheus scrapes: every worker's counters plus the Redis figures."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = REGISTRY
+    text = generate_latest(registry) + generate_latest(_Only(redis_figures))
+    return text, CONTENT_TYPE_LATEST
+
+
+class _Only(CollectorRegistry):
+    """A registry of one collector, built per scrape."""
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__(auto_describe=False)
+        self._collector = collector
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._collector.collect()
+
+
+class Publisher:
+    """Moves one process's counts into the Prometheus metrics (every second, and
+    before each scrape)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.hot = HotCounters()
+        self._seen: dict[tuple[object, ...], int] = {}
+
+    def flush(self) -> None:
+        rt = self.runtime
+        self.hot.flush()
+        for what, count in list(rt.guard.errors.items()):
+            self._add(REDIS_ERRORS, ("redis", what), count, what)
+        for campaign in rt.registry.by_id.values():
+            shaper = campaign.shaper
+            for counts, mode in ((shaper.refused, "enforce"), (shaper.shadowed, "shadow")):
+                for limit, count in list(counts.items()):
+                    self._add(LIMIT_REFUSALS, (id(counts), limit), count, campaign.id, limit, mode)
+        if rt.dispatcher is not None:
+            for (campaign_id, result), count in list(rt.dispatcher.results.items()):
+                self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
+        timings, rt.pipe.timings = rt.pipe.timings, []
+        for seconds in timings:
+            REDIS_SECONDS.observe(seconds)
+        CIRCUIT_OPEN.set(1 if rt.guard.breaker.is_open else 0)
+        LOOP_STALL_SECONDS.set(rt.guard.stalls.take_max_stall())
+
+    def _add(self, counter: Counter, key: tuple[object, ...], total: int, *labels: str) -> None:
+        """Add what ``total`` (a cumulative count) grew by since the last flush."""
+        grown = total - self._seen.get(key, 0)
+        self._seen[key] = total
+        if grown > 0:
+            counter.labels(*labels).inc(grown)
+
+
+async def read_redis_figures(runtime: Runtime, figures: RedisFigures) -> None:
+    """Fill ``figures`` from Redis: counters, reservations by state, queue, dead letters."""
+    campaigns = list(runtime.registry.by_id.values())
+    pipe = runtime.pipe
+    replies = await asyncio.gather(
+        *(
+            reply
+            for c in campaigns
+            for reply in (
+                pipe.call("HGETALL", c.store.keys.state, what="read metrics"),
+                pipe.call("XLEN", c.store.keys.orders, what="read metrics"),
+                pipe.call("XLEN", c.store.keys.dead_letters, what="read metrics"),
+            )
+        )
+    )
+    read = []
+    for i, campaign in enumerate(campaigns):
+        state, queued, dead = replies[3 * i : 3 * i + 3]
+        values = {k.decode(): int(v) for k, v in state.items() if v.lstrip(b"-").isdigit()}
+        counters = {k: v for k, v in values.items() if not k.startswith("n:")}
+        by_state = {k[2:]: v for k, v in values.items() if k.startswith("n:")}
+        read.append(CampaignFigures(campaign.id, counters, by_state, int(queued), int(dead)))
+    figures.campaigns = read
+    figures.processes = runtime.processes
