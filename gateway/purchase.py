@@ -21,6 +21,7 @@ from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
 from gateway.campaigns import Campaign
 from gateway.clientip import forwarded_for
 from gateway.errors import UpstreamError
+from gateway.logs import Throttled
 from gateway.metrics import DECISION_SECONDS
 from gateway.problems import Code, Problem
 from gateway.settle import accepted, give_back, settle_accepted
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
+throttled = Throttled(log)
 
 RESERVATION_HEADER = "X-Reservation-Id"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -87,7 +89,7 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.Request) -
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
-        log.warning("campaign %s: %s", campaign.id, exc)
+        throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
         code, response = _unavailable("redis could not decide; nothing was reserved or charged")
     return Answer(code, response, user)
 
@@ -138,7 +140,13 @@ async def _outcome(
                 held=decision.figure,
             )
         case _:
-            log.error("campaign %s has no counters in Redis: did Redis lose its data?", campaign.id)
+            throttled.log(
+                logging.ERROR,
+                f"missing:{campaign.id}",
+                "campaign %s has no counters in Redis: did Redis lose its data? "
+                "(restore it, or restart the gateways to create the campaign afresh)",
+                campaign.id,
+            )
             return _unavailable(f"campaign {campaign.id} is not initialised in Redis")
 
 

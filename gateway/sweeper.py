@@ -39,7 +39,7 @@ async def sweep(store: CampaignStore, actor: str) -> int:
             )
             if result.status is ReleaseStatus.RELEASED:
                 expired += 1
-                log.info("reservation %s expired (%s)", reservation_id, result.state)
+                log.debug("reservation %s expired", reservation_id)
             elif result.status is ReleaseStatus.REDELIVER:
                 expired += 1
                 log.warning(
@@ -59,6 +59,12 @@ async def run_sweeper(
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         for store in list(stores()):
             try:
-                await sweep(store, actor)
+                settled = await sweep(store, actor)
+                if settled:
+                    log.info(
+                        "campaign %s: %d reservation(s) past their deadline settled",
+                        store.campaign_id,
+                        settled,
+                    )
             except StorageError as exc:
                 log.debug("sweep of %s failed: %s", store.campaign_id, exc)

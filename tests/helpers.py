@@ -110,8 +110,10 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def open_gateway(settings: Settings, redis_url: str) -> AsyncIterator[Gateway]:
-    async with Runtime.open(settings, redis_url) as runtime:
+async def open_gateway(
+    settings: Settings, redis_url: str, *, config_path: str | None = None
+) -> AsyncIterator[Gateway]:
+    async with Runtime.open(settings, redis_url, config_path=config_path) as runtime:
         edge = TestClient(TestServer(create_app(runtime), host="127.0.0.1"))
         admin = TestClient(TestServer(create_admin_app(runtime), host="127.0.0.1"))
         await edge.start_server()

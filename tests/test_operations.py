@@ -1,0 +1,509 @@
+"""Operations: metrics, health, access log, Redis outages, hot reload, status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.config import load_settings
+from gateway.embedded_redis import EmbeddedRedis
+from tests.helpers import (
+    AUTH,
+    Gateway,
+    Shop,
+    check_invariant,
+    open_gateway,
+    problem_of,
+    settings_for,
+    wait_for,
+)
+from tests.processes import GatewayProcess
+
+SAMPLE = re.compile(r"^(flashgate_\w+)(\{[^}]*\})? (\S+)$")
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    found = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            found[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return found
+
+
+async def scrape(gateway: Gateway) -> dict[str, float]:
+    response = await gateway.admin.get("/metrics")  # no token needed by default
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return samples(await response.text())
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.integration
+async def test_metrics_count_requests_and_read_stock_from_redis(gateway: Gateway) -> None:
+    before = await scrape(gateway)
+    for i in range(4):
+        assert (await gateway.buy(f"user-{i}")).status == 201
+    assert (await gateway.buy("user-0")).status == 403
+    assert (await gateway.buy(None)).status == 401
+    after = await scrape(gateway)
+
+    def grew(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('flashgate_requests_total{campaign="phone-1111",code="ok"}') == 4
+    assert grew('flashgate_requests_total{campaign="phone-1111",code="limit-exceeded"}') == 1
+    assert grew('flashgate_requests_total{campaign="phone-1111",code="unauthenticated"}') == 1
+    assert grew('flashgate_upstream_responses_total{class="2xx",upstream="shop"}') == 4
+    assert grew('flashgate_decision_seconds_count{campaign="phone-1111"}') == 5
+    units = 'flashgate_stock_units{campaign="phone-1111",state="%s"}'
+    assert (after[units % "available"], after[units % "sold"], after[units % "stock_total"]) == (
+        6,
+        4,
+        10,
+    )
+    assert after['flashgate_reservations{campaign="phone-1111",state="committed"}'] == 4
+    assert after['flashgate_sold_out{campaign="phone-1111"}'] == 0
+    assert after['flashgate_books_balanced{campaign="phone-1111"}'] == 1
+    assert after["flashgate_redis_circuit_open"] == 0
+
+
+@pytest.mark.integration
+async def test_no_label_carries_a_user_or_a_reservation(gateway: Gateway) -> None:
+    rids = []
+    for i in range(10):
+        response = await gateway.buy(f"secret-user-{i}", key=f"secret-key-{i}")
+        rids.append(response.headers["X-Reservation-Id"])
+    for i in range(30):
+        await gateway.buy(f"secret-user-{100 + i}")
+    text = await (await gateway.admin.get("/metrics")).text()
+    assert "secret-user" not in text
+    assert "secret-key" not in text
+    assert not any(rid in text or rid.split(".")[1] in text for rid in rids)
+    assert "127.0.0.1" not in text
+    campaigns = set(re.findall(r'campaign="([^"]*)"', text))
+    assert campaigns == {"phone-1111"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promtool_accepts_the_metrics(gateway: Gateway, tmp_path: Path) -> None:
+    for i in range(12):
+        await gateway.buy(f"user-{i}")
+    text = await (await gateway.admin.get("/metrics")).text()
+    checker = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await checker.communicate(text.encode())
+    assert checker.returncode == 0, output.decode()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_metrics_add_up_every_worker(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, redis: Redis, tmp_path: Path
+) -> None:
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    config["campaigns"][0]["stock"] = 1000
+    with GatewayProcess(config, tmp_path, "--workers", "2") as gateway:
+        async with aiohttp.ClientSession() as session:
+            for i in range(60):
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.post(  # new connections
+                        f"{gateway.url}/seckill/phone-1111", headers={"X-User-Id": f"u{i}"}
+                    ) as response,
+                ):
+                    assert response.status == 201
+            await asyncio.sleep(1.5)  # counters are published every second
+            totals = set()
+            for _ in range(10):  # whichever worker answers, the totals are everyone's
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.get(f"{gateway.admin_url}/metrics") as response,
+                ):
+                    metrics = samples(await response.text())
+                totals.add(metrics['flashgate_requests_total{campaign="phone-1111",code="ok"}'])
+            async with session.get(f"{gateway.admin_url}/campaigns", headers=AUTH):
+                pass
+    assert totals == {60.0}
+
+
+# -------------------------------------------------------------------------- health
+
+
+@pytest.mark.integration
+async def test_readiness_follows_redis(gateway: Gateway, redis_server: EmbeddedRedis) -> None:
+    for client in (gateway.edge, gateway.admin):
+        ready = await client.get("/readyz")
+        assert (ready.status, (await ready.json())["redis"]) == (200, "ok")
+    redis_server.stop()
+    try:
+
+        async def unready() -> bool:
+            return (await gateway.edge.get("/readyz")).status == 503
+
+        await wait_for(unready, within=10)
+        document = await (await gateway.admin.get("/readyz")).json()
+        assert document["redis"] == "unreachable"
+        assert (await gateway.edge.get("/healthz")).status == 200  # alive all the same
+    finally:
+        redis_server.start()
+
+    async def ready_again() -> bool:
+        return (await gateway.edge.get("/readyz")).status == 200
+
+    await wait_for(ready_again, within=15)
+
+
+# ----------------------------------------------------------------------- access log
+
+
+@pytest.fixture
+def access_log_file(settings_data: dict[str, Any], tmp_path: Path) -> Path:
+    path = tmp_path / "access.log"
+    settings_data["access_log"] = {"path": str(path)}
+    return path
+
+
+@pytest.mark.integration
+async def test_access_log_is_json_lines(access_log_file: Path, gateway: Gateway) -> None:
+    won = await gateway.buy("alice")
+    await gateway.buy("alice")
+    for i in range(9):
+        await gateway.buy(f"user-{i}")
+    await gateway.buy("late")  # sold out: by Redis (logged) or by the local flag (not logged)
+    await gateway.runtime.watch.poll(gateway.runtime.campaign_keys())
+    await gateway.buy("later")  # sold out: answered from memory, not logged by default
+
+    def lines() -> list[dict[str, Any]]:
+        if not access_log_file.exists():
+            return []
+        return [json.loads(line) for line in access_log_file.read_text().splitlines()]
+
+    await wait_for(lambda: len(lines()) >= 11, within=5)
+    await asyncio.sleep(0.5)
+    logged = lines()
+    assert len(logged) in (11, 12)
+    first = logged[0]
+    assert set(first) == {
+        "time",
+        "campaign",
+        "user",
+        "client",
+        "code",
+        "status",
+        "latency_ms",
+        "reservation_id",
+    }
+    assert (first["campaign"], first["user"], first["code"], first["status"]) == (
+        "phone-1111",
+        "alice",
+        "ok",
+        201,
+    )
+    assert first["reservation_id"] == won.headers["X-Reservation-Id"]
+    assert logged[1]["code"] == "limit-exceeded"
+    assert [line["code"] for line in logged[2:11]] == ["ok"] * 9
+    assert all(line["code"] == "sold-out" for line in logged[11:])
+    assert all(line["user"] != "later" for line in logged)
+
+
+# -------------------------------------------------------------------- Redis outages
+
+
+@pytest.fixture
+async def durable_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A private Redis with an append-only file: its data survives a restart."""
+    server = EmbeddedRedis(appendonly=True, extra_args=("--appendfsync", "always"))
+    server.start()
+    yield server
+    server.close()
+
+
+async def _crowd(
+    url: str, seconds: float, log: list[tuple[float, float, int]], workers: int = 16
+) -> None:
+    counter = iter(range(10**9))
+    stop_at = time.monotonic() + seconds
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def buyer() -> None:
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                async with session.post(url, headers={"X-User-Id": f"b{next(counter)}"}) as r:
+                    await r.read()
+                    log.append((started, time.monotonic(), r.status))
+
+        await asyncio.gather(*(buyer() for _ in range(workers)))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("outage", ["stopped", "paused"])
+async def test_redis_outage_under_load_fails_closed_and_recovers(
+    settings_data: dict[str, Any], durable_redis: EmbeddedRedis, shop: Shop, outage: str
+) -> None:
+    settings_data["campaigns"][0].update(stock=100_000, per_user_limit=1)
+    accepted_at: list[float] = []
+
+    async def backend(request: web.Request) -> web.StreamResponse:
+        accepted_at.append(time.monotonic())
+        return web.json_response({"ok": True}, status=201)
+
+    shop.respond = backend
+    log: list[tuple[float, float, int]] = []
+    async with open_gateway(settings_for(settings_data), durable_redis.url) as gateway:
+        url = str(gateway.edge.make_url("/seckill/phone-1111"))
+        crowd = asyncio.ensure_future(_crowd(url, 5.0, log))
+        await asyncio.sleep(1.0)
+        assert durable_redis.process is not None
+        down_at = time.monotonic()
+        if outage == "stopped":
+            durable_redis.stop()
+            await asyncio.sleep(1.5)
+            durable_redis.start()
+        else:
+            durable_redis.process.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(1.5)
+            durable_redis.process.send_signal(signal.SIGCONT)
+        up_at = time.monotonic()
+        await crowd
+        breaker_opened = gateway.runtime.guard.breaker.openings
+        await asyncio.sleep(1.5)  # late replies undone, sweeps done
+        redis = Redis.from_url(durable_redis.url)
+        state = await check_invariant(redis, "phone-1111", per_user_limit=1)
+        await redis.aclose()
+
+    statuses = [status for _, _, status in log]
+    assert set(statuses) <= {201, 503}
+    during = [status for start, end, status in log if start > down_at + 0.3 and end < up_at]
+    assert during
+    assert set(during) == {503}  # fail closed: nobody admitted
+    after = [status for start, _, status in log if start > up_at + 1.0]
+    assert 201 in after  # it recovered on its own
+    # nothing was admitted without Redis: every sale the backend saw is counted, no more
+    assert state["sold"] == len(accepted_at) == statuses.count(201)
+    assert not any(down_at + 0.3 < t < up_at for t in accepted_at)
+    # a hung Redis did not hang the requests: each got its 503 well before Redis came back
+    slowest = max(end - start for start, end, status in log if status == 503)
+    assert slowest < 1.4, slowest
+    assert breaker_opened >= 1
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+@pytest.mark.integration
+async def test_reload_applies_changes_and_never_resets_stock(
+    settings_data: dict[str, Any],
+    redis_server: EmbeddedRedis,
+    redis: Redis,
+    shop: Shop,
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        for i in range(3):
+            assert (await gw.buy(f"user-{i}")).status == 201
+        assert (await gw.buy("user-0")).status == 403
+
+        changed = json.loads(json.dumps(settings_data))
+        changed["campaigns"][0]["per_user_limit"] = 2
+        changed["campaigns"][0]["max_quantity"] = 2
+        changed["campaigns"].append(
+            {"id": "tv-2222", "route": "POST /seckill/tv-2222", "upstream": "shop", "stock": 2}
+        )
+        _write(path, changed)
+        reloaded = await gw.admin.post("/reload", headers=AUTH)
+        assert reloaded.status == 200, await reloaded.text()
+        assert await reloaded.json() == {
+            "status": "reloaded",
+            "added": ["tv-2222"],
+            "removed": [],
+            "kept": ["phone-1111"],
+        }
+        assert (await gw.buy("user-0")).status == 201  # the new limit applies
+        assert (await gw.buy("user-0", path="/seckill/tv-2222")).status == 201  # new campaign
+        document = await gw.campaign()
+        assert (document["stock_total"], document["sold"]) == (10, 4)  # never reset
+
+        assert await redis.xlen("fg:{tv-2222}:ledger") >= 1
+    await check_invariant(redis, "phone-1111", per_user_limit=2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("change", "path_in_error"),
+    [
+        (lambda d: d["campaigns"][0].update(stock=-1), "campaigns[0].stock"),
+        (lambda d: d["gateway"].update(port=1), "gateway.port"),
+        (lambda d: d.update(redis={"url": "redis://10.0.0.1:6379/0"}), "redis.url"),
+        (lambda d: d["campaigns"][0].update(upstream="nowhere"), "campaigns[0].upstream"),
+    ],
+    ids=["invalid", "port change", "redis change", "unknown upstream"],
+)
+async def test_a_refused_reload_keeps_the_running_config(
+    settings_data: dict[str, Any],
+    redis_server: EmbeddedRedis,
+    tmp_path: Path,
+    change: Any,
+    path_in_error: str,
+) -> None:
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        broken = json.loads(json.dumps(settings_data))
+        change(broken)
+        _write(path, broken)
+        refused = await gw.admin.post("/reload", headers=AUTH)
+        problem = await problem_of(refused)
+        assert (refused.status, problem["code"]) == (422, "invalid-config")
+        assert any(path_in_error in line for line in problem["problems"]), problem
+        assert (await gw.buy("alice")).status == 201  # still serving the old config
+        ready = await (await gw.admin.get("/readyz")).json()
+        assert path_in_error in ready["last_reload_error"]
+
+
+@pytest.mark.integration
+async def test_reload_does_not_disturb_requests_in_flight(
+    settings_data: dict[str, Any],
+    redis_server: EmbeddedRedis,
+    redis: Redis,
+    shop: Shop,
+    tmp_path: Path,
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.json_response({"ok": True}, status=201)
+
+    shop.respond = slow
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        in_flight = asyncio.ensure_future(gw.buy("alice"))
+        await wait_for(lambda: len(shop.seen) == 1)
+        changed = json.loads(json.dumps(settings_data))
+        changed["upstreams"]["shop"]["timeout"] = 5.0  # a new backend session
+        changed["campaigns"][0]["per_user_limit"] = 3
+        _write(path, changed)
+        assert (await gw.admin.post("/reload", headers=AUTH)).status == 200
+        gate.set()
+        assert (await in_flight).status == 201
+    state = await check_invariant(redis, "phone-1111", per_user_limit=3)
+    assert state["sold"] == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_sighup_reloads_every_worker(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    gateway = GatewayProcess(config, tmp_path, "--workers", "2").start()
+    try:
+        added = json.loads(json.dumps(config))
+        added["campaigns"].append(
+            {"id": "tv-2222", "route": "POST /seckill/tv-2222", "upstream": "shop", "stock": 5}
+        )
+        gateway.config_path.write_text(yaml.safe_dump(added))
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGHUP)
+
+        async def every_worker_knows() -> bool:
+            for _ in range(10):  # new connections reach either worker
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.get(f"{gateway.admin_url}/campaigns/tv-2222", headers=AUTH) as response,
+                ):
+                    if response.status != 200:
+                        return False
+            return True
+
+        await wait_for(every_worker_knows, within=10)
+    finally:
+        assert gateway.stop() == 0
+
+
+# --------------------------------------------------------------------------- status
+
+
+@pytest.mark.e2e
+def test_status_command(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    path = tmp_path / "flashgate.yaml"
+    _write(path, config)
+    env = {**os.environ}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "status", "-c", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            check=False,
+        )
+
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_server.url).flushall()
+    missing = run()
+    assert missing.returncode == 0
+    assert "not in Redis yet" in missing.stdout
+    client = sync_redis.Redis.from_url(redis_server.url)
+    client.hset(
+        "fg:{phone-1111}:state",
+        mapping={
+            "available": 7,
+            "reserved": 1,
+            "sold": 2,
+            "stock_total": 10,
+        },
+    )
+    table = run()
+    assert table.returncode == 0
+    header, rule, row = table.stdout.splitlines()[:3]
+    assert "stock total" in header
+    assert set(rule) <= {"-", " "}
+    assert row.split()[:6] == ["phone-1111", "10", "7", "1", "2", "no"]
+    document = json.loads(run("--json").stdout)
+    (campaign,) = document["campaigns"]
+    assert (campaign["available"], campaign["sold"], campaign["sold_out"]) == (7, 2, False)
