@@ -271,9 +271,27 @@ async def confirm_reservation(request: web.Request) -> web.Response:
     """The backend says a held order was paid: the sale is final. Idempotent; 409
     ``expired`` when the hold ran out first (the backend must then cancel its order)."""
     campaign, record = await _reservation(request)
-    result = await campaign.store.commit(
-        record.id, target=State.COMMITTED, retake=False, actor=_actor(request)
+    actor = _actor(request)
+    # A hold past its deadline expires now, even if no sweeper has come by yet.
+    await campaign.store.release(
+        record.id,
+        leavable=(State.HELD,),
+        target=State.EXPIRED,
+        reason="deadline passed",
+        actor=actor,
+        only_when_due=True,
     )
+    result = await campaign.store.commit(
+        record.id, target=State.COMMITTED, retake=False, actor=actor, leavable=State.HELD
+    )
+    if result.status is CommitStatus.NOT_ALLOWED:
+        raise Problem(
+            Code.NOT_HELD,
+            f"reservation {record.id} is {result.state}: only a held order (one the backend "
+            "accepted with on_success: hold) can be confirmed",
+            reservation_id=record.id,
+            state=result.state,
+        )
     if result.status is CommitStatus.GONE:
         raise Problem(
             Code.EXPIRED,

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.campaigns import Campaign
 from gateway.errors import UpstreamError
-from gateway.settle import accepted, give_back, settle_accepted
+from gateway.settle import accepted, give_back, keep_reply, settle_accepted
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
 from limiter.records import State
@@ -176,7 +176,9 @@ class Dispatcher:
         if record is None or record.state is not State.RESERVED:
             return True
         if not await self._take_slot(campaign, rid):
-            return False  # someone else is delivering it right now; look again later
+            # someone else is delivering it right now; look again a little later
+            await asyncio.sleep(random.uniform(*SLOT_WAIT))
+            return False
         try:
             attempts = await campaign.store.count_attempt(rid)
             reply, failure = await self._send(campaign, order)
@@ -188,6 +190,7 @@ class Dispatcher:
             return True
         if reply is not None and reply.status < 500:
             await give_back(self.runtime, campaign, rid, f"upstream answered {reply.status}")
+            await keep_reply(campaign, rid, reply)  # the buyer polls for the backend's reason
             self.results[(campaign.id, "refused")] += 1
             return True
         self.results[(campaign.id, "failed")] += 1

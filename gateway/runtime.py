@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
@@ -22,13 +22,12 @@ from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
 from gateway.sweeper import run_sweeper
 from gateway.upstream import Upstream
-from limiter.batching import TickBatcher
 from limiter.connection import connect
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, processes_key
 from limiter.pipeline import AutoPipeline
-from limiter.records import Attempt, Decision, ReserveStatus, State
+from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 
@@ -128,13 +127,7 @@ class Runtime:
     def build_campaign(self, settings: CampaignSettings) -> Campaign:
         store = campaign_store(self.settings, settings, self.pipe, self.scripts)
         keys = store.keys
-        batcher: TickBatcher[Attempt, Decision] = TickBatcher(
-            self.guard,
-            store.submit_reserve,
-            store.decisions,
-            "reserve",
-            unclaimed=partial(self._release_unclaimed, store),
-        )
+        batcher = reserve_batcher(store, self.actor, self.spawn)
         shaper = Shaper(
             settings,
             self.settings.gateway,
@@ -144,20 +137,6 @@ class Runtime:
             on_sold_out=partial(self.watch.mark_sold_out, settings.id),
         )
         return Campaign(settings, store, batcher, self.upstreams[settings.upstream], shaper)
-
-    def _release_unclaimed(
-        self, store: CampaignStore, attempt: Attempt, decision: Decision
-    ) -> Awaitable[object] | None:
-        """A reservation whose requester went away (or timed out) goes back to stock now."""
-        if decision.status is not ReserveStatus.RESERVED:
-            return None
-        return store.release(
-            attempt.reservation_id,
-            leavable=(State.RESERVED,),
-            target=State.RELEASED,
-            reason="requester went away",
-            actor=self.actor,
-        )
 
     def stores(self) -> Iterable[CampaignStore]:
         return [c.store for c in self.registry.by_id.values()]

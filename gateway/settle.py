@@ -5,6 +5,7 @@ the units and the quota back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -26,14 +27,26 @@ def accepted(status: int) -> bool:
     return 200 <= status < 300
 
 
+def stored_reply(reply: UpstreamReply) -> Reply | None:
+    if len(reply.body) > MAX_STORED_REPLY:
+        return None
+    return Reply(reply.status, reply.content_type, reply.body)
+
+
+async def keep_reply(campaign: Campaign, rid: str, reply: UpstreamReply) -> None:
+    """Keep a refusal's answer on the record (queue mode: the buyer reads it later)."""
+    stored = stored_reply(reply)
+    if stored is not None:
+        with contextlib.suppress(StorageError):
+            await campaign.store.keep_reply(rid, stored)
+
+
 async def settle_accepted(
     runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
 ) -> None:
     """Commit (or hold) a reservation the backend accepted; if Redis fails, keep trying
     in the background (and failing that, the hand-over record lets a sweeper ask again)."""
-    stored = None
-    if len(reply.body) <= MAX_STORED_REPLY:
-        stored = Reply(reply.status, reply.content_type, reply.body)
+    stored = stored_reply(reply)
     try:
         await _commit(runtime, campaign, rid, stored)
     except StorageError as exc:

@@ -46,6 +46,7 @@ async def campaign_stores(
         await pipe.close()
         guard.close()
         await redis.aclose()
+        await redis.connection_pool.disconnect()
 
 
 async def reconcile(

@@ -8,7 +8,9 @@ the fewer round trips per request.
 
 If the deadline passes, every waiter fails (the gateway answers 503), but Redis
 may still decide: ``unclaimed`` then sees each outcome nobody waited for, so that
-what was done can be undone (a reservation goes back to stock at once).
+what was done can be undone (a reservation goes back to stock at once). When no
+outcome ever comes back (the connection broke with the call written), ``unknown``
+gets the items, to find out from Redis later and undo what it did.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TickBatcher(Generic[I, O]):
         what: str,
         *,
         unclaimed: Callable[[I, O], Awaitable[object] | None] | None = None,
+        unknown: Callable[[Sequence[I]], None] | None = None,
         max_batch: int = 128,
         max_inflight: int = 2,
     ) -> None:
@@ -43,6 +46,7 @@ class TickBatcher(Generic[I, O]):
         self._parse = parse
         self.what = what
         self.unclaimed = unclaimed
+        self.unknown = unknown
         self.max_batch = max_batch
         self.max_inflight = max_inflight
         self._pending: list[tuple[I, asyncio.Future[O]]] = []
@@ -95,6 +99,9 @@ class TickBatcher(Generic[I, O]):
 
     def _late(self, items: list[I], reply: asyncio.Future[Any]) -> None:
         if reply.cancelled() or reply.exception() is not None:
+            # Sent, perhaps, but no answer came: only Redis knows whether it acted.
+            if self.unknown is not None:
+                self.unknown(items)
             return
         for item, outcome in zip(items, self._parse(items, reply.result()), strict=True):
             self._unclaimed(item, outcome)
@@ -117,6 +124,6 @@ class TickBatcher(Generic[I, O]):
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Wait for the calls in flight (their outcomes must be settled or undone)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for the calls in flight and for the undoing they start."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -17,6 +17,7 @@ loop was stalled back to every running deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -57,13 +58,14 @@ class StallClock:
         assert self._loop is not None
         now = self._loop.time()
         stall = now - self._expected
+        self._schedule(now)
         if stall > STALL_TOLERANCE:
             self.max_stall = max(self.max_stall, stall)
-            for deadline in self.deadlines:
+            for deadline in list(self.deadlines):
                 when = deadline.when()
-                if when is not None:
-                    deadline.reschedule(when + stall)
-        self._schedule(now)
+                if when is not None and not deadline.expired():
+                    with contextlib.suppress(RuntimeError):  # it fired during the stall
+                        deadline.reschedule(when + stall)
 
     def take_max_stall(self) -> float:
         stall, self.max_stall = self.max_stall, 0.0

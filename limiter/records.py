@@ -30,6 +30,7 @@ class CommitStatus(IntEnum):
     GONE = 2  #: it went back to stock and could not be taken again
     NOT_FOUND = 3  #: no such reservation
     RETAKEN = 4  #: it had gone back to stock; taken again and settled
+    NOT_ALLOWED = 5  #: not from its state (a confirm of an order the backend has not answered)
 
 
 class AdjustStatus(IntEnum):

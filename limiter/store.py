@@ -156,6 +156,19 @@ class CampaignStore:
             what="record the hand-over",
         )
 
+    async def keep_reply(self, reservation_id: str, reply: Reply) -> None:
+        await self.pipe.call(
+            "HSET",
+            self.keys.reservation(reservation_id),
+            "reply_status",
+            reply.status,
+            "reply_type",
+            reply.content_type,
+            "reply_body",
+            reply.body,
+            what="keep the reply",
+        )
+
     async def count_attempt(self, reservation_id: str) -> int:
         reply = await self.pipe.call(
             "HINCRBY", self.keys.reservation(reservation_id), "attempts", 1, what="count attempt"
@@ -171,6 +184,7 @@ class CampaignStore:
         retake: bool = False,
         reply: Reply | None = None,
         actor: str = "gateway",
+        leavable: State = State.RESERVED,
     ) -> Transition:
         """Settle a reservation (commit, hold or confirm); see commit.lua for the statuses."""
         k = self.keys
@@ -189,6 +203,7 @@ class CampaignStore:
             actor,
             self.policy.ledger_max_length,
             k.events,
+            leavable.value,
         ]
         keys = [k.state, k.users, k.ledger, k.deadlines, k.reservation(reservation_id)]
         result = await self.pipe.script(self.scripts.commit, keys, args, "commit")

@@ -2,11 +2,13 @@
 -- counters and its users' quotas; with "repair", make them agree. One atomic pass,
 -- so no purchase slips in between the count and the repair.
 --
--- Which side wins: the reservation records. Each was written in the same atomic
--- step as the counter change it accounts for, one order each, so they are the
--- finer truth. stock_total stays (it is the stock the operators stated: the
--- initial stock plus every adjustment, each in the ledger); available becomes
--- stock_total - reserved - sold.
+-- Which side wins: for reserved, sold and the quotas, the reservation records. Each
+-- was written in the same atomic step as the counter change it accounts for, one
+-- order each, so they are the finer truth. For stock_total, the ledger: it is the
+-- stock the operators stated (the initial stock plus every adjustment), and every
+-- legitimate change writes its "after" figures there in the same atomic step, so
+-- the last entry holds the total as it should be (without a ledger it is kept).
+-- available becomes stock_total - reserved - sold.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] index zset   KEYS[4] ledger stream
 -- KEYS[4 + i] the record of reservation i (every reservation in the index)
@@ -91,7 +93,8 @@ local counters = figures_text(figures)
 if repair then
   local before = copy_figures(figures)
   figures.reserved, figures.sold = reserved, sold
-  figures.total = math.max(figures.total, reserved + sold)
+  local ledger_total = tonumber(string.match(ledger_after, '^[-%d]+/[-%d]+/[-%d]+/([-%d]+)$'))
+  figures.total = math.max(ledger_total or figures.total, reserved + sold)
   figures.available = figures.total - reserved - sold
   write_figures(state_key, figures)
   redis.call('DEL', users_key)

@@ -13,16 +13,17 @@
 -- ARGV[3] hold time, ms (held only)   ARGV[4] "retake" or ""   ARGV[5] per-user limit
 -- ARGV[6] reply status ("" for none)   ARGV[7] reply content type   ARGV[8] reply body
 -- ARGV[9] actor   ARGV[10] ledger max length (0: no cap)   ARGV[11] events channel
+-- ARGV[12] states it may leave: "reserved" (the backend's answer) or "held" (confirm)
 -- returns {status, state}
 --   0 done (state now)   1 already there or beyond (its state)   2 gone (its state)
---   3 no such reservation   4 taken again and done (state now)
+--   3 no such reservation   4 taken again and done (state now)   5 not from its state
 
 local state_key, users_key, ledger_key, deadlines_key, record_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
 local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
-local actor, ledger_max, channel = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+local actor, ledger_max, channel, leavable = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty')
 local state, user, qty = record[1], record[2], tonumber(record[3])
@@ -31,6 +32,10 @@ if not state then
 end
 if state == 'committed' or (state == 'held' and target == 'held') then
   return {1, state}
+end
+local gone = state == 'released' or state == 'expired' or state == 'cancelled'
+if not gone and not listed(leavable, state) then
+  return {5, state}
 end
 
 local figures = read_figures(state_key)
@@ -41,7 +46,7 @@ local before = copy_figures(figures)
 local now = now_ms()
 local status, op = 0, target == 'held' and 'hold' or 'commit'
 
-if state == 'released' or state == 'expired' or state == 'cancelled' then
+if gone then
   local held = tonumber(redis.call('HGET', users_key, user) or '0')
   if not retake or figures.available < qty or held + qty > user_limit then
     append_ledger(ledger_key, ledger_max, 'commit-conflict', rid, user, qty, actor, before, figures)

@@ -7,6 +7,9 @@
 
 local state_key, ledger_key = KEYS[1], KEYS[2]
 local stock, actor, ledger_max = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+if not stock or stock < 0 or stock ~= math.floor(stock) then
+  return redis.error_reply('init_campaign: stock must be an integer >= 0')
+end
 
 local figures = read_figures(state_key)
 if figures then

@@ -14,7 +14,7 @@
 -- ARGV[6 + 5 * (i - 1) ...] attempt i: reservation id, user id, quantity,
 --   idempotency field ("" for none), order payload (queue mode, else "")
 -- returns 3 values per attempt: status, reservation id, a figure
---   0 reserved (figure: available after)     1 duplicate (id of the live reservation)
+--   0 reserved (figure: available after)     1 duplicate (id of the earlier reservation)
 --   2 sold out                              3 insufficient stock (figure: available)
 --   4 limit exceeded (figure: units held)   5 no such campaign
 
@@ -48,7 +48,7 @@ end
 
 local now = now_ms()
 local available_at_start = figures.available
-local winners = 0
+local winners, repeats = 0, 0
 
 local function reserve(record_key, rid, user, qty, idem, payload)
   local before = copy_figures(figures)
@@ -74,8 +74,10 @@ local function reserve(record_key, rid, user, qty, idem, payload)
 end
 
 local function decide(record_key, rid, user, qty, idem, payload)
-  if redis.call('EXISTS', record_key) == 1 then
-    return 0, rid, figures.available -- the same call again, after a lost reply
+  local earlier_state = redis.call('HGET', record_key, 'state')
+  if earlier_state then -- the same call again, after a lost reply
+    repeats = repeats + 1
+    return earlier_state == 'reserved' and 0 or 1, rid, figures.available
   end
   if idem ~= '' then
     local earlier = redis.call('HGET', idem_key, idem)
@@ -113,5 +115,5 @@ if figures.available ~= available_at_start then
   announce(channel, available_at_start, figures.available)
 end
 -- requests that reached the deduction stage, for the admission budget's accounts
-redis.call('HINCRBY', state_key, 'decided', count)
+redis.call('HINCRBY', state_key, 'decided', count - repeats)
 return out

@@ -159,10 +159,12 @@ async def check_invariant(redis: Redis, campaign_id: str, per_user_limit: int) -
     held_by_state = {"reserved": 0, "held": 0, "committed": 0}
     held_by_user: dict[str, int] = {}
     async for key in redis.scan_iter(match=f"{base}:r:*", count=1000):
-        record = as_text(await redis.hgetall(key))
-        if record["state"] in held_by_state:
-            held_by_state[record["state"]] += int(record["qty"])
-            held_by_user[record["user"]] = held_by_user.get(record["user"], 0) + int(record["qty"])
+        # only these fields: a stored backend reply may be binary
+        fields = await redis.hmget(key, "state", "user", "qty")
+        status, user, qty = (text(v or b"") for v in fields)
+        if status in held_by_state:
+            held_by_state[status] += int(qty)
+            held_by_user[user] = held_by_user.get(user, 0) + int(qty)
     assert held_by_state["reserved"] + held_by_state["held"] == state["reserved"], (
         held_by_state,
         state,

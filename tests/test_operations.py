@@ -376,6 +376,7 @@ async def test_reload_applies_changes_and_never_resets_stock(
 )
 async def test_a_refused_reload_keeps_the_running_config(
     settings_data: dict[str, Any],
+    redis: Redis,
     redis_server: EmbeddedRedis,
     tmp_path: Path,
     change: Any,

@@ -1,0 +1,84 @@
+"""The reserve batcher, with its undo: a reservation whose requester did not hear
+about it (went away, timed out, or the answer was lost) goes back to stock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from limiter.batching import TickBatcher
+from limiter.records import Attempt, Decision, ReserveStatus, State
+from limiter.store import CampaignStore
+
+log = logging.getLogger(__name__)
+
+#: How long to keep trying to undo reservations whose outcome never came back.
+UNDO_PATIENCE = 600.0
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+
+
+def reserve_batcher(
+    store: CampaignStore, actor: str, spawn: Spawn
+) -> TickBatcher[Attempt, Decision]:
+    """reserve.lua calls of one event-loop tick; ``spawn`` runs the undoing."""
+
+    def unclaimed(attempt: Attempt, decision: Decision) -> Awaitable[object] | None:
+        if decision.status is not ReserveStatus.RESERVED:
+            return None
+        return store.release(
+            attempt.reservation_id,
+            leavable=(State.RESERVED,),
+            target=State.RELEASED,
+            reason="requester went away",
+            actor=actor,
+        )
+
+    def unknown(attempts: Sequence[Attempt]) -> None:
+        # The requesters got 503; in queue mode this keeps an order its buyer was told
+        # failed from being delivered.
+        spawn(undo(store, list(attempts), actor))
+
+    return TickBatcher(
+        store.pipe.guard,
+        store.submit_reserve,
+        store.decisions,
+        "reserve",
+        unclaimed=unclaimed,
+        unknown=unknown,
+    )
+
+
+async def undo(store: CampaignStore, attempts: list[Attempt], actor: str) -> None:
+    """Once Redis answers again, release whatever these attempts reserved (a release of a
+    reservation that was never made changes nothing)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + UNDO_PATIENCE
+    delay = 0.1
+    while attempts:
+        results = await asyncio.gather(
+            *(
+                store.release(
+                    a.reservation_id,
+                    leavable=(State.RESERVED,),
+                    target=State.RELEASED,
+                    reason="its requester never learnt the outcome",
+                    actor=actor,
+                )
+                for a in attempts
+            ),
+            return_exceptions=True,
+        )
+        attempts = [a for a, r in zip(attempts, results, strict=True) if isinstance(r, Exception)]
+        if attempts and loop.time() > give_up:
+            log.error(
+                "could not undo %d reservation(s) of %s; their deadline or reconcile will",
+                len(attempts),
+                store.campaign_id,
+            )
+            return
+        if attempts:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

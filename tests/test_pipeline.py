@@ -1,0 +1,178 @@
+"""RedisGuard's stall-compensated deadline, AutoPipeline errors and the reserve
+batcher's clean-up, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+import limiter.guard
+from gateway.embedded_redis import EmbeddedRedis
+from limiter.errors import StorageError
+from limiter.guard import RedisGuard
+from limiter.keys import CampaignKeys, new_reservation_id
+from limiter.pipeline import AutoPipeline
+from limiter.records import Attempt, Figures, ReserveStatus
+from limiter.reserving import reserve_batcher
+from limiter.scripts import Scripts
+from limiter.store import CampaignStore, StorePolicy
+from tests.helpers import as_text, check_invariant, wait_for
+
+pytestmark = pytest.mark.integration
+
+CAMPAIGN = "c1"
+
+
+def block_loop(seconds: float) -> None:
+    """Keep the event loop busy, as a burst of CPU work under a flash crowd does."""
+    time.sleep(seconds)
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, deadline: float) -> AsyncIterator[CampaignStore]:
+    """A store built as gateway/runtime.py builds one, with a ``deadline`` s guard."""
+    client = Redis.from_url(url)
+    guard = RedisGuard(deadline)
+    pipe = AutoPipeline(client, guard)
+    policy = StorePolicy(per_user_limit=2, reserve_deadline_ms=0, ledger_max_length=1000)
+    scripts = Scripts.register(client)
+    try:
+        await scripts.load(client)  # as Runtime.prepare() does
+        yield CampaignStore(pipe, scripts, CampaignKeys(CAMPAIGN), policy)
+    finally:
+        await pipe.close()
+        guard.close()
+        await client.aclose()
+
+
+async def state_of(redis: Redis, store: CampaignStore, reservation_id: str) -> str | None:
+    return as_text(await redis.hgetall(store.keys.reservation(reservation_id))).get("state")
+
+
+async def test_a_reply_delayed_by_an_event_loop_stall_is_not_a_timeout(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    async with opened(redis_server.url, 0.5) as store:
+        await store.init(10)  # connection warm, stall clock ticking
+        call = asyncio.create_task(store.reserve([Attempt(new_reservation_id(CAMPAIGN), "a", 1)]))
+        await asyncio.sleep(0)  # its 0.5 s deadline is running
+        block_loop(1.2)
+        (decision,) = await call
+        assert decision.status is ReserveStatus.RESERVED
+        assert store.pipe.guard.stalls.take_max_stall() >= 0.5
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_refused_and_unknown_commands_are_storage_errors(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    async with opened(redis_server.url, 1.0) as store:
+        with pytest.raises(StorageError, match="redis refused"):
+            await store.pipe.call("NO-SUCH-COMMAND", what="nonsense")
+        assert await store.pipe.call("PING", what="ping") is True  # the pipeline goes on
+
+
+async def test_the_guard_wraps_redis_and_os_errors(redis: Redis) -> None:
+    guard = RedisGuard(1.0)
+
+    async def refused() -> None:
+        raise ConnectionRefusedError("nobody home")
+
+    try:
+        with pytest.raises(StorageError, match="redis failed refusing: nobody home"):
+            await guard.run(refused, "refusing")
+        guard.timeout = 0.05
+        with pytest.raises(StorageError, match=r"did not answer sleeping within 0\.05s"):
+            await guard.run(lambda: asyncio.sleep(5), "sleeping")
+    finally:
+        guard.close()
+
+
+async def test_the_stall_clock_survives_a_deadline_that_fired_during_a_stall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A slow tick makes the order certain: the deadline (0.05 s) falls due before the
+    # first tick (0.2 s), so after the stall the deadline fires first, then the tick runs.
+    monkeypatch.setattr(limiter.guard, "STALL_TICK", 0.2)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    guard = RedisGuard(0.05)
+    try:
+        first = asyncio.create_task(guard.run(lambda: asyncio.sleep(5), "first"))
+        await asyncio.sleep(0)
+        block_loop(0.3)
+        with pytest.raises(StorageError):
+            await first  # a real timeout: it never answered
+        guard.timeout = 0.5
+        second = asyncio.create_task(guard.run(lambda: asyncio.sleep(0.05), "second"))
+        await asyncio.sleep(0)
+        block_loop(1.0)
+        await second  # answered in 0.05 s of loop time: the 1 s stall must be added back
+        assert errors == []
+    finally:
+        guard.close()
+        loop.set_exception_handler(None)
+
+
+async def test_close_waits_for_the_release_of_unclaimed_winners(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    async with opened(redis_server.url, 1.0) as store:
+        await store.init(10)
+        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+        one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1)
+        waiter = asyncio.create_task(batcher.submit(one))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.sleep(0)  # the batch's call is under way
+        try:
+            await batcher.close()
+            assert await state_of(redis, store, one.reservation_id) == "released"
+        finally:
+
+            async def released() -> bool:
+                return await state_of(redis, store, one.reservation_id) == "released"
+
+            await wait_for(released)
+            await batcher.close()
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_a_reserve_redis_decides_after_the_gateway_gave_up_is_released(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    process = redis_server.process
+    assert process is not None
+    async with opened(redis_server.url, 0.5) as store:
+        await store.init(10)
+        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+        one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StorageError):
+                await batcher.submit(one)
+            await asyncio.sleep(0.3)  # the pipeline gives up too
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+        async def decided() -> bool:
+            return await state_of(redis, store, one.reservation_id) is not None
+
+        await wait_for(decided)  # Redis ran the reserve once it woke up
+        try:
+
+            async def released() -> bool:
+                return await state_of(redis, store, one.reservation_id) == "released"
+
+            await wait_for(released, within=2.0)
+            assert await store.figures() == Figures(10, 0, 0, 10)
+        finally:
+            await batcher.close()
