@@ -144,6 +144,10 @@ class RedisSettings:
     timeout: float = spec(0.25, parse=duration)
     max_connections: int = spec(16, min=1, max=10_000)
     key_prefix: str = spec("fg", pattern=r"[A-Za-z0-9_.-]{1,32}")
+    #: Before a decision counts, this many replicas must have its writes (WAIT): a
+    #: failover then cannot lose a sale that a backend was told about. 0: do not wait.
+    wait_for_replicas: int = spec(0, min=0, max=10)
+    replica_timeout: float = spec(0.1, parse=duration)
 
     @property
     def embedded(self) -> bool:
@@ -397,6 +401,10 @@ def _check_relations(s: Settings, problems: Problems) -> None:
         problems.add("admin.port", "must differ from gateway.port on the same host")
     if s.identity.jwt is not None:
         _check_jwt(s.identity.jwt, problems)
+    if s.redis.wait_for_replicas and s.redis.replica_timeout >= s.redis.timeout:
+        problems.add(
+            "redis.replica_timeout", f"must be shorter than redis.timeout ({s.redis.timeout:g}s)"
+        )
 
 
 #: RFC 7518 3.2: an HMAC key at least as long as the hash.

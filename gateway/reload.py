@@ -45,6 +45,7 @@ def restart_only(old: Settings, new: Settings) -> list[tuple[str, str]]:
         "redis.url": (old.redis.url, new.redis.url),
         "redis.key_prefix": (old.redis.key_prefix, new.redis.key_prefix),
         "redis.max_connections": (old.redis.max_connections, new.redis.max_connections),
+        "redis.wait_for_replicas": (old.redis.wait_for_replicas, new.redis.wait_for_replicas),
         "gateway.host": (old.gateway.host, new.gateway.host),
         "gateway.port": (old.gateway.port, new.gateway.port),
         "admin": (old.admin is None, new.admin is None),

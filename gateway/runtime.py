@@ -83,7 +83,12 @@ class Runtime:
             self.dispatcher = Dispatcher(self, blocking)
         self.scripts = Scripts.register(self.redis)
         self.guard = RedisGuard(settings.redis.timeout)
-        self.pipe = AutoPipeline(self.redis, self.guard)
+        self.pipe = AutoPipeline(
+            self.redis,
+            self.guard,
+            replicas=settings.redis.wait_for_replicas,
+            replica_timeout_ms=round(settings.redis.replica_timeout * 1000),
+        )
         self.watch = StockWatch(self.redis, self.pipe)
         self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
         self.identity: Identity = identity_for(settings.identity)

@@ -28,6 +28,12 @@ from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 
 EncodableArg = str | bytes | int | float
+
+
+class NotReplicated(RedisError):
+    """The writes reached the primary but not enough replicas in time."""
+
+
 #: Round-trip timings kept between two metrics flushes at most.
 MAX_TIMINGS = 10_000
 
@@ -42,10 +48,21 @@ class _Queued:
 
 class AutoPipeline:
     def __init__(
-        self, redis: Redis, guard: RedisGuard, *, max_inflight: int = 4, max_commands: int = 512
+        self,
+        redis: Redis,
+        guard: RedisGuard,
+        *,
+        max_inflight: int = 4,
+        max_commands: int = 512,
+        replicas: int = 0,
+        replica_timeout_ms: int = 100,
     ) -> None:
         self.redis = redis
         self.guard = guard
+        #: With replicas > 0 every pipeline ends with WAIT: a pipeline whose writes did not
+        #: reach that many replicas in time fails as a whole (see docs: Redis failover).
+        self.replicas = replicas
+        self.replica_timeout_ms = replica_timeout_ms
         self.max_inflight = max_inflight
         self.max_commands = max_commands
         self._queue: list[_Queued] = []
@@ -124,7 +141,17 @@ class AutoPipeline:
         async with self.redis.pipeline(transaction=False) as pipe:
             for queued in batch:
                 pipe.execute_command(*queued.args)
-            return await pipe.execute(raise_on_error=False)
+            if not self.replicas:
+                return await pipe.execute(raise_on_error=False)
+            # WAIT covers the writes made on this connection: the whole pipeline.
+            pipe.execute_command("WAIT", self.replicas, self.replica_timeout_ms)
+            *replies, acknowledged = await pipe.execute(raise_on_error=False)
+        if isinstance(acknowledged, Exception) or int(acknowledged) < self.replicas:
+            raise NotReplicated(
+                f"only {acknowledged} of {self.replicas} replica(s) acknowledged within "
+                f"{self.replica_timeout_ms} ms: a failover could lose these writes"
+            )
+        return replies
 
     async def _deliver(self, queued: _Queued, reply: Any) -> None:
         if queued.future.done():
