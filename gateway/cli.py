@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from gateway.config import Settings, load_settings
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -60,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=_positive_int,
-        default=os.cpu_count() or 1,
-        help="processes serving the same ports (default: the CPU count)",
+        default=None,
+        help="processes serving the same ports (default: $FLASHGATE_WORKERS, else the CPUs "
+        "this process may use, container quota included)",
     )
     run.add_argument(
         "--no-dispatch",
@@ -136,6 +139,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers > 1 and 0 in (
         settings.gateway.port,
         settings.admin.port if settings.admin else 1,
@@ -221,6 +226,22 @@ def serve_forever(
             settings, redis_url, reuse_port=reuse_port, dispatch=dispatch, config_path=config_path
         )
     )
+
+
+def default_workers() -> int:
+    """$FLASHGATE_WORKERS, else the CPUs this process may run on, capped by a cgroup (v2)
+    CPU quota: a container limited to 2 CPUs on a 64-core host gets 2 workers."""
+    given = os.environ.get("FLASHGATE_WORKERS")
+    if given:
+        return _positive_int(given)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus or 1, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus or 1)
 
 
 def _positive_int(value: str) -> int:

@@ -24,16 +24,18 @@ def health_handlers(runtime: Runtime) -> dict[str, Handler]:
         """Readiness: Redis answering, scripts loaded, every campaign's counters present.
 
         A refused reload does not make the gateway unready (the previous configuration
-        keeps running) but is reported."""
+        keeps running) but is reported. From SIGTERM on it says "draining", so a load
+        balancer stops sending new buyers while requests in flight finish."""
         waiting = sorted(runtime.registry.by_id.keys() - runtime.initialised)
         silent = time.monotonic() - runtime.watch.last_success
         redis_ok = not runtime.guard.breaker.is_open and silent < REDIS_SILENCE
+        ready = redis_ok and not waiting and not runtime.draining
         document: dict[str, object] = {
-            "status": "ready" if redis_ok and not waiting else "not ready",
+            "status": "draining" if runtime.draining else "ready" if ready else "not ready",
             "redis": "ok" if redis_ok else "unreachable",
             "campaigns_waiting": waiting,
             "last_reload_error": runtime.reload_error,
         }
-        return web.json_response(document, status=200 if document["status"] == "ready" else 503)
+        return web.json_response(document, status=200 if ready else 503)
 
     return {"/healthz": healthz, "/readyz": readyz}

@@ -16,6 +16,7 @@ import os
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -33,6 +34,11 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
+
+try:
+    VERSION = metadata.version("flashgate")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "unknown"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -85,6 +91,10 @@ CIRCUIT_OPEN = Gauge(
     "1 while the Redis circuit breaker of a process is open.",
     multiprocess_mode="max",
 )
+CIRCUIT_OPENINGS = Counter(
+    "flashgate_redis_circuit_openings_total",
+    "Times the Redis circuit breaker of a process opened.",
+)
 LOOP_STALL_SECONDS = Gauge(
     "flashgate_event_loop_stall_seconds",
     "Longest event-loop stall in the last second (the process was too busy to run).",
@@ -126,8 +136,20 @@ class RedisFigures(Collector):
     def __init__(self) -> None:
         self.campaigns: Sequence[CampaignFigures] = ()
         self.processes: int | None = None
+        #: Whether Redis answered for this scrape (without it the figures are missing).
+        self.read = False
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "flashgate_redis_figures_up",
+            "1 when this scrape read the campaigns' figures from Redis (alerts on them "
+            "go stale, not quiet, while it is 0).",
+        )
+        up.add_metric([], 1 if self.read else 0)
+        yield up
+        info = GaugeMetricFamily("flashgate_build", "The running flashgate.", labels=["version"])
+        info.add_metric([VERSION], 1)
+        yield info
         units = GaugeMetricFamily(
             "flashgate_stock_units", "Units by bucket, from Redis.", labels=["campaign", "state"]
         )
@@ -218,6 +240,7 @@ class Publisher:
         if rt.dispatcher is not None:
             for (campaign_id, result), count in list(rt.dispatcher.results.items()):
                 self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
+        self._add(CIRCUIT_OPENINGS, ("openings",), rt.guard.breaker.openings)
         timings, rt.pipe.timings = rt.pipe.timings, []
         for seconds in timings:
             REDIS_SECONDS.observe(seconds)
@@ -256,3 +279,4 @@ async def read_redis_figures(runtime: Runtime, figures: RedisFigures) -> None:
         read.append(CampaignFigures(campaign.id, counters, by_state, int(queued), int(dead)))
     figures.campaigns = read
     figures.processes = runtime.processes
+    figures.read = True

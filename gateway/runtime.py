@@ -102,6 +102,8 @@ class Runtime:
         #: Why the last reload was refused (None after a good one), and when one last worked.
         self.reload_error: str | None = None
         self.reloaded_at: float | None = None
+        #: Set on SIGTERM: readiness fails while requests in flight finish.
+        self.draining = False
         #: Campaigns whose counters are known to exist in Redis.
         self.initialised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()

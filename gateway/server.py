@@ -50,6 +50,7 @@ async def serve(
             )
         log.info("ready: %s", ", ".join(_addresses(runners)))
         await stop.wait()
+        runtime.draining = True
         log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
         for runner in runners:
             await runner.cleanup()

@@ -79,7 +79,7 @@ class StallClock:
 
 class CircuitBreaker:
     def __init__(
-        self, threshold: int = 5, cooldown: float = 0.5, max_cooldown: float = 5.0
+        self, threshold: int = 5, cooldown: float = 0.25, max_cooldown: float = 2.0
     ) -> None:
         self.threshold = threshold
         self.first_cooldown = cooldown
