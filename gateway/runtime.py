@@ -261,7 +261,8 @@ class Runtime:
             for task in late:
                 log.warning("stopping: cancelling %s after %gs", task.get_coro(), grace)
                 task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # a task that ignores its cancellation must not hang the exit
+            await asyncio.wait(list(self._tasks), timeout=1.0)
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.pipe.close()
