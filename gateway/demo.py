@@ -18,11 +18,11 @@ import yaml
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.bench.backend import StubBackend, serve_backend
+from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
 from gateway.config import parse_settings
 from gateway.embedded_redis import EmbeddedRedis
-from gateway.loadgen import Crowd, Tally, percentile, run_crowd
 from gateway.runtime import Runtime
-from gateway.stub_backend import StubBackend, serve_backend
 from gateway.terminal import Progress, table
 
 CAMPAIGN = "demo-phone"
@@ -75,7 +75,9 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
                 port = runner.addresses[0][1]
                 crowd = Crowd(
-                    url=f"http://127.0.0.1:{port}/seckill/{CAMPAIGN}",
+                    host="127.0.0.1",
+                    port=port,
+                    path=f"/seckill/{CAMPAIGN}",
                     buyers=args.buyers,
                     requests=args.requests,
                     concurrency=args.concurrency,
@@ -106,6 +108,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _config(args: argparse.Namespace, backend_url: str) -> dict[str, Any]:
     return {
         "gateway": {"host": "127.0.0.1", "port": 0},
+        "access_log": {"enabled": False},  # the report is what the demo shows
         "upstreams": {"shop": {"url": backend_url, "timeout": 2.0}},
         "campaigns": [
             {
