@@ -23,7 +23,7 @@ class Order(NamedTuple):
     body: bytes
 
 
-def idempotency_key(request: web.Request) -> str:
+def idempotency_key(request: web.BaseRequest) -> str:
     """The Idempotency-Key header ("" when absent), or a 400."""
     values = request.headers.getall(IDEMPOTENCY_HEADER, [])
     if not values:
@@ -36,7 +36,7 @@ def idempotency_key(request: web.Request) -> str:
     return values[0]
 
 
-async def read_order(request: web.Request, max_quantity: int, max_body: int) -> Order:
+async def read_order(request: web.BaseRequest, max_quantity: int, max_body: int) -> Order:
     """The body, read within the size limit, and the quantity it asks for (default 1)."""
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from gateway.bench.harness import SCENARIOS
 from gateway.config import Settings, load_settings
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from gateway.errors import ConfigError
@@ -100,6 +101,37 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", required=True, help="YAML config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(command=cmd_status)
+
+    bench = commands.add_parser(
+        "bench", help="flash sales on this machine: flashgate vs the naive design, as ratios"
+    )
+    bench.add_argument(
+        "--requests",
+        type=_positive_int,
+        default=20_000,
+        help="requests of the oversubscribed sale (default 20000)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=3.0, help="length of each timed run (default 3)"
+    )
+    bench.add_argument(
+        "--concurrency", type=_positive_int, default=256, help="connections (default 256)"
+    )
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only these (repeatable; default: all)",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="runs of each comparison, alternating its systems (default 3)",
+    )
+    bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
+    bench.add_argument("--json", action="store_true", help="machine-readable report")
+    bench.set_defaults(command=cmd_bench)
 
     demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
     from gateway.demo import add_arguments
@@ -249,6 +281,30 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench.harness import Options, bench, bench_url
+    from gateway.bench.report import render
+
+    options = Options(
+        requests=args.requests,
+        seconds=args.seconds,
+        concurrency=args.concurrency,
+        rounds=args.rounds,
+        scenarios=tuple(args.scenario or SCENARIOS),
+        progress=not args.json,
+    )
+    _install_uvloop()
+    report = asyncio.run(bench_url(args.url, options) if args.url else bench(options))
+    print(json.dumps(report) if args.json else render(report))
+    correct = all(
+        run["verdict"]["correct"]
+        for runs in report["runs"].values()
+        for run in runs.values()
+        if run.get("verdict")
+    )
+    return OK if correct else FAILED
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def _trusted(address: str, networks: Networks) -> bool:
     return any(parsed in network for network in networks)
 
 
-def client_ip(request: web.Request, trusted: Networks) -> str:
+def client_ip(request: web.BaseRequest, trusted: Networks) -> str:
     peer = request.remote or ""
     if not trusted or not _trusted(peer, trusted):
         return peer
@@ -44,7 +44,7 @@ def client_ip(request: web.Request, trusted: Networks) -> str:
     return client
 
 
-def forwarded_for(request: web.Request, trusted: Networks) -> str:
+def forwarded_for(request: web.BaseRequest, trusted: Networks) -> str:
     """The X-Forwarded-For to send upstream: the trusted chain plus the peer."""
     peer = request.remote or ""
     previous = ", ".join(request.headers.getall("X-Forwarded-For", []))

@@ -293,8 +293,8 @@ class CampaignSettings:
     max_quantity: int = spec(1, min=1, max=10**9)
     #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
     forward: Literal["sync", "queue"] = "sync"
-    #: A reservation not handed to the backend this long after it was made goes back to
-    #: stock; one handed over but never answered (its gateway died) is delivered again.
+    #: A sync reservation still unsettled this long after it was made (its gateway died,
+    #: or lost Redis, before the backend's answer) is delivered again from its kept order.
     forward_deadline: float = spec(30.0, parse=duration)
     #: commit: the backend's 2xx is the sale; hold: it reserves until confirmed (paid).
     on_success: Literal["commit", "hold"] = "commit"

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import create_server
 from gateway.bench.backend import StubBackend, serve_backend
 from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
 from gateway.config import parse_settings
@@ -70,7 +70,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         async with serve_backend(backend) as backend_url:
             settings = parse_settings(yaml.safe_dump(_config(args, backend_url)), "<demo>")
             async with Runtime.open(settings, redis.url) as runtime:
-                runner = web.AppRunner(create_app(runtime), access_log=None)
+                runner = web.ServerRunner(create_server(runtime))
                 await runner.setup()
                 await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
                 port = runner.addresses[0][1]

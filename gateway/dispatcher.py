@@ -10,7 +10,7 @@ hold, 4xx release); failures are retried with doubling backoff, and after
 dead dispatcher had taken are claimed by the others (XAUTOCLAIM) once idle for
 longer than any live dispatcher would hold one.
 
-Sync campaigns use the same path for hand-overs whose gateway died before the
+Sync campaigns use the same path for reservations whose gateway died before the
 backend's answer: the sweeper queues them here instead of releasing them.
 
 Delivery is at least once: the backend must treat X-Reservation-Id as its

@@ -12,15 +12,15 @@ from gateway.runtime import Runtime
 #: Readiness fails when Redis has not answered the counters poll for this long.
 REDIS_SILENCE = 2.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def health_handlers(runtime: Runtime) -> dict[str, Handler]:
-    async def healthz(request: web.Request) -> web.Response:
+    async def healthz(request: web.BaseRequest) -> web.Response:
         """Liveness: the process answers."""
         return web.json_response({"status": "ok"})
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(request: web.BaseRequest) -> web.Response:
         """Readiness: Redis answering, scripts loaded, every campaign's counters present.
 
         A refused reload does not make the gateway unready (the previous configuration

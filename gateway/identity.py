@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.config import IdentitySettings, JwtSettings
 from gateway.problems import Code, Problem
 
-Identity = Callable[[web.Request], str]
+Identity = Callable[[web.BaseRequest], str]
 
 _USER_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
@@ -46,7 +46,7 @@ class HeaderIdentity:
     def __init__(self, header: str) -> None:
         self.header = header
 
-    def __call__(self, request: web.Request) -> str:
+    def __call__(self, request: web.BaseRequest) -> str:
         value = request.headers.get(self.header, "").strip()
         if not value:
             raise Problem(Code.UNAUTHENTICATED, f"the {self.header} header is missing or empty")
@@ -67,7 +67,7 @@ class JwtIdentity:
         #: token -> (user, expiry as a unix time)
         self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def __call__(self, request: web.Request) -> str:
+    def __call__(self, request: web.BaseRequest) -> str:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

@@ -2,10 +2,10 @@
 
 Order matters: the cheapest refusals come first (window, local sold-out flag),
 then the buyer's input (no Redis), the edge limits, one atomic decision in Redis,
-and the backend. In sync mode a winner's request is recorded (the hand-over)
-and forwarded at once; a reservation the backend did not accept goes back to
-stock before the buyer hears about it. In queue mode the order goes into a Redis
-stream in the same atomic step as the deduction, and the buyer gets 202.
+and the backend. The order for the backend travels with the decision: in sync
+mode Redis keeps it on the winner's record and the gateway forwards it at once (a
+reservation the backend did not accept goes back to stock before the buyer hears
+about it); in queue mode Redis appends it to a stream and the buyer gets 202.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Answer(NamedTuple):
     local: bool = False
 
 
-async def purchase(runtime: Runtime, campaign: Campaign, request: web.Request) -> Answer:
+async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseRequest) -> Answer:
     outside = campaign.shaper.window()
     if outside is not None:
         return Answer(outside.code.value, outside.response(), local=True)
@@ -72,17 +72,14 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.Request) -
         order = await read_order(request, campaign.settings.max_quantity, runtime.max_body)
         await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
-        # The order itself is built for the queue before the decision; a sync winner
-        # builds it after (losers never pay for copying headers).
-        payload = b""
-        if campaign.settings.forward == "queue":
-            payload = _outbound(runtime, campaign, request, rid, user, order).encode()
+        # The order goes to Redis with the decision: a winner's is kept (sync mode) or
+        # queued (queue mode) in the same atomic step, so no crash can lose it.
+        outbound = _outbound(runtime, campaign, request, rid, user, order)
         field = idempotency_field(user, key) if key else ""
-        attempt = Attempt(rid, user, order.quantity, field, payload)
+        attempt = Attempt(rid, user, order.quantity, field, outbound.encode())
         decision = await campaign.batcher.submit(attempt)
         DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
-        if decision.status is ReserveStatus.RESERVED and not payload:
-            outbound = _outbound(runtime, campaign, request, rid, user, order)
+        if decision.status is ReserveStatus.RESERVED and campaign.settings.forward == "sync":
             code, response = await _forward(runtime, campaign, rid, outbound)
         else:
             code, response = await _outcome(runtime, campaign, attempt, decision)
@@ -100,7 +97,12 @@ def _unavailable(detail: str) -> Decided:
 
 
 def _outbound(
-    runtime: Runtime, campaign: Campaign, request: web.Request, rid: str, user: str, order: Order
+    runtime: Runtime,
+    campaign: Campaign,
+    request: web.BaseRequest,
+    rid: str,
+    user: str,
+    order: Order,
 ) -> OutboundRequest:
     extra = {
         RESERVATION_HEADER: rid,
@@ -163,11 +165,6 @@ def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
 async def _forward(
     runtime: Runtime, campaign: Campaign, rid: str, outbound: OutboundRequest
 ) -> Decided:
-    try:
-        await campaign.store.hand_over(rid, outbound.encode())
-    except StorageError:
-        await give_back(runtime, campaign, rid, "hand-over not recorded")
-        raise
     try:
         reply = await campaign.upstream.send(outbound)
     except UpstreamError as exc:

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
 from gateway.admin import create_admin_app
-from gateway.app import create_app
+from gateway.app import create_server
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.reload import reload_file
@@ -38,15 +39,13 @@ async def serve(
         settings, redis_url, dispatch=dispatch, config_path=config_path
     ) as runtime:
         _reload_on_sighup(runtime)
-        runners = [
-            await _start(
-                create_app(runtime), settings.gateway.host, settings.gateway.port, reuse_port
-            )
-        ]
+        edge = web.ServerRunner(create_server(runtime), **RUNNER)
+        runners = [await _start(edge, settings.gateway.host, settings.gateway.port, reuse_port)]
         if settings.admin is not None:
             admin = create_admin_app(runtime, metrics_need_token=settings.admin.metrics_need_token)
+            admin_runner = web.AppRunner(admin, access_log=None, **RUNNER)
             runners.append(
-                await _start(admin, settings.admin.host, settings.admin.port, reuse_port)
+                await _start(admin_runner, settings.admin.host, settings.admin.port, reuse_port)
             )
         log.info("ready: %s", ", ".join(_addresses(runners)))
         await stop.wait()
@@ -83,15 +82,16 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _start(app: web.Application, host: str, port: int, reuse_port: bool) -> web.AppRunner:
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
-    )
+#: How the runners of both ports stop: drain, and leave signals to us.
+RUNNER: dict[str, Any] = {"handle_signals": False, "shutdown_timeout": DRAIN_SECONDS}
+
+
+async def _start(runner: web.BaseRunner, host: str, port: int, reuse_port: bool) -> web.BaseRunner:
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=BACKLOG)
     await site.start()
     return runner
 
 
-def _addresses(runners: list[web.AppRunner]) -> list[str]:
+def _addresses(runners: list[web.BaseRunner]) -> list[str]:
     return [str(address) for runner in runners for address in runner.addresses]

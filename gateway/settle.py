@@ -45,7 +45,7 @@ async def settle_accepted(
     runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
 ) -> None:
     """Commit (or hold) a reservation the backend accepted; if Redis fails, keep trying
-    in the background (and failing that, the hand-over record lets a sweeper ask again)."""
+    in the background (and failing that, its kept order lets a sweeper ask again)."""
     stored = stored_reply(reply)
     try:
         await _commit(runtime, campaign, rid, stored)

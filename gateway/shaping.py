@@ -109,7 +109,7 @@ class Shaper:
             )
         return None
 
-    async def admit(self, request: web.Request, user: str, *, retry: bool = False) -> None:
+    async def admit(self, request: web.BaseRequest, user: str, *, retry: bool = False) -> None:
         """Raise a 429 (or sold-out) Problem when a limit in enforce mode says no.
 
         ``retry``: the request carries an Idempotency-Key; when the admission budget is

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 PREFIX = "/reservations/"
 
 
-async def reservation_status(runtime: Runtime, request: web.Request) -> web.Response:
+async def reservation_status(runtime: Runtime, request: web.BaseRequest) -> web.Response:
     try:
         user = runtime.identity(request)
         rid = request.path.removeprefix(PREFIX)

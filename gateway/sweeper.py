@@ -1,6 +1,6 @@
-"""Settling reservations whose deadline passed: never handed to the backend (the
-gateway died, or Redis's reply was lost) or held and never paid go back to
-stock; handed over but never answered go to the dispatcher for redelivery.
+"""Settling reservations whose deadline passed: held and never paid ones go back to
+stock; sync ones never settled (their gateway died, or lost Redis, before the
+backend's answer) go to the dispatcher, which delivers their kept order again.
 
 Every gateway process sweeps; release.lua checks state and deadline atomically,
 so each reservation expires exactly once however many sweepers race.
@@ -43,7 +43,7 @@ async def sweep(store: CampaignStore, actor: str) -> int:
             elif result.status is ReleaseStatus.REDELIVER:
                 expired += 1
                 log.warning(
-                    "reservation %s was handed to the backend and never answered: "
+                    "reservation %s was never settled (its gateway died or lost Redis): "
                     "queued for redelivery",
                     reservation_id,
                 )

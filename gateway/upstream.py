@@ -66,7 +66,7 @@ class OutboundRequest(NamedTuple):
         return cls(method, path_qs, forwarded, body)
 
     def encode(self) -> bytes:
-        """The order payload kept in Redis (hand-over record, order queue, dead letters)."""
+        """The order payload kept in Redis (reservation record, order queue, dead letters)."""
         return json.dumps(
             {
                 "method": self.method,

@@ -21,7 +21,7 @@ class ReleaseStatus(IntEnum):
     NOT_ALLOWED = 2  #: its state may not be released this way
     NOT_FOUND = 3  #: no such reservation
     NOT_DUE = 4  #: its deadline has not passed yet
-    REDELIVER = 5  #: handed to the backend and never answered: queued for redelivery
+    REDELIVER = 5  #: unsettled at its deadline: its kept order is queued for redelivery
 
 
 class CommitStatus(IntEnum):

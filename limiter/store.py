@@ -145,17 +145,6 @@ class CampaignStore:
         reply = await self.pipe.script(self.scripts.release, keys, args, "release")
         return Transition(ReleaseStatus(int(reply[0])), reply[1].decode())
 
-    async def hand_over(self, reservation_id: str, payload: bytes) -> None:
-        """Record what is sent to the backend before sending it: should this gateway die
-        before the answer, a sweeper delivers it again instead of releasing it."""
-        await self.pipe.call(
-            "HSET",
-            self.keys.reservation(reservation_id),
-            "payload",
-            payload,
-            what="record the hand-over",
-        )
-
     async def keep_reply(self, reservation_id: str, reply: Reply) -> None:
         await self.pipe.call(
             "HSET",

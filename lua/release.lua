@@ -4,11 +4,12 @@
 -- return), and by the sweepers when a deadline passes. After a release the
 -- idempotency key is free for a fresh attempt.
 --
--- A sweeper ("due") may find a reservation whose gateway handed it to the backend
--- and died before the answer came back: only the backend knows whether it took
--- the order. Such a reservation is not released but queued for redelivery: the
--- dispatcher asks the backend again (backends treat X-Reservation-Id as their
--- idempotency key) and settles it by the answer.
+-- A sweeper ("due") may find a sync reservation still unsettled: its gateway died
+-- (or lost Redis) before the backend's answer, and only the backend knows whether
+-- it took the order. If the record keeps its order (reserve.lua stores it with the
+-- decision), it is not released but queued for redelivery: the dispatcher asks the
+-- backend again (backends treat X-Reservation-Id as their idempotency key) and
+-- settles it by the answer. One without an order goes back to stock.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] idempotency hash
 -- KEYS[4] ledger stream   KEYS[5] deadlines zset   KEYS[6] reservation record
@@ -64,7 +65,7 @@ if only_when_due and state == 'reserved' and payload and payload ~= '' then
   redis.call('HSET', record_key, 'mode', 'redelivery', 'deadline_ms', 0, 'updated_ms', now)
   redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
   append_ledger(ledger_key, ledger_max, 'redeliver', rid, user, qty, actor, figures, figures,
-                'forwarded, never answered')
+                'unsettled at its deadline: asking the backend again')
   return {5, state}
 end
 

@@ -1,8 +1,8 @@
 -- reserve.lua: decide a batch of purchase attempts for one campaign, atomically.
 -- For each attempt, in order: a repeated call, the idempotency key, the per-user
 -- limit, the stock. A winner gets its units deducted, its quota counted, a
--- reservation record, an index entry, a deadline, an order in the queue (queue
--- mode) and a ledger entry. Several attempts per call is what lets a gateway
+-- reservation record (with its order), an index entry, a deadline, an order in the
+-- queue (queue mode) and a ledger entry. Several attempts per call is what lets a gateway
 -- process decide a whole event-loop tick of requests in one round trip.
 --
 -- KEYS[1] state hash       KEYS[2] users hash        KEYS[3] idempotency hash
@@ -12,7 +12,8 @@
 -- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync" or "queue"
 -- ARGV[5] events channel
 -- ARGV[6 + 5 * (i - 1) ...] attempt i: reservation id, user id, quantity,
---   idempotency field ("" for none), order payload (queue mode, else "")
+--   idempotency field ("" for none), the order for the backend (kept on the record in
+--   sync mode, appended to the orders stream in queue mode)
 -- returns 3 values per attempt: status, reservation id, a figure
 --   0 reserved (figure: available after)     1 duplicate (id of the earlier reservation)
 --   2 sold out                              3 insufficient stock (figure: available)
@@ -64,6 +65,11 @@ local function reserve(record_key, rid, user, qty, idem, payload)
              'mode', mode, 'idem', idem, 'created_ms', now, 'updated_ms', now,
              'deadline_ms', deadline, 'attempts', 0)
   redis.call('ZADD', index_key, now, rid)
+  if mode == 'sync' and payload ~= '' then
+    -- what will be sent to the backend, kept in the same step: should this gateway die
+    -- before the backend's answer, a sweeper delivers it again instead of guessing
+    redis.call('HSET', record_key, 'payload', payload)
+  end
   if idem ~= '' then
     redis.call('HSET', idem_key, idem, rid)
   end

@@ -12,11 +12,11 @@ from typing import Any
 
 import yaml
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from redis.asyncio import Redis
 
 from gateway.admin import create_admin_app
-from gateway.app import create_app
+from gateway.app import edge_handler
 from gateway.config import Settings, parse_settings
 from gateway.runtime import Runtime
 
@@ -80,7 +80,7 @@ def settings_for(data: dict[str, Any]) -> Settings:
 @dataclass
 class Gateway:
     runtime: Runtime
-    edge: TestClient[web.Request, web.Application]
+    edge: TestClient[web.BaseRequest, None]
     admin: TestClient[web.Request, web.Application]
 
     async def buy(
@@ -114,7 +114,9 @@ async def open_gateway(
     settings: Settings, redis_url: str, *, config_path: str | None = None
 ) -> AsyncIterator[Gateway]:
     async with Runtime.open(settings, redis_url, config_path=config_path) as runtime:
-        edge = TestClient(TestServer(create_app(runtime), host="127.0.0.1"))
+        edge: TestClient[web.BaseRequest, None] = TestClient(
+            RawTestServer(edge_handler(runtime), host="127.0.0.1")
+        )
         admin = TestClient(TestServer(create_admin_app(runtime), host="127.0.0.1"))
         await edge.start_server()
         await admin.start_server()

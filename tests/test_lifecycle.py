@@ -1,4 +1,4 @@
-"""The reservation lifecycle: hold and confirm, deadlines, crash safety by hand-over
+"""The reservation lifecycle: hold and confirm, deadlines, crash safety by redelivery
 records and redelivery, queue mode with its dispatcher, the ledger, reconcile.
 
 Everything runs against the session's real Redis and a real recording backend;
@@ -112,10 +112,11 @@ async def cancel(gateway: Gateway, rid: str) -> dict[str, Any]:
     return document
 
 
-async def reserve_directly(store: CampaignStore, user: str, rid: str) -> None:
-    """What a gateway does before forwarding: the atomic reservation, and nothing more
-    (as if it died right after Redis decided)."""
-    (decision,) = await store.reserve([Attempt(rid, user, 1)])
+async def reserve_directly(store: CampaignStore, user: str, rid: str, order: bytes = b"") -> None:
+    """The atomic reservation a gateway makes, and nothing more (as if it died right
+    after Redis decided); with ``order``, the request it would send goes with it, as the
+    gateway sends it; without, a reservation that has no order to deliver."""
+    (decision,) = await store.reserve([Attempt(rid, user, 1, payload=order)])
     assert decision.status is ReserveStatus.RESERVED, decision
 
 
@@ -379,9 +380,8 @@ async def test_a_handed_over_reservation_is_redelivered_not_released(
 ) -> None:
     store = store_of(gateway)
     rid = f"{CAMPAIGN}.{'b2' * 10}"
-    await reserve_directly(store, "alice", rid)
-    # the gateway recorded the hand-over, sent it, and died before the answer
-    await store.hand_over(rid, handed_over_order(rid, "alice").encode())
+    # the gateway reserved with its order, sent it, and died before the answer
+    await reserve_directly(store, "alice", rid, handed_over_order(rid, "alice").encode())
 
     await wait_for(reaches(redis, rid, "committed"), within=8.0)
     (seen,) = shop.seen  # delivered again, exactly once, as it was recorded
@@ -422,8 +422,7 @@ async def test_sweeping_a_handed_over_reservation_queues_it_once(
     shop.respond = held_up
     store = store_of(gateway)
     rid = f"{CAMPAIGN}.{'c3' * 10}"
-    await reserve_directly(store, "alice", rid)
-    await store.hand_over(rid, handed_over_order(rid, "alice").encode())
+    await reserve_directly(store, "alice", rid, handed_over_order(rid, "alice").encode())
     deadline = int((await record_of(redis, rid))["deadline_ms"])
 
     async def due() -> bool:

@@ -971,14 +971,15 @@ async def test_concurrent_sweeps_expire_each_reservation_once(rig: Rig, redis: R
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 
-async def test_a_handed_over_reservation_is_queued_for_redelivery_once(
+async def test_an_unsettled_reservation_with_its_order_is_queued_for_redelivery_once(
     rig: Rig, redis: Redis
 ) -> None:
     store = rig.store(reserve_deadline_ms=50)
     await store.init(10)
-    forwarded = await reserved(store, "alice")
-    await store.hand_over(forwarded, b'{"method":"POST","path":"/buy"}')
-    never_sent = await reserved(store, "bob")
+    with_order = attempt("alice")._replace(payload=b'{"method":"POST","path":"/buy"}')
+    assert (await decide(store, with_order)).status is ReserveStatus.RESERVED
+    forwarded = with_order.reservation_id
+    never_sent = await reserved(store, "bob")  # no order kept: nothing to deliver
 
     async def both_due() -> bool:
         return len(await store.due()) == 2
@@ -1000,7 +1001,10 @@ async def test_a_handed_over_reservation_is_queued_for_redelivery_once(
     assert await store.figures() == Figures(9, 1, 0, 10)  # only the backend can settle it
     assert await deadlines(redis, store) == {}
     (redeliver,) = [e for e in await ledger(redis, CAMPAIGN) if e["op"] == "redeliver"]
-    assert (redeliver["rid"], redeliver["why"]) == (forwarded, "forwarded, never answered")
+    assert (redeliver["rid"], redeliver["why"]) == (
+        forwarded,
+        "unsettled at its deadline: asking the backend again",
+    )
     assert redeliver["before"] == redeliver["after"]  # nothing moves until the backend answers
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 

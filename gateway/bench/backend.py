@@ -2,6 +2,7 @@
 
 It accepts every order, remembers which reservations reached it (and with how
 many units, for which user), and can add a little latency like a real database.
+``GET /_orders`` tells what it saw; ``POST /_reset`` forgets it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,21 @@ class StubBackend:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/_orders", self._report)
+        app.router.add_post("/_reset", self._reset)
         app.router.add_route("*", "/{tail:.*}", self._order)
         return app
+
+    async def _report(self, request: web.Request) -> web.Response:
+        orders = {rid: [user, units] for rid, (user, units) in self.orders.items()}
+        return web.json_response(
+            {"orders": orders, "duplicates": self.duplicates, "calls": self.calls}
+        )
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.orders.clear()
+        self.duplicates = self.calls = 0
+        return web.json_response({"reset": True})
 
     async def _order(self, request: web.Request) -> web.Response:
         self.calls += 1

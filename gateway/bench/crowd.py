@@ -194,6 +194,7 @@ class _Run:
         """A connection can send: closed loop sends at once, paced waits for a due time."""
         if self.crowd.rate is not None:
             self.idle.append(connection)
+            self._maybe_finish()
             return
         planned = self.next_planned()
         if planned is None:
