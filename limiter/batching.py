@@ -73,11 +73,13 @@ class TickBatcher(Generic[I, O]):
         while self._pending and self._inflight < self.max_inflight:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             self._inflight += 1
-            self._spawn(self._decide(batch))
+            items = [item for item, _ in batch]
+            # Submitted now, not in the task: the call joins this tick's pipeline.
+            self._spawn(self._decide(batch, items, self._submit(items)))
 
-    async def _decide(self, batch: list[tuple[I, asyncio.Future[O]]]) -> None:
-        items = [item for item, _ in batch]
-        reply = self._submit(items)
+    async def _decide(
+        self, batch: list[tuple[I, asyncio.Future[O]]], items: list[I], reply: asyncio.Future[Any]
+    ) -> None:
         try:
             outcomes = self._parse(items, await self.guard.wait(reply, self.what, cancel=False))
         except Exception as exc:  # every waiter gets the failure, none is left hanging
