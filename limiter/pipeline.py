@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
@@ -138,20 +138,43 @@ class AutoPipeline:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def _execute(self, batch: list[_Queued]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for queued in batch:
-                pipe.execute_command(*queued.args)
-            if not self.replicas:
-                return await pipe.execute(raise_on_error=False)
+        commands = [queued.args for queued in batch]
+        if self.replicas:
             # WAIT covers the writes made on this connection: the whole pipeline.
-            pipe.execute_command("WAIT", self.replicas, self.replica_timeout_ms)
-            *replies, acknowledged = await pipe.execute(raise_on_error=False)
+            commands.append(("WAIT", self.replicas, self.replica_timeout_ms))
+        replies = await self._round_trip(commands)
+        if not self.replicas:
+            return replies
+        acknowledged = replies.pop()
         if isinstance(acknowledged, Exception) or int(acknowledged) < self.replicas:
             raise NotReplicated(
                 f"only {acknowledged} of {self.replicas} replica(s) acknowledged within "
                 f"{self.replica_timeout_ms} ms: a failover could lose these writes"
             )
         return replies
+
+    async def _round_trip(self, commands: list[tuple[EncodableArg, ...]]) -> list[Any]:
+        """Write the commands at once on one pooled connection and read every reply (a
+        refusal comes back as its exception, in its place). redis-py's Pipeline would do
+        the same with a fifth more Python per round trip."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
+            )
+            replies: list[Any] = []
+            for args in commands:
+                try:
+                    replies.append(await self.redis.parse_response(connection, str(args[0])))
+                except ResponseError as refused:
+                    replies.append(refused)
+            return replies
+        except BaseException:
+            await connection.disconnect()  # half read: never hand it to anyone else
+            raise
+        finally:
+            await pool.release(connection)
 
     async def _deliver(self, queued: _Queued, reply: Any) -> None:
         if queued.future.done():
