@@ -49,6 +49,9 @@ def render(report: dict[str, Any]) -> str:
                 for code, o in run["outcomes"].items()
             )
             lines.append(f"  {group} / {name}: {outcomes}")
+    lines.append(
+        "  * commands Redis ran per request, those inside scripts included (INFO commandstats)"
+    )
     if report["targets"]:
         lines += [
             "",

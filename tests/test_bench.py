@@ -1,0 +1,61 @@
+"""A short bench run: the harness works end to end and every sale it runs is correct.
+Speed is not asserted here (docs/benchmarks.md has the figures and how to get them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def bench(*args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--log-level",
+            "warning",
+            "bench",
+            "--json",
+            "--rounds",
+            "1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_oversubscribed_sale_is_correct_for_both_designs() -> None:
+    report = bench("--scenario", "oversubscribed", "--requests", "1500", "--concurrency", "64")
+    runs = report["runs"]["oversubscribed"]
+    for name in ("naive", "flashgate"):
+        verdict = runs[name]["verdict"]
+        assert verdict["correct"] is True, (name, verdict)
+        assert (verdict["stock_total"], verdict["sold"], verdict["oversold"]) == (15, 15, 0)
+        assert runs[name]["requests"] == 1500
+        assert sum(o["count"] for o in runs[name]["outcomes"].values()) == 1500
+    assert runs["flashgate"]["decided"] >= 15
+    assert runs["flashgate"]["redis_round_trips_per_decision"] is not None
+    targets = {t["target"][:2] for t in report["targets"]}
+    assert targets == {"a.", "c."}
+
+
+def test_sold_out_path_makes_no_redis_calls_per_request() -> None:
+    report = bench("--scenario", "sold-out", "--seconds", "1", "--concurrency", "32")
+    flashgate = report["runs"]["sold-out"]["flashgate"]
+    assert set(flashgate["outcomes"]) == {"sold-out"}
+    # only the background work of a second (polls, heartbeat, sweeps): not one per request
+    assert flashgate["redis_commands_per_request"] < 0.05
+    assert set(report["runs"]["sold-out"]["hello"]["outcomes"]) == {"200"}
