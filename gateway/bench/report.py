@@ -49,9 +49,7 @@ def render(report: dict[str, Any]) -> str:
                 for code, o in run["outcomes"].items()
             )
             lines.append(f"  {group} / {name}: {outcomes}")
-    lines.append(
-        "  * commands Redis ran per request, those inside scripts included (INFO commandstats)"
-    )
+    lines.append("  * commands Redis ran per request, inside scripts too (INFO commandstats)")
     if report["targets"]:
         lines += [
             "",
