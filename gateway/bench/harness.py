@@ -557,6 +557,7 @@ def _options(options: Options) -> dict[str, Any]:
         "requests": options.requests,
         "seconds": options.seconds,
         "concurrency": options.concurrency,
+        "rounds": options.rounds,
         "scenarios": list(options.scenarios),
     }
 
