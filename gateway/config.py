@@ -229,8 +229,8 @@ Mode = Literal["enforce", "shadow"]
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimitSettings:
-    """A campaign-wide token bucket shared by every gateway through Redis."""
+class BucketSettings:
+    """A token bucket: ``rate`` tokens per ``per``, holding ``burst`` when full."""
 
     rate: float = spec(parse=positive)
     per: float = spec(1.0, parse=duration)
@@ -238,9 +238,6 @@ class RateLimitSettings:
     burst: int | None = spec(None, min=1, max=10**9)
     #: shadow: never refuse, count what would have been refused.
     mode: Mode = "enforce"
-    #: Share of the rate one process may admit on its own while Redis is unreachable
-    #: (default: 1 / the processes last seen alive).
-    local_share: float | None = spec(None, parse=positive, max=1)
 
     @property
     def per_second(self) -> float:
@@ -252,22 +249,19 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ClientRateLimitSettings:
+class RateLimitSettings(BucketSettings):
+    """A campaign-wide token bucket shared by every gateway through Redis."""
+
+    #: Share of the rate one process may admit on its own while Redis is unreachable
+    #: (default: 1 / the processes last seen alive).
+    local_share: float | None = spec(None, parse=positive, max=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRateLimitSettings(BucketSettings):
     """A token bucket per client (user or IP), shared by every gateway through Redis."""
 
-    rate: float = spec(parse=positive)
     key: Literal["user", "ip"] = "user"
-    per: float = spec(1.0, parse=duration)
-    burst: int | None = spec(None, min=1, max=10**9)
-    mode: Mode = "enforce"
-
-    @property
-    def per_second(self) -> float:
-        return self.rate / self.per
-
-    @property
-    def capacity(self) -> int:
-        return self.burst or max(1, math.ceil(self.rate))
 
 
 @dataclass(frozen=True, slots=True)
