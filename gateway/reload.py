@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,7 +70,6 @@ async def reload_file(runtime: Runtime, path: str) -> Reloaded:
         raise
     RELOADS.labels("success").inc()
     runtime.reload_error = None
-    runtime.reloaded_at = time.time()
     log.info("reloaded %s: %s", path, result.summary())
     return result
 

@@ -99,9 +99,8 @@ class Runtime:
         #: Gateway processes sharing this Redis, as last counted.
         self.processes = 1
         self.registry = Registry.of(self.build_campaign(c) for c in settings.campaigns)
-        #: Why the last reload was refused (None after a good one), and when one last worked.
+        #: Why the last reload was refused (None after a good one).
         self.reload_error: str | None = None
-        self.reloaded_at: float | None = None
         #: Set on SIGTERM: readiness fails while requests in flight finish.
         self.draining = False
         #: Campaigns whose counters are known to exist in Redis.

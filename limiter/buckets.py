@@ -114,8 +114,6 @@ class LeasedBucket:
         self._fallback_until = 0.0
         self._waiting = 0
         self._pending: asyncio.Task[None] | None = None
-        #: Redis calls made, for metrics and benchmarks.
-        self.leases = 0
 
     def try_take(self, now: float) -> Verdict | None:
         """A verdict from what this process already knows, or None: ask Redis."""
@@ -155,7 +153,6 @@ class LeasedBucket:
             return
         finally:
             self._pending = None
-        self.leases += 1
         granted, wait_ms = int(reply[0]), int(reply[1])
         now = time.monotonic()
         self._tokens = granted + (self._tokens if now < self._expires else 0)

@@ -48,10 +48,6 @@ class State(StrEnum):
     CANCELLED = "cancelled"  #: given back by an operator (or an after-sale return)
 
 
-#: States whose units are back in stock.
-FINAL_STATES = frozenset({State.RELEASED, State.EXPIRED, State.CANCELLED})
-
-
 class Attempt(NamedTuple):
     """One purchase attempt, as handed to reserve.lua."""
 
