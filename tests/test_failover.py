@@ -37,8 +37,10 @@ async def primary_client(primary: EmbeddedRedis) -> AsyncIterator[Redis]:
 
 
 async def _replicated(client: Redis) -> bool:
+    """One replica, done with its initial sync (only then does it acknowledge WAIT)."""
     info = await client.info("replication")
-    return int(info.get("connected_slaves", 0)) == 1
+    replica = info.get("slave0") or {}
+    return int(info.get("connected_slaves", 0)) == 1 and replica.get("state") == "online"
 
 
 async def test_a_sale_waits_for_a_replica_and_fails_closed_without_one(
@@ -51,6 +53,7 @@ async def test_a_sale_waits_for_a_replica_and_fails_closed_without_one(
     settings_data["redis"] = {"wait_for_replicas": 1, "replica_timeout": "100ms", "timeout": "1s"}
     await wait_for(lambda: _replicated(primary_client), within=10)
     async with open_gateway(settings_for(settings_data), primary.url) as gateway:
+        await wait_for(lambda: gateway.runtime.ready, within=15)
         assert (await gateway.buy("alice")).status == 201
         # the sale is on the replica: a promoted replica would know it
         replica_client = Redis.from_url(replica.url)
@@ -65,6 +68,7 @@ async def test_a_sale_waits_for_a_replica_and_fails_closed_without_one(
 
         replica.start()
         await wait_for(lambda: _replicated(primary_client), within=15)
+        await wait_for(lambda: gateway.runtime.ready, within=15)
 
         async def settled() -> bool:
             figures = as_text(await primary_client.hgetall("fg:{phone-1111}:state"))
