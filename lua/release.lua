@@ -45,8 +45,8 @@ if state == 'released' or state == 'expired' or state == 'cancelled' then
   return {1, state}
 end
 if not listed(leavable, state) then
-  if only_when_due then
-    redis.call('ZREM', deadlines_key, rid) -- a stale deadline of a settled reservation
+  if only_when_due and state == 'committed' then
+    redis.call('ZREM', deadlines_key, rid) -- a stale deadline of a settled sale
   end
   return {2, state}
 end
