@@ -24,6 +24,8 @@ import contextlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -31,7 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.campaigns import Campaign
 from gateway.errors import UpstreamError
-from gateway.settle import accepted, give_back, keep_reply, settle_accepted
+from gateway.settle import accepted, commit_accepted, keep_reply, release_refused
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
 from limiter.records import State
@@ -48,6 +50,10 @@ READ_BLOCK_MS = 1000
 CLAIM_EVERY = 2.0
 #: How long to wait before asking again for a busy delivery slot.
 SLOT_WAIT = (0.01, 0.05)
+#: How long to wait before trying again when Redis could not be told an outcome.
+SETTLE_RETRY = 0.5
+#: How long a stopping dispatcher lets its deliveries finish, at most (seconds).
+STOP_GRACE = 10.0
 
 
 async def ensure_group(redis: Redis, orders: str) -> None:
@@ -71,6 +77,8 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         #: Delivery attempts by (campaign, result), for metrics and tests.
         self.results: Counter[tuple[str, str]] = Counter()
+        #: Deliveries under way, of every campaign: a stop waits for them.
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """One loop per campaign, kept in step with the registry (reloads add and remove)."""
@@ -93,10 +101,23 @@ class Dispatcher:
             await self.redis.connection_pool.disconnect()
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
+            await self._finish_deliveries()
+
+    async def _finish_deliveries(self) -> None:
+        """Let deliveries under way get their answer and settle it; an order cut off
+        stays unacked and another dispatcher delivers it again."""
+        if not self._deliveries:
+            return
+        slowest = max(u.settings.timeout for u in self.runtime.upstreams.values())
+        _, late = await asyncio.wait(list(self._deliveries), timeout=min(STOP_GRACE, slowest + 1))
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
 
     async def _serve(self, campaign: Campaign) -> None:
         limit = campaign.settings.max_inflight
-        deliveries: set[asyncio.Task[None]] = set()
+        deliveries: set[asyncio.Task[None]] = set()  # this campaign's
         claimed_at = 0.0
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
@@ -114,8 +135,9 @@ class Dispatcher:
                     messages += await self._read(campaign, max(1, free - len(messages)))
                     for message_id, fields in messages:
                         task = asyncio.ensure_future(self._deliver(campaign, message_id, fields))
-                        deliveries.add(task)
-                        task.add_done_callback(deliveries.discard)
+                        for group in (deliveries, self._deliveries):
+                            group.add(task)
+                            task.add_done_callback(group.discard)
             except (StorageError, RedisError, OSError, TimeoutError) as exc:
                 if self.stopping.is_set():
                     return
@@ -156,17 +178,20 @@ class Dispatcher:
             order = OutboundRequest.decode(payload)
         except (ValueError, KeyError):
             log.error("order %s of %s is unreadable; dead-lettering it", message_id, rid)
-            await give_back(self.runtime, campaign, rid, "unreadable order", dead_letter=payload)
-            await self._ack(campaign, message_id)
+            release = partial(
+                release_refused, self.runtime, campaign, rid, "unreadable order", payload
+            )
+            if await self._settle(rid, release):
+                await self._ack(campaign, message_id)
             return
-        while True:
+        while not self.stopping.is_set():
             try:
                 if await self._attempt(campaign, rid, order, payload):
                     await self._ack(campaign, message_id)
                     return
             except StorageError as exc:
                 log.debug("delivery of %s paused: %s", rid, exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(SETTLE_RETRY)
 
     async def _attempt(
         self, campaign: Campaign, rid: str, order: OutboundRequest, payload: bytes
@@ -185,25 +210,44 @@ class Dispatcher:
         finally:
             await self._give_slot(campaign, rid)
         if reply is not None and accepted(reply.status):
-            await settle_accepted(self.runtime, campaign, rid, reply)
             self.results[(campaign.id, "accepted")] += 1
-            return True
+            return await self._settle(
+                rid, partial(commit_accepted, self.runtime, campaign, rid, reply)
+            )
         if reply is not None and reply.status < 500:
-            await give_back(self.runtime, campaign, rid, f"upstream answered {reply.status}")
-            await keep_reply(campaign, rid, reply)  # the buyer polls for the backend's reason
             self.results[(campaign.id, "refused")] += 1
+            reason = f"upstream answered {reply.status}"
+            if not await self._settle(
+                rid, partial(release_refused, self.runtime, campaign, rid, reason)
+            ):
+                return False
+            await keep_reply(campaign, rid, reply)  # the buyer polls for the backend's reason
             return True
         self.results[(campaign.id, "failed")] += 1
         s = campaign.settings
         if attempts >= s.max_attempts:
             reason = f"dead-lettered after {attempts} failed deliveries: {failure}"
-            if await give_back(self.runtime, campaign, rid, reason, dead_letter=payload):
-                self.results[(campaign.id, "dead-lettered")] += 1
-                log.error("order %s: %s", rid, reason)
-                return True
-            return False
+            release = partial(release_refused, self.runtime, campaign, rid, reason, payload)
+            if not await self._settle(rid, release):
+                return False
+            self.results[(campaign.id, "dead-lettered")] += 1
+            log.error("order %s: %s", rid, reason)
+            return True
         await asyncio.sleep(min(s.retry_backoff * 2 ** (attempts - 1), s.max_retry_backoff))
         return False
+
+    async def _settle(self, rid: str, settle: Callable[[], Awaitable[None]]) -> bool:
+        """Tell Redis a delivery's outcome, retrying until it is told or the dispatcher
+        stops (False: the order stays unacked, so it is delivered again later)."""
+        while True:
+            try:
+                await settle()
+                return True
+            except StorageError as exc:
+                if self.stopping.is_set():
+                    return False
+                log.warning("settling %s failed (%s); trying again", rid, exc)
+                await asyncio.sleep(SETTLE_RETRY)
 
     async def _send(
         self, campaign: Campaign, order: OutboundRequest
@@ -212,6 +256,9 @@ class Dispatcher:
             reply = await campaign.upstream.send(order)
         except UpstreamError as exc:
             return None, str(exc)
+        except Exception as exc:  # a bug must not leave the order stuck: count it as failed
+            log.exception("delivery to %s failed unexpectedly", campaign.settings.upstream)
+            return None, f"unexpected error: {exc!r}"
         return reply, f"upstream answered {reply.status}"
 
     async def _take_slot(self, campaign: Campaign, rid: str) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from gateway.campaigns import Campaign
@@ -41,17 +43,77 @@ async def keep_reply(campaign: Campaign, rid: str, reply: UpstreamReply) -> None
             await campaign.store.keep_reply(rid, stored)
 
 
+async def commit_accepted(
+    runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
+) -> None:
+    """Commit (or hold) a reservation the backend accepted; StorageError if Redis failed."""
+    await _commit(runtime, campaign, rid, stored_reply(reply))
+
+
+async def release_refused(
+    runtime: Runtime, campaign: Campaign, rid: str, reason: str, dead_letter: bytes = b""
+) -> None:
+    """Release a reservation the backend did not take; StorageError if Redis failed."""
+    await campaign.store.release(
+        rid,
+        leavable=(State.RESERVED,),
+        target=State.RELEASED,
+        reason=reason,
+        actor=runtime.actor,
+        dead_letter=dead_letter,
+    )
+
+
 async def settle_accepted(
     runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
 ) -> None:
-    """Commit (or hold) a reservation the backend accepted; if Redis fails, keep trying
-    in the background (and failing that, its kept order lets a sweeper ask again)."""
-    stored = stored_reply(reply)
+    """Commit an accepted reservation; if Redis fails, keep trying in the background
+    (and failing that, its kept order lets a sweeper ask the backend again)."""
+    commit = partial(commit_accepted, runtime, campaign, rid, reply)
+    await _now_or_in_background(runtime, campaign, rid, "commit", commit)
+
+
+async def give_back(runtime: Runtime, campaign: Campaign, rid: str, reason: str) -> bool:
+    """Release a reservation the backend did not take; if Redis fails, keep trying in
+    the background. False when it is not done yet."""
+    release = partial(release_refused, runtime, campaign, rid, reason)
+    return await _now_or_in_background(runtime, campaign, rid, "release", release)
+
+
+async def _now_or_in_background(
+    runtime: Runtime,
+    campaign: Campaign,
+    rid: str,
+    what: str,
+    attempt: Callable[[], Awaitable[None]],
+) -> bool:
     try:
-        await _commit(runtime, campaign, rid, stored)
+        await attempt()
     except StorageError as exc:
-        log.warning("commit of %s failed (%s); retrying in the background", rid, exc)
-        runtime.spawn(_commit_until_deadline(runtime, campaign, rid, stored))
+        log.warning("%s of %s failed (%s); retrying in the background", what, rid, exc)
+        runtime.spawn(_retry_until_deadline(campaign, rid, what, attempt))
+        return False
+    return True
+
+
+async def _retry_until_deadline(
+    campaign: Campaign, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + campaign.settings.forward_deadline
+    delay = 0.05
+    while loop.time() < deadline:
+        await asyncio.sleep(delay)
+        try:
+            await attempt()
+            return
+        except StorageError:
+            delay = min(delay * 2, 1.0)
+    log.error(
+        "%s of %s never reached Redis; at its deadline a sweeper asks the backend again",
+        what,
+        rid,
+    )
 
 
 async def _commit(runtime: Runtime, campaign: Campaign, rid: str, reply: Reply | None) -> None:
@@ -74,39 +136,3 @@ async def _commit(runtime: Runtime, campaign: Campaign, rid: str, reply: Reply |
             rid,
             result.state,
         )
-
-
-async def _commit_until_deadline(
-    runtime: Runtime, campaign: Campaign, rid: str, reply: Reply | None
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + campaign.settings.forward_deadline
-    delay = 0.05
-    while loop.time() < deadline:
-        await asyncio.sleep(delay)
-        try:
-            await _commit(runtime, campaign, rid, reply)
-            return
-        except StorageError:
-            delay = min(delay * 2, 1.0)
-    log.error("commit of %s never reached Redis; its deadline hands it back for redelivery", rid)
-
-
-async def give_back(
-    runtime: Runtime, campaign: Campaign, rid: str, reason: str, dead_letter: bytes = b""
-) -> bool:
-    """Release a reservation the backend did not take; False if Redis could not be told
-    (then its deadline releases it)."""
-    try:
-        await campaign.store.release(
-            rid,
-            leavable=(State.RESERVED,),
-            target=State.RELEASED,
-            reason=reason,
-            actor=runtime.actor,
-            dead_letter=dead_letter,
-        )
-    except StorageError as exc:
-        log.warning("release of %s failed (%s); its deadline will release it", rid, exc)
-        return False
-    return True

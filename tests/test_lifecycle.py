@@ -757,6 +757,49 @@ async def test_queue_mode_backend_refusal_releases(
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 
+@pytest.mark.usefixtures("queue_mode")
+@pytest.mark.parametrize(("answer", "outcome"), [(200, "committed"), (422, "released")])
+async def test_queue_mode_outcome_is_settled_without_asking_again_when_redis_blinks(
+    gateway: Gateway, shop: Shop, redis: Redis, answer: int, outcome: str
+) -> None:
+    """Redis refuses writes just as the backend answers: the dispatcher keeps telling
+    Redis the outcome it has (it never acks an untold one, nor asks the backend again)."""
+
+    async def answer_then_pause_redis(request: web.Request) -> web.StreamResponse:
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        return web.json_response({"order": "answered"}, status=answer)
+
+    shop.respond = answer_then_pause_redis
+    response = await gateway.buy("alice")
+    assert response.status == 202
+    rid = (await response.json())["reservation_id"]
+    await wait_for(reaches(redis, rid, outcome), within=10.0)
+    assert shop.reservation_ids() == [rid]
+
+    async def queue_empty() -> bool:
+        return await redis.xlen(f"{BASE}:orders") == 0
+
+    await wait_for(queue_empty, within=5.0)
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
+async def test_sync_release_that_redis_missed_is_retried_in_the_background(
+    gateway: Gateway, shop: Shop, redis: Redis
+) -> None:
+    async def refuse_then_pause_redis(request: web.Request) -> web.StreamResponse:
+        await redis.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        return web.json_response({"error": "address missing"}, status=422)
+
+    shop.respond = refuse_then_pause_redis
+    response = await gateway.buy("alice")
+    assert response.status == 422  # the backend's refusal goes back unchanged
+    rid = response.headers["X-Reservation-Id"]
+    # well before its deadline (which would ask the backend again)
+    await wait_for(reaches(redis, rid, "released"), within=5.0)
+    assert shop.reservation_ids() == [rid]
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
 # --- 5. the ledger ----------------------------------------------------------------------
 
 

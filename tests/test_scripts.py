@@ -595,9 +595,9 @@ async def test_release_refusals(rig: Rig, redis: Redis) -> None:
         ReleaseStatus.NOT_DUE, "reserved"
     )
     # a sweep that may not touch this state leaves its deadline alone
-    assert await release(
-        store, rid, leavable=(State.HELD,), only_when_due=True
-    ) == Transition(ReleaseStatus.NOT_ALLOWED, "reserved")
+    assert await release(store, rid, leavable=(State.HELD,), only_when_due=True) == Transition(
+        ReleaseStatus.NOT_ALLOWED, "reserved"
+    )
     assert await redis_snapshot(redis) == before
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
