@@ -4,8 +4,9 @@ A sold-out campaign is answered from memory, without Redis. The flag is set the
 moment Redis says so (a reserve reply here, or a ``sold-out`` notice that any
 gateway's script published), and cleared by a ``restock`` notice (a release, a
 cancel, an increase). A poll every ``interval`` reads all counters in one
-pipeline: it covers lost notices and reconnects, and keeps the figures that
-admission and the metrics use fresh.
+pipeline: it covers lost notices and reconnects, and notices campaigns whose
+counters vanished from Redis (a flush, a failover to an empty replica), which
+make the process unready: it never recreates them on its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from redis.exceptions import RedisError
 from limiter.errors import StorageError
 from limiter.keys import CampaignKeys
 from limiter.pipeline import AutoPipeline
-from limiter.records import Figures
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class StockWatch:
         self.pipe = pipe
         self.interval = interval
         self.sold_out: set[str] = set()
-        self.figures: dict[str, Figures] = {}
+        #: Campaigns whose counters the last poll did not find in Redis.
+        self.missing: set[str] = set()
         #: Bumped by every direct flag change, so a poll that read before it cannot undo it.
         self._epoch = 0
         #: When a poll last got an answer from Redis (monotonic), for readiness.
@@ -52,36 +53,22 @@ class StockWatch:
         self._epoch += 1
 
     async def poll(self, campaigns: Iterable[CampaignKeys]) -> None:
-        """Read every campaign's counters in one round trip and update the flags."""
+        """Read every campaign's stock in one round trip and update the flags."""
         keys = list(campaigns)
-        if not keys:
-            return
         epoch = self._epoch
         started = time.monotonic()
         replies = await asyncio.gather(
-            *(
-                self.pipe.call(
-                    "HMGET",
-                    k.state,
-                    "available",
-                    "reserved",
-                    "sold",
-                    "stock_total",
-                    what="poll counters",
-                )
-                for k in keys
-            )
+            self.pipe.call("PING", what="poll counters"),
+            *(self.pipe.call("HGET", k.state, "available", what="poll counters") for k in keys),
         )
         self.last_success = started
-        for k, reply in zip(keys, replies, strict=True):
-            if reply[0] is None:
-                continue
-            figures = Figures(*(int(v or 0) for v in reply))
-            self.figures[k.campaign_id] = figures
-            if epoch == self._epoch:
-                (self.sold_out.add if figures.available == 0 else self.sold_out.discard)(
-                    k.campaign_id
-                )
+        missing = set()
+        for k, available in zip(keys, replies[1:], strict=True):
+            if available is None:
+                missing.add(k.campaign_id)
+            elif epoch == self._epoch:
+                (self.sold_out.discard if int(available) else self.sold_out.add)(k.campaign_id)
+        self.missing = missing
 
     async def run_poll(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
         while True:

@@ -14,14 +14,19 @@
 -- returns {granted, wait_ms, capacity}
 --   wait_ms: when fewer than wanted were granted, ms until the next token;
 --   -1 when none will ever come (a stock bucket of a sold-out campaign)
+-- A stock bucket of a campaign whose counters are missing grants what was asked:
+-- admission is not the place to decide that; the reservation answers it (503).
 
 local bucket_key, state_key = KEYS[1], KEYS[2]
 local kind, a, b, want = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local rate, capacity
 if kind == 'stock' then
-  local available = tonumber(redis.call('HGET', state_key, 'available') or '0')
-  capacity = a * available
+  local available = redis.call('HGET', state_key, 'available')
+  if not available then
+    return {want, 0, 0}
+  end
+  capacity = a * tonumber(available)
   rate = capacity / b
 else
   rate, capacity = a, b

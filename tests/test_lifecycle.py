@@ -766,7 +766,7 @@ async def test_queue_mode_outcome_is_settled_without_asking_again_when_redis_bli
     Redis the outcome it has (it never acks an untold one, nor asks the backend again)."""
 
     async def answer_then_pause_redis(request: web.Request) -> web.StreamResponse:
-        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        await redis.client_pause(1500, all=False)
         return web.json_response({"order": "answered"}, status=answer)
 
     shop.respond = answer_then_pause_redis
@@ -787,7 +787,7 @@ async def test_sync_release_that_redis_missed_is_retried_in_the_background(
     gateway: Gateway, shop: Shop, redis: Redis
 ) -> None:
     async def refuse_then_pause_redis(request: web.Request) -> web.StreamResponse:
-        await redis.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        await redis.client_pause(1000, all=False)
         return web.json_response({"error": "address missing"}, status=422)
 
     shop.respond = refuse_then_pause_redis

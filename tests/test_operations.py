@@ -175,10 +175,18 @@ async def test_readiness_follows_redis(gateway: Gateway, redis_server: EmbeddedR
     finally:
         redis_server.start()
 
-    async def ready_again() -> bool:
-        return (await gateway.edge.get("/readyz")).status == 200
+    async def redis_back_without_the_campaign() -> bool:
+        ready = await gateway.edge.get("/readyz")
+        document = await ready.json()
+        # this Redis keeps no data across a restart: the campaign is gone, and the
+        # gateway stays unready rather than putting the file's stock on sale again
+        return (ready.status, document["redis"], document["campaigns_missing"]) == (
+            503,
+            "ok",
+            ["phone-1111"],
+        )
 
-    await wait_for(ready_again, within=15)
+    await wait_for(redis_back_without_the_campaign, within=15)
 
 
 # ----------------------------------------------------------------------- access log

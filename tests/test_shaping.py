@@ -535,6 +535,24 @@ async def test_restocked_campaign_sells_again_with_admission(
     assert (state["sold"], state["available"]) == (2, 0)
 
 
+@pytest.mark.usefixtures("admission")
+async def test_vanished_counters_are_unavailable_not_sold_out(
+    gateway: Gateway, redis: Redis
+) -> None:
+    """Redis lost the campaign (a flush, a failover to an empty replica): buyers get 503
+    and readiness names the campaign; the running gateway never recreates its stock."""
+    assert (await gateway.buy("alice")).status == 201
+    await redis.delete(f"fg:{{{CAMPAIGN}}}:state")
+
+    async def reported_missing() -> bool:
+        ready = await gateway.admin.get("/readyz")
+        return ready.status == 503 and (await ready.json())["campaigns_missing"] == [CAMPAIGN]
+
+    await wait_for(reported_missing, within=5.0)
+    assert (await outcome(await gateway.buy("bob"))).code == "unavailable"
+    assert await redis.exists(f"fg:{{{CAMPAIGN}}}:state") == 0
+
+
 @pytest.mark.usefixtures("one_unit_with_admission")
 async def test_idempotent_retry_of_the_last_winner_is_replayed_with_admission(
     gateway: Gateway, shop: Shop
