@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from typing import IO
 
 from gateway.config import AccessLogSettings
+from gateway.logs import Throttled
+
+log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25
 _encode = json.JSONEncoder(ensure_ascii=True).encode
@@ -34,6 +38,9 @@ class AccessLog:
         self._stream: IO[str] | None = None
         self._second = -1
         self._prefix = ""
+        #: Lines lost to write errors (a full disk, a removed directory).
+        self.dropped = 0
+        self._errors = Throttled(log, every=10.0)
 
     def wants(self, local: bool) -> bool:
         return self.settings.enabled and (self.settings.local_refusals or not local)
@@ -66,12 +73,26 @@ class AccessLog:
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
     def flush(self) -> None:
+        """Write the collected lines. A write error never reaches a buyer: the lines are
+        dropped (and counted), and the file is opened afresh at the next flush."""
         if not self._lines:
             return
         lines, self._lines = self._lines, []
-        stream = self._open()
-        stream.write("\n".join(lines) + "\n")
-        stream.flush()
+        try:
+            stream = self._open()
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: a stream closed under us
+            self.dropped += len(lines)
+            self._errors.log(
+                logging.ERROR,
+                "write",
+                "access log %s unwritable (%s); %d lines dropped so far",
+                self.settings.path,
+                exc,
+                self.dropped,
+            )
+            self._close_stream()
 
     def _open(self) -> IO[str]:
         if self._stream is None:
@@ -94,6 +115,9 @@ class AccessLog:
 
     def close(self) -> None:
         self.flush()
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         if self._stream is not None and self._stream not in (sys.stderr, sys.stdout):
             with contextlib.suppress(OSError):
                 self._stream.close()

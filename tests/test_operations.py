@@ -21,7 +21,8 @@ import yaml
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.config import load_settings
+from gateway.accesslog import AccessLog
+from gateway.config import AccessLogSettings, load_settings
 from gateway.embedded_redis import EmbeddedRedis
 from tests.helpers import (
     AUTH,
@@ -240,6 +241,32 @@ async def test_access_log_is_json_lines(access_log_file: Path, gateway: Gateway)
     assert [line["code"] for line in logged[2:11]] == ["ok"] * 9
     assert all(line["code"] == "sold-out" for line in logged[11:])
     assert all(line["user"] != "later" for line in logged)
+
+
+@pytest.mark.parametrize("path", ["/dev/full", "/nonexistent-flashgate-dir/access.log"])
+def test_an_unwritable_access_log_drops_lines_and_recovers(path: str, tmp_path: Path) -> None:
+    access = AccessLog(AccessLogSettings(path=path))
+    for _ in range(3):
+        access.record(
+            campaign="c",
+            user="u",
+            code="ok",
+            status=201,
+            seconds=0.001,
+            reservation_id="",
+            client="",
+        )
+    access.flush()  # raises nothing: a full disk must not fail buyers
+    assert access.dropped == 3
+    # the next flush opens the file afresh: once writable again, lines arrive
+    good = tmp_path / "access.log"
+    access.settings = AccessLogSettings(path=str(good))
+    access.record(
+        campaign="c", user="u", code="ok", status=201, seconds=0.001, reservation_id="", client=""
+    )
+    access.close()
+    assert json.loads(good.read_text())["campaign"] == "c"
+    assert access.dropped == 3
 
 
 # -------------------------------------------------------------------- Redis outages
