@@ -91,7 +91,8 @@ def _authenticate(public: frozenset[str]) -> Any:
         if request.path not in public:
             admin = request.app[ADMIN_RUNTIME].settings.admin
             expected = f"Bearer {admin.token if admin else ''}".encode()
-            given = request.headers.get("Authorization", "").encode()
+            # surrogateescape: a header that is not UTF-8 compares (unequal), never raises
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if admin is None or not hmac.compare_digest(given, expected):
                 raise Problem(
                     Code.UNAUTHENTICATED,

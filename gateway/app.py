@@ -15,6 +15,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway.health import Handler, health_handlers
+from gateway.logs import Throttled
 from gateway.problems import Code, Problem, problem
 from gateway.purchase import Answer, purchase
 from gateway.runtime import Runtime
@@ -22,6 +23,8 @@ from gateway.status import PREFIX as STATUS_PREFIX
 from gateway.status import reservation_status
 
 log = logging.getLogger(__name__)
+#: A bug that fails every request must not also flood the log.
+_failures = Throttled(log)
 
 
 def create_server(runtime: Runtime) -> web.Server:
@@ -50,7 +53,9 @@ def edge_handler(runtime: Runtime) -> Handler:
         try:
             answer = await purchase(runtime, campaign, request)
         except Exception:
-            log.exception("purchase at %s failed", request.path)
+            _failures.log(
+                logging.ERROR, request.path, "purchase at %s failed", request.path, exc_info=True
+            )
             failed = problem(Code.INTERNAL, "the gateway failed; the log has the details")
             answer = Answer(Code.INTERNAL.value, failed)
         count(campaign.id, answer.code)

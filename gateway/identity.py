@@ -70,7 +70,7 @@ class JwtIdentity:
     def __call__(self, request: web.BaseRequest) -> str:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer" or not token or not token.isascii():
             raise Problem(
                 Code.UNAUTHENTICATED,
                 "an 'Authorization: Bearer <token>' header is required",

@@ -15,7 +15,9 @@ class Throttled:
         #: key -> (when it was last logged, occurrences since)
         self._seen: dict[str, tuple[float, int]] = {}
 
-    def log(self, level: int, key: str, message: str, *args: object) -> None:
+    def log(
+        self, level: int, key: str, message: str, *args: object, exc_info: bool = False
+    ) -> None:
         now = time.monotonic()
         last, since = self._seen.get(key, (float("-inf"), 0))
         if now - last < self.every:
@@ -25,4 +27,4 @@ class Throttled:
         if since:
             message += " (and %d more times in the last %.0fs)"
             args = (*args, since, now - last)
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, exc_info=exc_info)

@@ -212,3 +212,18 @@ async def redis_snapshot(redis: Redis) -> dict[Any, Any]:
         else:
             snapshot[key] = await redis.dump(key)
     return snapshot
+
+
+async def raw_status(client: TestClient[Any, Any], head: bytes) -> int:
+    """Send a request's head byte for byte (bytes no HTTP client library would send)
+    and return the answer's status."""
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(head + b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Gateway, Shop, problem_of, redis_snapshot
+from tests.helpers import Gateway, Shop, problem_of, raw_status, redis_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +199,22 @@ async def test_admin_refuses_without_token(
     problem = await problem_of(response)
     assert (response.status, problem["code"]) == (status, code)
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert await redis_snapshot(redis) == before
+
+
+async def test_headers_that_are_not_utf8_are_refused_not_crashed_on(
+    gateway: Gateway, redis: Redis
+) -> None:
+    before = await redis_snapshot(redis)
+    bad = b"\xff\xfe\x80"
+    admin = b"GET /campaigns HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + bad + b"\r\n"
+    assert await raw_status(gateway.admin, admin) == 401
+    buy = f"POST {PATH} HTTP/1.1\r\nHost: x\r\n".encode() + b"X-User-Id: " + bad + b"\r\n"
+    assert await raw_status(gateway.edge, buy) == 401
+    poll = b"GET /reservations/x.y HTTP/1.1\r\nHost: x\r\nX-User-Id: " + bad + b"\r\n"
+    assert await raw_status(gateway.edge, poll) == 401
+    key = b"Idempotency-Key: " + bad + b"\r\n"
+    assert await raw_status(gateway.edge, buy.replace(bad, b"alice") + key) == 400
     assert await redis_snapshot(redis) == before
 
 

@@ -39,6 +39,7 @@ from tests.helpers import (
     Shop,
     check_invariant,
     problem_of,
+    raw_status,
     redis_snapshot,
     settings_for,
     wait_for,
@@ -788,6 +789,19 @@ REFUSED_TOKENS: dict[str, Callable[[], dict[str, str]]] = {
     "token-scheme": lambda: {"Authorization": "Token " + hs(claims())},
     "bearer-without-token": lambda: {"Authorization": "Bearer "},
 }
+
+
+@pytest.mark.usefixtures("hs256")
+async def test_token_that_is_not_ascii_is_unauthenticated(gateway: Gateway, redis: Redis) -> None:
+    await settled(redis)
+    before = await untouched(redis)
+    head = f"POST /seckill/{CAMPAIGN} HTTP/1.1\r\nHost: x\r\n".encode()
+    for token in (b"\xff\xfe.\x80.x", "a.bé.c".encode()):
+        assert (
+            await raw_status(gateway.edge, head + b"Authorization: Bearer " + token + b"\r\n")
+            == 401
+        )
+    assert await untouched(redis) == before
 
 
 @pytest.mark.usefixtures("quiet", "hs256")
