@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ class TickBatcher(Generic[I, O]):
             self._schedule()
 
     def _late(self, items: list[I], reply: asyncio.Future[Any]) -> None:
-        if reply.cancelled() or reply.exception() is not None:
+        failure = None if reply.cancelled() else reply.exception()
+        if reply.cancelled() or failure is not None:
+            if isinstance(failure, StorageError) and not failure.maybe_applied:
+                return  # it never reached Redis
             # Sent, perhaps, but no answer came: only Redis knows whether it acted.
             if self.unknown is not None:
                 self.unknown(items)

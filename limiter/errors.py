@@ -11,7 +11,13 @@ class StorageError(LimiterError):
     """Redis could not decide: unreachable, too slow, or it answered with an error.
 
     The gateway fails closed on it: nobody is admitted without a Redis decision.
+    ``maybe_applied`` is False only when the command certainly never reached Redis
+    (the circuit was open, no connection could be made): nothing needs undoing then.
     """
+
+    def __init__(self, message: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class CampaignMissing(LimiterError):

@@ -139,7 +139,8 @@ class RedisGuard:
             wait = max(self.breaker.open_until - loop.time(), 0.0)
             raise StorageError(
                 f"redis failed {self.breaker.failures} times in a row; not asking it {what} "
-                f"for {wait:.1f}s more (circuit open)"
+                f"for {wait:.1f}s more (circuit open)",
+                maybe_applied=False,
             )
         self.stalls.ensure_running()
         try:

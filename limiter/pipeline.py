@@ -53,6 +53,13 @@ class _Queued:
     retried: bool = False
 
 
+@dataclass(slots=True)
+class _Progress:
+    """How far a round trip got: until it starts writing, Redis has seen nothing."""
+
+    writing: bool = False
+
+
 class AutoPipeline:
     def __init__(
         self,
@@ -125,9 +132,12 @@ class AutoPipeline:
 
     async def _send(self, batch: list[_Queued]) -> None:
         started = time.perf_counter()
+        progress = _Progress()
         try:
-            replies = await self.guard.run(lambda: self._execute(batch), "pipeline")
+            replies = await self.guard.run(lambda: self._execute(batch, progress), "pipeline")
         except StorageError as exc:
+            if not progress.writing:
+                exc = StorageError(str(exc), maybe_applied=False)
             for queued in batch:
                 if not queued.future.done():
                     queued.future.set_exception(exc)
@@ -144,12 +154,12 @@ class AutoPipeline:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _execute(self, batch: list[_Queued]) -> list[Any]:
+    async def _execute(self, batch: list[_Queued], progress: _Progress) -> list[Any]:
         commands = [queued.args for queued in batch]
         if self.replicas:
             # WAIT covers the writes made on this connection: the whole pipeline.
             commands.append(("WAIT", self.replicas, self.replica_timeout_ms))
-        replies = await self._round_trip(commands)
+        replies = await self._round_trip(commands, progress)
         if not self.replicas:
             return replies
         acknowledged = replies.pop()
@@ -160,13 +170,16 @@ class AutoPipeline:
             )
         return replies
 
-    async def _round_trip(self, commands: list[tuple[EncodableArg, ...]]) -> list[Any]:
+    async def _round_trip(
+        self, commands: list[tuple[EncodableArg, ...]], progress: _Progress
+    ) -> list[Any]:
         """Write the commands at once on one pooled connection and read every reply (a
         refusal comes back as its exception, in its place). redis-py's Pipeline would do
         the same with a fifth more Python per round trip."""
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
+            progress.writing = True
             await connection.send_packed_command(_pack(commands), check_health=False)
             replies: list[Any] = []
             for args in commands:
@@ -188,8 +201,8 @@ class AutoPipeline:
         if isinstance(reply, NoScriptError) and script is not None and not queued.retried:
             try:
                 await self.guard.run(lambda: self.redis.script_load(script.script), "load script")
-            except StorageError as exc:
-                queued.future.set_exception(exc)
+            except StorageError as exc:  # the command itself was refused: it did nothing
+                queued.future.set_exception(StorageError(str(exc), maybe_applied=False))
                 return
             queued.retried = True
             self._enqueue(queued)

@@ -39,7 +39,7 @@ def reserve_batcher(
     def unknown(attempts: Sequence[Attempt]) -> None:
         # The requesters got 503; in queue mode this keeps an order its buyer was told
         # failed from being delivered.
-        spawn(undo(store, list(attempts), actor))
+        spawn(undo(store, [a.reservation_id for a in attempts], actor))
 
     return TickBatcher(
         store.pipe.guard,
@@ -51,34 +51,36 @@ def reserve_batcher(
     )
 
 
-async def undo(store: CampaignStore, attempts: list[Attempt], actor: str) -> None:
+async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> None:
     """Once Redis answers again, release whatever these attempts reserved (a release of a
     reservation that was never made changes nothing)."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + UNDO_PATIENCE
     delay = 0.1
-    while attempts:
+    while reservation_ids:
         results = await asyncio.gather(
             *(
                 store.release(
-                    a.reservation_id,
+                    rid,
                     leavable=(State.RESERVED,),
                     target=State.RELEASED,
                     reason="its requester never learnt the outcome",
                     actor=actor,
                 )
-                for a in attempts
+                for rid in reservation_ids
             ),
             return_exceptions=True,
         )
-        attempts = [a for a, r in zip(attempts, results, strict=True) if isinstance(r, Exception)]
-        if attempts and loop.time() > give_up:
+        reservation_ids = [
+            rid for rid, r in zip(reservation_ids, results, strict=True) if isinstance(r, Exception)
+        ]
+        if reservation_ids and loop.time() > give_up:
             log.error(
                 "could not undo %d reservation(s) of %s; their deadline or reconcile will",
-                len(attempts),
+                len(reservation_ids),
                 store.campaign_id,
             )
             return
-        if attempts:
+        if reservation_ids:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 1.0)

@@ -1168,17 +1168,32 @@ async def test_a_redis_that_is_down_gives_storage_error() -> None:
         store = down.store()
         loop = asyncio.get_running_loop()
         start = loop.time()
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError) as refused:
             await down.pipe.call("PING", what="ping")
+        assert not refused.value.maybe_applied  # no connection: nothing reached Redis
         with pytest.raises(StorageError):
             await store.reserve([attempt("alice")])
-        batcher = reserve_batcher(store)
+        unknown: list[Attempt] = []
+        batcher = TickBatcher(
+            store.pipe.guard,
+            store.submit_reserve,
+            store.decisions,
+            "reserve",
+            unknown=unknown.extend,
+        )
         results = await asyncio.gather(
             *(batcher.submit(attempt(f"u{i}")) for i in range(5)), return_exceptions=True
         )
         await batcher.close()
-        assert all(isinstance(r, StorageError) for r in results), results
-        assert loop.time() - start < 15  # did not hang (three 1 s deadlines at most)
+        assert all(isinstance(r, StorageError) and not r.maybe_applied for r in results), results
+        assert unknown == []  # nothing to undo: it was never sent
+        while not down.pipe.guard.breaker.is_open:
+            with contextlib.suppress(StorageError):
+                await down.pipe.call("PING", what="ping")
+        with pytest.raises(StorageError, match="circuit open") as shut:
+            await down.pipe.call("PING", what="ping")
+        assert not shut.value.maybe_applied
+        assert loop.time() - start < 15  # did not hang (a few 1 s deadlines at most)
 
 
 async def test_a_paused_redis_gives_storage_error_instead_of_hanging(
@@ -1192,9 +1207,10 @@ async def test_a_paused_redis_gives_storage_error_instead_of_hanging(
     start = loop.time()
     process.send_signal(signal.SIGSTOP)
     try:
-        with pytest.raises(StorageError, match="did not answer"):
+        with pytest.raises(StorageError, match="did not answer") as silent:
             await store.figures()
         waited = loop.time() - start
+        assert silent.value.maybe_applied  # written, unanswered: only Redis knows
     finally:
         process.send_signal(signal.SIGCONT)
     assert waited < 5
