@@ -127,6 +127,9 @@ def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
 
 def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
     """One worker: its own event loop and Redis pool, on the shared ports."""
+    # A reload forwarded while this worker still starts would kill it (SIGHUP's default):
+    # ignore it until serving installs its handler (it reads the file as it starts anyway).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
     from gateway.embedded_redis import die_with_parent
