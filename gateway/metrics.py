@@ -232,11 +232,17 @@ class Publisher:
         self.hot.flush()
         for what, count in list(rt.guard.errors.items()):
             self._add(REDIS_ERRORS, ("redis", what), count, what)
+        # A reload replaces the shapers, whose counts start again from zero: they are
+        # told apart by identity, and a retired one's entries go (its id may be reused).
+        current: set[int] = set()
         for campaign in rt.registry.by_id.values():
             shaper = campaign.shaper
             for counts, mode in ((shaper.refused, "enforce"), (shaper.shadowed, "shadow")):
+                current.add(id(counts))
                 for limit, count in list(counts.items()):
                     self._add(LIMIT_REFUSALS, (id(counts), limit), count, campaign.id, limit, mode)
+        for key in [k for k in self._seen if isinstance(k[0], int) and k[0] not in current]:
+            del self._seen[key]
         if rt.dispatcher is not None:
             for (campaign_id, result), count in list(rt.dispatcher.results.items()):
                 self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)

@@ -52,6 +52,10 @@ def restart_only(old: Settings, new: Settings) -> list[tuple[str, str]]:
     if old.admin and new.admin:
         fixed["admin.host"] = (old.admin.host, new.admin.host)
         fixed["admin.port"] = (old.admin.port, new.admin.port)
+        fixed["admin.metrics_need_token"] = (
+            old.admin.metrics_need_token,
+            new.admin.metrics_need_token,
+        )
     return [(path, "changing it needs a restart") for path, (a, b) in fixed.items() if a != b]
 
 
@@ -81,10 +85,12 @@ async def apply(runtime: Runtime, new: Settings) -> Reloaded:
     runtime.identity = identity_for(new.identity)
     runtime.max_body = new.gateway.max_body_bytes
     runtime.guard.timeout = new.redis.timeout
+    runtime.pipe.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
     if new.access_log != runtime.access.settings:
         runtime.access.close()
         runtime.access.settings = new.access_log
     # Every campaign object is rebuilt (cheap); requests in flight keep the old ones.
+    runtime.publisher.flush()  # the old campaigns' counts, before they are replaced
     runtime.registry = Registry.of(runtime.build_campaign(c) for c in new.campaigns)
     runtime.initialised &= set(runtime.registry.by_id)
     await runtime.prepare_or_retry()

@@ -75,7 +75,10 @@ class Shaper:
                 scripts,
                 [keys.admission, keys.state],
                 BucketSpec.stock(a.ratio, a.window),
-                lease=max(1, math.ceil(a.ratio * settings.stock * 0.02 / a.window)),
+                # sized by the file's stock: the bucket itself follows the live stock
+                lease=lease_size(
+                    a.ratio * settings.stock / a.window, round(a.ratio * settings.stock)
+                ),
                 fallback=None,  # without Redis nothing is admitted anyway
             )
         if (c := settings.client_rate_limit) is not None:

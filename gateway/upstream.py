@@ -40,6 +40,9 @@ GATEWAY_HEADERS = frozenset(
         "x-quantity",
     }
 )
+#: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
+#: the backend without them, and the backend knows the buyer by X-User-Id.
+NOT_STORED = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: A backend answer larger than this is treated as a failure.
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 
@@ -66,12 +69,13 @@ class OutboundRequest(NamedTuple):
         return cls(method, path_qs, forwarded, body)
 
     def encode(self) -> bytes:
-        """The order payload kept in Redis (reservation record, order queue, dead letters)."""
+        """The order payload kept in Redis (reservation record, order queue, dead letters),
+        without the buyer's credentials."""
         return json.dumps(
             {
                 "method": self.method,
                 "path": self.path_qs,
-                "headers": list(self.headers.items()),
+                "headers": [(k, v) for k, v in self.headers.items() if k.lower() not in NOT_STORED],
                 "body": base64.b64encode(self.body).decode(),
             },
             separators=(",", ":"),

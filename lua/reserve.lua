@@ -81,7 +81,7 @@ end
 
 local function decide(record_key, rid, user, qty, idem, payload)
   local earlier_state = redis.call('HGET', record_key, 'state')
-  if earlier_state then -- the same call again, after a lost reply
+  if earlier_state then -- an id already used: a caller repeating a call never deducts twice
     repeats = repeats + 1
     return earlier_state == 'reserved' and 0 or 1, rid, figures.available
   end
@@ -120,6 +120,7 @@ if figures.available ~= available_at_start then
   count_move(state_key, nil, 'reserved', winners)
   announce(channel, available_at_start, figures.available)
 end
--- requests that reached the deduction stage, for the admission budget's accounts
+-- attempts decided (repeats not counted): the campaign view's "decided", against
+-- which the admission budget's shadow-mode refusals are measured
 redis.call('HINCRBY', state_key, 'decided', count - repeats)
 return out

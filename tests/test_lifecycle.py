@@ -45,6 +45,7 @@ from tests.helpers import (
     open_gateway,
     problem_of,
     settings_for,
+    text,
     wait_for,
 )
 
@@ -134,6 +135,20 @@ async def sweep_when_due(
 
     await wait_for(due, within=5.0)
     await sweep(store, actor)
+
+
+async def everything_stored(redis: Redis) -> str:
+    """Every value of the campaign's strings, hashes and streams, as one text."""
+    texts: list[str] = []
+    async for key in redis.scan_iter(f"{BASE}:*"):
+        kind = text(await redis.type(key))
+        if kind == "string":
+            texts.append(repr(await redis.get(key)))
+        elif kind == "hash":
+            texts.append(repr(await redis.hgetall(key)))
+        elif kind == "stream":
+            texts.append(repr(await redis.xrange(key)))
+    return "\n".join(texts)
 
 
 def ops_for(entries: list[dict[str, str]], rid: str) -> list[str]:
@@ -755,6 +770,22 @@ async def test_queue_mode_backend_refusal_releases(
     assert second != rid
     await wait_for(reaches(redis, second, "committed"), within=8.0)
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
+@pytest.mark.usefixtures("queue_mode")
+async def test_queued_orders_keep_no_credentials_in_redis(
+    gateway: Gateway, shop: Shop, redis: Redis
+) -> None:
+    secret = "session-secret-4711"
+    credentials = {"Cookie": f"sid={secret}", "Authorization": f"Bearer {secret}"}
+    response = await gateway.buy("alice", headers={**credentials, "X-Note": "gift"})
+    assert response.status == 202
+    rid = (await response.json())["reservation_id"]
+    assert secret not in await everything_stored(redis)
+    await wait_for(reaches(redis, rid, "committed"), within=8.0)
+    delivered = {k.lower(): v for k, v in shop.seen[0].headers.items()}
+    assert {"cookie", "authorization"}.isdisjoint(delivered)
+    assert (delivered["x-user-id"], delivered["x-note"]) == ("alice", "gift")
 
 
 @pytest.mark.usefixtures("queue_mode")

@@ -406,8 +406,9 @@ async def test_reload_applies_changes_and_never_resets_stock(
         (lambda d: d["gateway"].update(port=1), "gateway.port"),
         (lambda d: d.update(redis={"url": "redis://10.0.0.1:6379/0"}), "redis.url"),
         (lambda d: d["campaigns"][0].update(upstream="nowhere"), "campaigns[0].upstream"),
+        (lambda d: d["admin"].update(metrics_need_token=True), "admin.metrics_need_token"),
     ],
-    ids=["invalid", "port change", "redis change", "unknown upstream"],
+    ids=["invalid", "port change", "redis change", "unknown upstream", "metrics token"],
 )
 async def test_a_refused_reload_keeps_the_running_config(
     settings_data: dict[str, Any],
