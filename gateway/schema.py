@@ -94,10 +94,13 @@ def convert(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[
         if value is None and _optional(kind):
             return None
         try:
-            return parse(value)
+            parsed = parse(value)
         except Invalid as exc:
             problems.add(path, str(exc))
             return None
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            _bounds(parsed, path, problems, meta)  # bounds hold for parsed numbers too
+        return parsed
     origin = get_origin(kind)
     if origin in (Union, types.UnionType):
         if value is None:
