@@ -37,14 +37,16 @@ local states = {reserved = 0, held = 0, committed = 0, released = 0, expired = 0
 for i = 5, #KEYS do
   local r = redis.call('HMGET', KEYS[i], 'state', 'user', 'qty')
   local state, user, qty = r[1], r[2], tonumber(r[3])
-  states[state] = (states[state] or 0) + 1
-  if state == 'reserved' or state == 'held' then
-    reserved = reserved + qty
-  elseif state == 'committed' then
-    sold = sold + qty
-  end
-  if state == 'reserved' or state == 'held' or state == 'committed' then
-    held_by[user] = (held_by[user] or 0) + qty
+  if state then -- an indexed record that is gone (deleted by hand) counts for nothing
+    states[state] = (states[state] or 0) + 1
+    if state == 'reserved' or state == 'held' then
+      reserved = reserved + qty
+    elseif state == 'committed' then
+      sold = sold + qty
+    end
+    if state == 'reserved' or state == 'held' or state == 'committed' then
+      held_by[user] = (held_by[user] or 0) + qty
+    end
   end
 end
 

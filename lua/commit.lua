@@ -24,6 +24,9 @@ local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
 local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
 local actor, ledger_max, channel, leavable = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
+if (target ~= 'committed' and target ~= 'held') or (target == 'held' and not hold_ms) then
+  return redis.error_reply('commit: the target must be committed, or held with a hold time')
+end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty')
 local state, user, qty = record[1], record[2], tonumber(record[3])

@@ -31,6 +31,9 @@ local orders_key, dead_key = KEYS[7], KEYS[8]
 local rid, leavable, target = ARGV[1], ARGV[2], ARGV[3]
 local reason, actor, ledger_max, channel = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local only_when_due, dead_payload = ARGV[8] == 'due', ARGV[9]
+if target ~= 'released' and target ~= 'expired' and target ~= 'cancelled' then
+  return redis.error_reply('release: the state entered must be released, expired or cancelled')
+end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms',
                           'payload', 'attempts')

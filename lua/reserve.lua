@@ -29,6 +29,10 @@ local channel = ARGV[5]
 local count = (#ARGV - 5) / 5
 
 -- Refuse the whole batch before writing anything: a script error does not roll back.
+if not user_limit or not deadline_after or not ledger_max or (mode ~= 'sync' and mode ~= 'queue')
+    or count ~= math.floor(count) or #KEYS ~= 7 + count then
+  return redis.error_reply('reserve: malformed call (see the argument list at the top)')
+end
 for i = 1, count do
   local qty = tonumber(ARGV[6 + 5 * (i - 1) + 2])
   if not qty or qty < 1 or qty ~= math.floor(qty) then

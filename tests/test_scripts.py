@@ -20,6 +20,7 @@ from redis.asyncio.client import PubSub
 
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.sweeper import sweep
+from limiter.audit import audit
 from limiter.batching import TickBatcher
 from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard
@@ -898,6 +899,67 @@ async def test_adjust_without_campaign_or_figure(rig: Rig, redis: Redis) -> None
     assert await redis_snapshot(redis) == {}
     with pytest.raises(ValueError, match="delta or set_to"):
         await store.adjust(actor=ACTOR)
+
+
+MALFORMED_CALLS: dict[str, tuple[str, Callable[[CampaignKeys], list[str]], list[Any]]] = {
+    "adjust: unknown how": ("adjust_stock", lambda k: [k.state, k.ledger], ["add", 1, "x", 0, "e"]),
+    "adjust: fraction": (
+        "adjust_stock",
+        lambda k: [k.state, k.ledger],
+        ["delta", "1.5", "x", 0, "e"],
+    ),
+    "adjust: no number": ("adjust_stock", lambda k: [k.state, k.ledger], ["set", "", "x", 0, "e"]),
+    "release: into reserved": (
+        "release",
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, k.deadlines, "r", k.orders, "d"],
+        ["rid", "reserved", "reserved", "why", "x", 0, "e", "", ""],
+    ),
+    "commit: into released": (
+        "commit",
+        lambda k: [k.state, k.users, k.ledger, k.deadlines, "r"],
+        ["rid", "released", 0, "", 2, "", "", "", "x", 0, "e", "reserved"],
+    ),
+    "commit: hold without time": (
+        "commit",
+        lambda k: [k.state, k.users, k.ledger, k.deadlines, "r"],
+        ["rid", "held", "", "", 2, "", "", "", "x", 0, "e", "reserved"],
+    ),
+    "reserve: missing record key": (
+        "reserve",
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines, k.orders],
+        [2, 0, 0, "sync", "e", "rid", "alice", 1, "", ""],
+    ),
+    "reserve: unknown mode": (
+        "reserve",
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines, k.orders, "r"],
+        [2, 0, 0, "later", "e", "rid", "alice", 1, "", ""],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CALLS))
+async def test_malformed_script_calls_are_refused_and_change_nothing(
+    case: str, rig: Rig, redis: Redis
+) -> None:
+    store = rig.store()
+    await store.init(10)
+    before = await redis_snapshot(redis)
+    name, keys, args = MALFORMED_CALLS[case]
+    with pytest.raises(StorageError, match="refused"):
+        await rig.pipe.script(getattr(rig.scripts, name), keys(store.keys), args, name)
+    assert await redis_snapshot(redis) == before
+
+
+async def test_audit_survives_an_indexed_record_that_is_gone(rig: Rig, redis: Redis) -> None:
+    store = rig.store()
+    await store.init(10)
+    kept = await reserved(store, "alice")
+    lost = await reserved(store, "bob")
+    await redis.delete(store.keys.reservation(lost))  # deleted by hand
+    found = await audit(store, repair=False, actor=ACTOR)
+    assert (found.reserved_by_records, found.sold_by_records) == (1, 0)
+    assert found.drift  # the counters still count bob's unit: reconcile says so
+    assert (await record(redis, store, kept))["state"] == "reserved"
 
 
 async def test_adjust_announces_sold_out_and_restock(rig: Rig, redis: Redis) -> None:
