@@ -73,11 +73,11 @@ async def settle_accepted(
     await _now_or_in_background(runtime, campaign, rid, "commit", commit)
 
 
-async def give_back(runtime: Runtime, campaign: Campaign, rid: str, reason: str) -> bool:
+async def give_back(runtime: Runtime, campaign: Campaign, rid: str, reason: str) -> None:
     """Release a reservation the backend did not take; if Redis fails, keep trying in
-    the background. False when it is not done yet."""
+    the background."""
     release = partial(release_refused, runtime, campaign, rid, reason)
-    return await _now_or_in_background(runtime, campaign, rid, "release", release)
+    await _now_or_in_background(runtime, campaign, rid, "release", release)
 
 
 async def _now_or_in_background(
@@ -86,14 +86,12 @@ async def _now_or_in_background(
     rid: str,
     what: str,
     attempt: Callable[[], Awaitable[None]],
-) -> bool:
+) -> None:
     try:
         await attempt()
     except StorageError as exc:
         log.warning("%s of %s failed (%s); retrying in the background", what, rid, exc)
         runtime.spawn(_retry_until_deadline(campaign, rid, what, attempt))
-        return False
-    return True
 
 
 async def _retry_until_deadline(

@@ -62,12 +62,16 @@ class StockWatch:
             *(self.pipe.call("HGET", k.state, "available", what="poll counters") for k in keys),
         )
         self.last_success = started
-        missing = set()
+        missing: set[str] = set()
         for k, available in zip(keys, replies[1:], strict=True):
             if available is None:
                 missing.add(k.campaign_id)
-            elif epoch == self._epoch:
-                (self.sold_out.discard if int(available) else self.sold_out.add)(k.campaign_id)
+            if epoch != self._epoch:
+                continue
+            if available is not None and int(available) == 0:
+                self.sold_out.add(k.campaign_id)
+            else:  # stock left, or no counters at all (503 for buyers, not "sold out")
+                self.sold_out.discard(k.campaign_id)
         self.missing = missing
 
     async def run_poll(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:

@@ -542,7 +542,9 @@ async def test_vanished_counters_are_unavailable_not_sold_out(
 ) -> None:
     """Redis lost the campaign (a flush, a failover to an empty replica): buyers get 503
     and readiness names the campaign; the running gateway never recreates its stock."""
-    assert (await gateway.buy("alice")).status == 201
+    for user in ("alice", "bob", "carol", "dave"):
+        assert (await gateway.buy(user)).status == 201
+    assert (await outcome(await gateway.buy("erin"))).code == "sold-out"
     await redis.delete(f"fg:{{{CAMPAIGN}}}:state")
 
     async def reported_missing() -> bool:
@@ -550,7 +552,7 @@ async def test_vanished_counters_are_unavailable_not_sold_out(
         return ready.status == 503 and (await ready.json())["campaigns_missing"] == [CAMPAIGN]
 
     await wait_for(reported_missing, within=5.0)
-    assert (await outcome(await gateway.buy("bob"))).code == "unavailable"
+    assert (await outcome(await gateway.buy("frank"))).code == "unavailable"
     assert await redis.exists(f"fg:{{{CAMPAIGN}}}:state") == 0
 
 
