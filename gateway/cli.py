@@ -112,10 +112,25 @@ def _parser() -> argparse.ArgumentParser:
         help="requests of the oversubscribed sale (default 20000)",
     )
     bench.add_argument(
-        "--seconds", type=float, default=3.0, help="length of each timed run (default 3)"
+        "--seconds",
+        "--duration",
+        dest="seconds",
+        type=_positive_float,
+        default=3.0,
+        help="length of each timed run, seconds (default 3)",
     )
     bench.add_argument(
         "--concurrency", type=_positive_int, default=256, help="connections (default 256)"
+    )
+    bench.add_argument(
+        "--buyers",
+        type=_positive_int,
+        help="distinct buyers the crowd draws from (default: one per request, at least 1e6)",
+    )
+    bench.add_argument(
+        "--stock",
+        type=_positive_int,
+        help="stock of the oversubscribed sale (default: 1%% of --requests)",
     )
     bench.add_argument(
         "--scenario",
@@ -283,6 +298,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return number
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gateway.bench.harness import Options, bench, bench_url
     from gateway.bench.report import render
@@ -291,6 +313,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         requests=args.requests,
         seconds=args.seconds,
         concurrency=args.concurrency,
+        buyers=args.buyers,
+        stock=args.stock,
         rounds=args.rounds,
         scenarios=tuple(args.scenario or SCENARIOS),
         progress=not args.json,

@@ -38,22 +38,33 @@ def bench(*args: str) -> dict[str, Any]:
 
 
 def test_oversubscribed_sale_is_correct_for_both_designs() -> None:
-    report = bench("--scenario", "oversubscribed", "--requests", "1500", "--concurrency", "64")
+    report = bench(
+        "--scenario",
+        "oversubscribed",
+        "--requests",
+        "1500",
+        "--concurrency",
+        "64",
+        "--stock",
+        "20",
+        "--buyers",
+        "1000",
+    )
     runs = report["runs"]["oversubscribed"]
     for name in ("naive", "flashgate"):
         verdict = runs[name]["verdict"]
         assert verdict["correct"] is True, (name, verdict)
-        assert (verdict["stock_total"], verdict["sold"], verdict["oversold"]) == (15, 15, 0)
+        assert (verdict["stock_total"], verdict["sold"], verdict["oversold"]) == (20, 20, 0)
         assert runs[name]["requests"] == 1500
         assert sum(o["count"] for o in runs[name]["outcomes"].values()) == 1500
-    assert runs["flashgate"]["decided"] >= 15
+    assert runs["flashgate"]["decided"] >= 20
     assert runs["flashgate"]["redis_round_trips_per_decision"] is not None
     targets = {t["target"][:2] for t in report["targets"]}
     assert targets == {"a.", "c."}
 
 
 def test_sold_out_path_makes_no_redis_calls_per_request() -> None:
-    report = bench("--scenario", "sold-out", "--seconds", "1", "--concurrency", "32")
+    report = bench("--scenario", "sold-out", "--duration", "1", "--concurrency", "32")
     flashgate = report["runs"]["sold-out"]["flashgate"]
     assert set(flashgate["outcomes"]) == {"sold-out"}
     # only the background work of a second (polls, heartbeat, sweeps): not one per request

@@ -56,6 +56,8 @@ class Options:
     seconds: float = 3.0
     concurrency: int = 256
     buyers: int | None = None
+    #: Stock of the oversubscribed sale (default: 1 % of the requests).
+    stock: int | None = None
     scenarios: tuple[str, ...] = SCENARIOS
     #: Each comparison runs this many times, its systems alternating.
     rounds: int = 3
@@ -439,7 +441,7 @@ class Bench:
 
     async def oversubscribed(self) -> None:
         requests = self.options.requests
-        stock = max(1, requests // 100)
+        stock = self.options.stock or max(1, requests // 100)
         await self.compare(
             "oversubscribed",
             {
