@@ -15,7 +15,6 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
 from gateway.campaigns import Campaign
@@ -24,7 +23,7 @@ from gateway.errors import UpstreamError
 from gateway.logs import Throttled
 from gateway.metrics import DECISION_SECONDS
 from gateway.problems import Code, Problem
-from gateway.settle import accepted, give_back, settle_accepted
+from gateway.settle import accepted, give_back, replayed_headers, settle_accepted
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
@@ -228,5 +227,6 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
 def _replayed_reply(record: Reservation, rid: str) -> web.Response:
     assert record.reply is not None
     reply = record.reply
-    headers = CIMultiDict({"Content-Type": reply.content_type} if reply.content_type else {})
-    return _relay(UpstreamReply(reply.status, headers, reply.body), rid, replayed=True)
+    return _relay(
+        UpstreamReply(reply.status, replayed_headers(reply), reply.body), rid, replayed=True
+    )

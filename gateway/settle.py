@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict
 
 from gateway.campaigns import Campaign
 from gateway.upstream import UpstreamReply
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Backend answers up to this size are kept for idempotent replays and status polls.
 MAX_STORED_REPLY = 64 * 1024
+#: Headers a replay does not repeat: sized anew, or a credential that must not rest in Redis.
+NOT_REPLAYED = frozenset({"content-type", "content-length", "set-cookie"})
 
 
 def accepted(status: int) -> bool:
@@ -32,7 +37,17 @@ def accepted(status: int) -> bool:
 def stored_reply(reply: UpstreamReply) -> Reply | None:
     if len(reply.body) > MAX_STORED_REPLY:
         return None
-    return Reply(reply.status, reply.content_type, reply.body)
+    kept = [(k, v) for k, v in reply.headers.items() if k.lower() not in NOT_REPLAYED]
+    headers = json.dumps(kept, separators=(",", ":")) if kept else ""
+    return Reply(reply.status, reply.content_type, reply.body, headers)
+
+
+def replayed_headers(reply: Reply) -> CIMultiDict[str]:
+    """The headers of a stored answer, as the backend sent them (but Set-Cookie)."""
+    headers: CIMultiDict[str] = CIMultiDict(json.loads(reply.headers) if reply.headers else ())
+    if reply.content_type:
+        headers["Content-Type"] = reply.content_type
+    return headers
 
 
 async def keep_reply(campaign: Campaign, rid: str, reply: UpstreamReply) -> None:

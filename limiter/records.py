@@ -95,6 +95,8 @@ class Reply(NamedTuple):
     status: int
     content_type: str
     body: bytes
+    #: Its other end-to-end headers, as JSON pairs ("" for none); never Set-Cookie.
+    headers: str = ""
 
 
 class Reservation(NamedTuple):

@@ -155,6 +155,8 @@ class CampaignStore:
             reply.content_type,
             "reply_body",
             reply.body,
+            "reply_headers",
+            reply.headers,
             what="keep the reply",
         )
 
@@ -177,8 +179,10 @@ class CampaignStore:
     ) -> Transition:
         """Settle a reservation (commit, hold or confirm); see commit.lua for the statuses."""
         k = self.keys
-        status, content_type, body = (
-            (str(reply.status), reply.content_type, reply.body) if reply else ("", "", b"")
+        status, content_type, body, headers = (
+            (str(reply.status), reply.content_type, reply.body, reply.headers)
+            if reply
+            else ("", "", b"", "")
         )
         args = [
             reservation_id,
@@ -193,6 +197,7 @@ class CampaignStore:
             self.policy.ledger_max_length,
             k.events,
             leavable.value,
+            headers,
         ]
         keys = [k.state, k.users, k.ledger, k.deadlines, k.reservation(reservation_id)]
         result = await self.pipe.script(self.scripts.commit, keys, args, "commit")
@@ -252,7 +257,12 @@ def parse_reservation(reservation_id: str, campaign_id: str, raw: Mapping[Any, A
 
     reply = None
     if raw.get(b"reply_status"):
-        reply = Reply(number("reply_status"), text("reply_type"), raw.get(b"reply_body", b""))
+        reply = Reply(
+            number("reply_status"),
+            text("reply_type"),
+            raw.get(b"reply_body", b""),
+            text("reply_headers"),
+        )
     return Reservation(
         id=reservation_id,
         campaign_id=campaign_id,

@@ -14,6 +14,7 @@
 -- ARGV[6] reply status ("" for none)   ARGV[7] reply content type   ARGV[8] reply body
 -- ARGV[9] actor   ARGV[10] ledger max length (0: no cap)   ARGV[11] events channel
 -- ARGV[12] states it may leave: "reserved" (the backend's answer) or "held" (confirm)
+-- ARGV[13] the reply's other headers, JSON pairs ("" for none)
 -- returns {status, state}
 --   0 done (state now)   1 already there or beyond (its state)   2 gone (its state)
 --   3 no such reservation   4 taken again and done (state now)   5 not from its state
@@ -24,6 +25,7 @@ local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
 local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
 local actor, ledger_max, channel, leavable = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
+local reply_headers = ARGV[13] or ''
 if (target ~= 'committed' and target ~= 'held') or (target == 'held' and not hold_ms) then
   return redis.error_reply('commit: the target must be committed, or held with a hold time')
 end
@@ -78,7 +80,7 @@ redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
 count_move(state_key, state, target, 1)
 if reply_status ~= '' then
   redis.call('HSET', record_key, 'reply_status', reply_status, 'reply_type', reply_type,
-             'reply_body', reply_body)
+             'reply_body', reply_body, 'reply_headers', reply_headers)
 end
 append_ledger(ledger_key, ledger_max, op, rid, user, qty, actor, before, figures)
 announce(channel, before.available, figures.available)

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from tests.helpers import Gateway, Shop, check_invariant, problem_of, wait_for
+from tests.helpers import Gateway, Shop, accept, check_invariant, problem_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -179,14 +179,28 @@ async def test_backend_refusal_passes_through_and_releases(
 async def test_sequential_idempotent_retry_replays_the_stored_answer(
     gateway: Gateway, shop: Shop, redis: Redis
 ) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = await accept(request)
+        response.headers.add("Link", "</orders/1>; rel=order")
+        response.headers.add("Link", "</help>; rel=help")
+        response.set_cookie("session", "backend-secret")
+        return response
+
+    shop.respond = answer
     first = await gateway.buy("alice", key="order-42")
     assert first.status == 201
     body = await first.read()
+    assert "session=backend-secret" in first.headers["Set-Cookie"]
     again = await gateway.buy("alice", key="order-42")
     assert again.status == 201
     assert await again.read() == body
     assert again.headers["X-Reservation-Id"] == first.headers["X-Reservation-Id"]
     assert again.headers["Idempotent-Replayed"] == "true"
+    # the backend's headers come back as they were (its cookie is not kept in Redis)
+    assert again.headers["Content-Type"] == first.headers["Content-Type"]
+    assert again.headers["X-Shop"] == "yes"
+    assert again.headers.getall("Link") == first.headers.getall("Link")
+    assert "Set-Cookie" not in again.headers
     assert len(shop.seen) == 1  # never forwarded twice
     state = await check_invariant(redis, "phone-1111", per_user_limit=1)
     assert state["sold"] == 1
