@@ -56,6 +56,18 @@ class Route:
         return f"{self.method} {self.path}"
 
 
+def _headers(value: Any) -> Mapping[str, str]:
+    """Header names and values; a value is never echoed (it is usually a credential)."""
+    if not isinstance(value, Mapping):
+        raise Invalid(f"must be a mapping of header names to values, got {type(value).__name__}")
+    for name, text in value.items():
+        if not isinstance(name, str) or not re.fullmatch(_HEADER_NAME, name):
+            raise Invalid(f"{name!r} is not a valid header name")
+        if not isinstance(text, str) or any(c in text for c in "\r\n\x00"):
+            raise Invalid(f"the value of {name} must be a string without CR, LF or NUL")
+    return MappingProxyType(dict(value))
+
+
 def route(value: Any) -> Route:
     """``"POST /seckill/phone-1111"``."""
     parts = value.split() if isinstance(value, str) else []
@@ -207,6 +219,11 @@ class UpstreamSettings:
     url: str = spec(parse=http_url)
     timeout: float = spec(2.0, parse=duration)
     max_connections: int = spec(256, min=1, max=100_000)
+    #: Sent with every request to this backend, replacing a client's copies: typically
+    #: the gateway's own credential, the only one a queued or redelivered order carries.
+    headers: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={"parse": _headers}
+    )
 
 
 @dataclass(frozen=True, slots=True)

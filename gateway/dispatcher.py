@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.campaigns import Campaign
 from gateway.errors import UpstreamError
+from gateway.logs import Throttled
 from gateway.settle import accepted, commit_accepted, keep_reply, release_refused
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 log = logging.getLogger(__name__)
+_trouble = Throttled(log)
 
 GROUP = "flashgate"
 #: How long one blocking read waits for new orders, ms.
@@ -52,8 +54,16 @@ CLAIM_EVERY = 2.0
 SLOT_WAIT = (0.01, 0.05)
 #: How long to wait before trying again when Redis could not be told an outcome.
 SETTLE_RETRY = 0.5
-#: How long a stopping dispatcher lets its deliveries finish, at most (seconds).
-STOP_GRACE = 10.0
+#: How long a stopping dispatcher lets its deliveries finish, at most (seconds); within
+#: the runtime's own grace, so that nothing is closed under a delivery.
+STOP_GRACE = 4.0
+#: Backend answers below 500 that are not its decision on the order: the delivery itself
+#: was not let in (a queued or redelivered order carries the gateway's credential only).
+NOT_A_DECISION = frozenset({401, 407})
+
+
+class _Unsent(Exception):
+    """The order never left (a fault in this process): no attempt is counted."""
 
 
 async def ensure_group(redis: Redis, orders: str) -> None:
@@ -109,11 +119,15 @@ class Dispatcher:
         if not self._deliveries:
             return
         slowest = max(u.settings.timeout for u in self.runtime.upstreams.values())
-        _, late = await asyncio.wait(list(self._deliveries), timeout=min(STOP_GRACE, slowest + 1))
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late, timeout=1.0)
+        deliveries = list(self._deliveries)
+        try:
+            await asyncio.wait(deliveries, timeout=min(STOP_GRACE, slowest + 1))
+        finally:  # also when the runtime's grace runs out first and cancels this
+            late = [task for task in deliveries if not task.done()]
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
 
     async def _serve(self, campaign: Campaign) -> None:
         limit = campaign.settings.max_inflight
@@ -185,9 +199,13 @@ class Dispatcher:
                 await self._ack(campaign, message_id)
             return
         while not self.stopping.is_set():
+            # a reload replaces the campaign and its backend: each attempt takes the current
+            current = self.runtime.registry.by_id.get(campaign.id)
+            if current is None:
+                return  # removed by a reload: the order waits, unacked, for its return
             try:
-                if await self._attempt(campaign, rid, order, payload):
-                    await self._ack(campaign, message_id)
+                if await self._attempt(current, rid, order, payload):
+                    await self._ack(current, message_id)
                     return
             except StorageError as exc:
                 log.debug("delivery of %s paused: %s", rid, exc)
@@ -205,8 +223,10 @@ class Dispatcher:
             await asyncio.sleep(random.uniform(*SLOT_WAIT))
             return False
         try:
-            attempts = await campaign.store.count_attempt(rid)
             reply, failure = await self._send(campaign, order)
+        except _Unsent:
+            await asyncio.sleep(campaign.settings.retry_backoff)
+            return False
         finally:
             await self._give_slot(campaign, rid)
         if reply is not None and accepted(reply.status):
@@ -214,7 +234,7 @@ class Dispatcher:
             return await self._settle(
                 rid, partial(commit_accepted, self.runtime, campaign, rid, reply)
             )
-        if reply is not None and reply.status < 500:
+        if reply is not None and reply.status < 500 and reply.status not in NOT_A_DECISION:
             self.results[(campaign.id, "refused")] += 1
             reason = f"upstream answered {reply.status}"
             if not await self._settle(
@@ -224,8 +244,9 @@ class Dispatcher:
             await keep_reply(campaign, rid, reply)  # the buyer polls for the backend's reason
             return True
         self.results[(campaign.id, "failed")] += 1
+        attempts = await campaign.store.count_attempt(rid)  # failed deliveries
         s = campaign.settings
-        if attempts >= s.max_attempts:
+        if attempts >= s.max_attempts and not self.stopping.is_set():
             reason = f"dead-lettered after {attempts} failed deliveries: {failure}"
             release = partial(release_refused, self.runtime, campaign, rid, reason, payload)
             if not await self._settle(rid, release):
@@ -246,7 +267,9 @@ class Dispatcher:
             except StorageError as exc:
                 if self.stopping.is_set():
                     return False
-                log.warning("settling %s failed (%s); trying again", rid, exc)
+                _trouble.log(
+                    logging.WARNING, "settle", "settling %s failed (%s); trying again", rid, exc
+                )
                 await asyncio.sleep(SETTLE_RETRY)
 
     async def _send(
@@ -256,9 +279,15 @@ class Dispatcher:
             reply = await campaign.upstream.send(order)
         except UpstreamError as exc:
             return None, str(exc)
-        except Exception as exc:  # a bug must not leave the order stuck: count it as failed
-            log.exception("delivery to %s failed unexpectedly", campaign.settings.upstream)
-            return None, f"unexpected error: {exc!r}"
+        except Exception as exc:  # a fault here, not the backend's: try again later
+            _trouble.log(
+                logging.ERROR,
+                "send",
+                "delivery to %s failed in this process; retrying",
+                campaign.settings.upstream,
+                exc_info=True,
+            )
+            raise _Unsent from exc
         return reply, f"upstream answered {reply.status}"
 
     async def _take_slot(self, campaign: Campaign, rid: str) -> bool:

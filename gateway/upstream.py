@@ -144,12 +144,16 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("upstream is not open")
         url = self.settings.url + request.path_qs
+        headers = request.headers
+        if self.settings.headers:  # the gateway's own, never stored with the order
+            headers = headers.copy()
+            headers.update(self.settings.headers)
         started = time.perf_counter()
         try:
             async with self._session.request(
                 request.method,
                 url,
-                headers=request.headers,
+                headers=headers,
                 data=request.body,
                 allow_redirects=False,
             ) as response:

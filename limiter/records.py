@@ -127,6 +127,6 @@ class Reservation(NamedTuple):
             "updated_ms": self.updated_ms,
             "deadline_ms": self.deadline_ms or None,
             "reason": self.reason or None,
-            "delivery_attempts": self.attempts,
+            "failed_deliveries": self.attempts,
             "conflict": self.conflict,
         }

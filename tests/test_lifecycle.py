@@ -788,6 +788,31 @@ async def test_queued_orders_keep_no_credentials_in_redis(
     assert (delivered["x-user-id"], delivered["x-note"]) == ("alice", "gift")
 
 
+async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    settings_data["upstreams"]["shop"]["headers"] = {"Authorization": "Bearer service-7"}
+    campaign_of(settings_data).update(forward="queue", retry_backoff="100ms")
+    answers = iter([401])
+
+    async def checks_the_service(request: web.Request) -> web.StreamResponse:
+        assert request.headers["Authorization"] == "Bearer service-7"
+        status = next(answers, 201)  # a 401 is not the backend's decision on the order
+        return web.json_response({"status": status}, status=status)
+
+    shop.respond = checks_the_service
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        response = await gw.buy("alice", headers={"Authorization": "Bearer buyer-secret"})
+        assert response.status == 202
+        rid = (await response.json())["reservation_id"]
+        await wait_for(reaches(redis, rid, "committed"), within=8.0)
+    assert [seen.headers["Authorization"] for seen in shop.seen] == ["Bearer service-7"] * 2
+    stored = await everything_stored(redis)
+    assert "service-7" not in stored
+    assert "buyer-secret" not in stored
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
 @pytest.mark.usefixtures("queue_mode")
 @pytest.mark.parametrize(("answer", "outcome"), [(200, "committed"), (422, "released")])
 async def test_queue_mode_outcome_is_settled_without_asking_again_when_redis_blinks(

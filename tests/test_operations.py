@@ -399,6 +399,48 @@ async def test_reload_applies_changes_and_never_resets_stock(
 
 
 @pytest.mark.integration
+async def test_a_reload_during_a_delivery_backoff_delivers_on_the_new_backend(
+    settings_data: dict[str, Any],
+    redis_server: EmbeddedRedis,
+    redis: Redis,
+    shop: Shop,
+    tmp_path: Path,
+) -> None:
+    """The old backend connection closes after a reload; a queued order waiting to be
+    retried goes to the new one instead of failing against the closed one."""
+    settings_data["campaigns"][0].update(
+        forward="queue", max_attempts=2, retry_backoff="2s", max_retry_backoff="2s"
+    )
+    settings_data["upstreams"]["shop"]["timeout"] = 0.5  # closed 1.5 s after the reload
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    answers = iter([503])
+
+    async def busy_once(request: web.Request) -> web.StreamResponse:
+        status = next(answers, 201)
+        return web.json_response({"status": status}, status=status)
+
+    shop.respond = busy_once
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        response = await gw.buy("alice")
+        assert response.status == 202
+        rid = (await response.json())["reservation_id"]
+        await wait_for(lambda: len(shop.seen) == 1, within=5)  # failed once: backing off
+        changed = json.loads(json.dumps(settings_data))
+        changed["upstreams"]["shop"]["timeout"] = 1.0  # a new backend connection pool
+        _write(path, changed)
+        assert (await gw.admin.post("/reload", headers=AUTH)).status == 200
+
+        async def settled() -> bool:
+            record = await gw.runtime.registry.by_id["phone-1111"].store.reservation(rid)
+            return record is not None and record.state.value == "committed"
+
+        await wait_for(settled, within=10)
+        assert len(shop.seen) == 2
+    await check_invariant(redis, "phone-1111", per_user_limit=1)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("change", "path_in_error"),
     [
