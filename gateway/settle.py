@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from gateway.campaigns import Campaign
 from gateway.upstream import UpstreamReply
 from limiter.errors import StorageError
-from limiter.records import CommitStatus, Reply, State
+from limiter.records import CommitStatus, ReleaseStatus, Reply, State, Transition
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -69,7 +69,7 @@ async def release_refused(
     runtime: Runtime, campaign: Campaign, rid: str, reason: str, dead_letter: bytes = b""
 ) -> None:
     """Release a reservation the backend did not take; StorageError if Redis failed."""
-    await campaign.store.release(
+    result = await campaign.store.release(
         rid,
         leavable=(State.RESERVED,),
         target=State.RELEASED,
@@ -77,6 +77,17 @@ async def release_refused(
         actor=runtime.actor,
         dead_letter=dead_letter,
     )
+    _unless_counters_missing(campaign, result, ReleaseStatus.NOT_FOUND)
+
+
+def _unless_counters_missing(campaign: Campaign, result: Transition, not_found: int) -> None:
+    """A record whose campaign has no counters (Redis lost them) cannot be settled yet:
+    like an unreachable Redis, so that the outcome is kept trying, never dropped."""
+    if result.status == not_found and result.state:
+        raise StorageError(
+            f"campaign {campaign.id} has no counters in Redis; its outcomes wait",
+            maybe_applied=False,
+        )
 
 
 async def settle_accepted(
@@ -140,6 +151,7 @@ async def _commit(runtime: Runtime, campaign: Campaign, rid: str, reply: Reply |
         reply=reply,
         actor=runtime.actor,
     )
+    _unless_counters_missing(campaign, result, CommitStatus.NOT_FOUND)
     if result.status is CommitStatus.RETAKEN:
         log.warning("reservation %s had gone back to stock before its commit; taken again", rid)
     elif result.status is CommitStatus.GONE:

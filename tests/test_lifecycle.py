@@ -788,6 +788,31 @@ async def test_queued_orders_keep_no_credentials_in_redis(
     assert (delivered["x-user-id"], delivered["x-note"]) == ("alice", "gift")
 
 
+@pytest.mark.usefixtures("queue_mode")
+async def test_an_outcome_waits_while_the_campaigns_counters_are_missing(
+    gateway: Gateway, shop: Shop, redis: Redis
+) -> None:
+    state_key = f"{BASE}:state"
+    saved: dict[bytes, bytes] = {}
+
+    async def answer_while_counters_vanish(request: web.Request) -> web.StreamResponse:
+        saved.update(await redis.hgetall(state_key))
+        await redis.delete(state_key)
+        return await accept(request)
+
+    shop.respond = answer_while_counters_vanish
+    response = await gateway.buy("alice")
+    rid = (await response.json())["reservation_id"]
+    await wait_for(lambda: len(shop.seen) == 1, within=5.0)
+    await asyncio.sleep(1.0)  # the commit is refused meanwhile, and the order kept
+    assert await state_of(redis, rid) == "reserved"
+    assert await redis.xlen(f"{BASE}:orders") == 1
+    await redis.hset(state_key, mapping=saved)  # an operator restores the counters
+    await wait_for(reaches(redis, rid, "committed"), within=5.0)
+    assert len(shop.seen) == 1  # settled from the answer it had, not asked again
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
 async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
     redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
 ) -> None:
