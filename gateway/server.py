@@ -16,6 +16,7 @@ from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.reload import reload_file
 from gateway.runtime import Runtime
+from gateway.supervisor import EARLY_RELOAD
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def _reload_on_sighup(runtime: Runtime) -> None:
                 await reload_file(runtime, runtime.config_path)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: runtime.spawn(reload()))
+    if EARLY_RELOAD.is_set():  # the file may have changed after this process read it
+        EARLY_RELOAD.clear()
+        runtime.spawn(reload())
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from multiprocessing.context import SpawnProcess
@@ -24,6 +25,9 @@ from types import FrameType
 from prometheus_client.multiprocess import mark_process_dead
 
 log = logging.getLogger(__name__)
+
+#: Set by a SIGHUP that reached a worker while it was still starting.
+EARLY_RELOAD = threading.Event()
 
 #: A worker that dies sooner than this after starting counts as failing to start.
 QUICK_DEATH = 5.0
@@ -128,8 +132,8 @@ def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
 def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
     """One worker: its own event loop and Redis pool, on the shared ports."""
     # A reload forwarded while this worker still starts would kill it (SIGHUP's default):
-    # ignore it until serving installs its handler (it reads the file as it starts anyway).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # remember it instead, and serving reloads once its own handler is in place.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: EARLY_RELOAD.set())
     from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
     from gateway.embedded_redis import die_with_parent

@@ -793,7 +793,7 @@ async def test_an_outcome_waits_while_the_campaigns_counters_are_missing(
     gateway: Gateway, shop: Shop, redis: Redis
 ) -> None:
     state_key = f"{BASE}:state"
-    saved: dict[bytes, bytes] = {}
+    saved: dict[Any, Any] = {}
 
     async def answer_while_counters_vanish(request: web.Request) -> web.StreamResponse:
         saved.update(await redis.hgetall(state_key))

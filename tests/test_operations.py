@@ -24,6 +24,8 @@ from redis.asyncio import Redis
 from gateway.accesslog import AccessLog
 from gateway.config import AccessLogSettings, load_settings
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.server import _reload_on_sighup
+from gateway.supervisor import EARLY_RELOAD
 from tests.helpers import (
     AUTH,
     Gateway,
@@ -396,6 +398,29 @@ async def test_reload_applies_changes_and_never_resets_stock(
 
         assert await redis.xlen("fg:{tv-2222}:ledger") >= 1
     await check_invariant(redis, "phone-1111", per_user_limit=2)
+
+
+@pytest.mark.integration
+async def test_a_sighup_that_came_while_starting_reloads_once_serving(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        changed = json.loads(json.dumps(settings_data))
+        changed["campaigns"][0]["per_user_limit"] = 3
+        _write(path, changed)
+        EARLY_RELOAD.set()  # what the worker's early handler does
+        try:
+            _reload_on_sighup(gw.runtime)
+
+            def reloaded() -> bool:
+                return gw.runtime.registry.by_id["phone-1111"].settings.per_user_limit == 3
+
+            await wait_for(reloaded, within=5)
+            assert not EARLY_RELOAD.is_set()
+        finally:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
 @pytest.mark.integration
