@@ -12,7 +12,7 @@
 local state_key, ledger_key = KEYS[1], KEYS[2]
 local how, n, actor = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ledger_max, channel = tonumber(ARGV[4]), ARGV[5]
-if (how ~= 'delta' and how ~= 'set') or not n or n ~= math.floor(n) then
+if (how ~= 'delta' and how ~= 'set') or not n or n ~= math.floor(n) or not ledger_max then
   return redis.error_reply('adjust_stock: "delta" or "set" and an integer are required')
 end
 

@@ -29,6 +29,9 @@ local reply_headers = ARGV[13] or ''
 if (target ~= 'committed' and target ~= 'held') or (target == 'held' and not hold_ms) then
   return redis.error_reply('commit: the target must be committed, or held with a hold time')
 end
+if not user_limit or not ledger_max then
+  return redis.error_reply('commit: the per-user limit and ledger max length must be numbers')
+end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty')
 local state, user, qty = record[1], record[2], tonumber(record[3])

@@ -34,6 +34,9 @@ local only_when_due, dead_payload = ARGV[8] == 'due', ARGV[9]
 if target ~= 'released' and target ~= 'expired' and target ~= 'cancelled' then
   return redis.error_reply('release: the state entered must be released, expired or cancelled')
 end
+if not ledger_max then
+  return redis.error_reply('release: the ledger max length must be a number')
+end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms',
                           'payload', 'attempts')

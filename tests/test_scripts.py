@@ -914,6 +914,21 @@ MALFORMED_CALLS: dict[str, tuple[str, Callable[[CampaignKeys], list[str]], list[
         lambda k: [k.state, k.users, k.idempotency, k.ledger, k.deadlines, "r", k.orders, "d"],
         ["rid", "reserved", "reserved", "why", "x", 0, "e", "", ""],
     ),
+    "adjust: no ledger length": (
+        "adjust_stock",
+        lambda k: [k.state, k.ledger],
+        ["delta", 1, "x", "", "e"],
+    ),
+    "release: no ledger length": (
+        "release",
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, k.deadlines, "r", k.orders, "d"],
+        ["rid", "reserved", "released", "why", "x", "", "e", "", ""],
+    ),
+    "commit: no user limit": (
+        "commit",
+        lambda k: [k.state, k.users, k.ledger, k.deadlines, "r"],
+        ["rid", "committed", 0, "", "", "", "", "", "x", 0, "e", "reserved"],
+    ),
     "commit: into released": (
         "commit",
         lambda k: [k.state, k.users, k.ledger, k.deadlines, "r"],
