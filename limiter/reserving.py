@@ -66,6 +66,7 @@ async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> 
                     target=State.RELEASED,
                     reason="its requester never learnt the outcome",
                     actor=actor,
+                    tombstone=True,
                 )
                 for rid in reservation_ids
             ),

@@ -115,10 +115,13 @@ class CampaignStore:
         actor: str,
         only_when_due: bool = False,
         dead_letter: bytes = b"",
+        tombstone: bool = False,
     ) -> Transition:
         """Give a reservation back to stock, once; see release.lua for the statuses.
 
         ``dead_letter``: the order payload to keep in the dead letters stream.
+        ``tombstone``: when undoing a reserve call whose fate is unknown, make sure it
+        cannot take effect later.
         """
         k = self.keys
         args: list[str | int | bytes] = [
@@ -131,6 +134,7 @@ class CampaignStore:
             k.events,
             "due" if only_when_due else "",
             dead_letter,
+            "tombstone" if tombstone else "",
         ]
         keys = [
             k.state,

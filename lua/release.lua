@@ -20,6 +20,8 @@
 -- ARGV[4] reason   ARGV[5] actor   ARGV[6] ledger max length (0: no cap)
 -- ARGV[7] events channel   ARGV[8] "due" to act only once its deadline has passed
 -- ARGV[9] order payload to keep in the dead letters ("" for no dead letter)
+-- ARGV[10] "tombstone": if there is no such reservation, leave a released record for a
+--   day, so that the reserve call being undone cannot make it should it arrive later
 -- returns {status, state}
 --   0 released (state entered)      1 already back in stock (its state)
 --   2 not allowed from its state    3 no such reservation      4 not due yet
@@ -30,7 +32,7 @@ local ledger_key, deadlines_key, record_key = KEYS[4], KEYS[5], KEYS[6]
 local orders_key, dead_key = KEYS[7], KEYS[8]
 local rid, leavable, target = ARGV[1], ARGV[2], ARGV[3]
 local reason, actor, ledger_max, channel = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
-local only_when_due, dead_payload = ARGV[8] == 'due', ARGV[9]
+local only_when_due, dead_payload, tombstone = ARGV[8] == 'due', ARGV[9], ARGV[10] == 'tombstone'
 if target ~= 'released' and target ~= 'expired' and target ~= 'cancelled' then
   return redis.error_reply('release: the state entered must be released, expired or cancelled')
 end
@@ -44,6 +46,10 @@ local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record
 local deadline, payload = tonumber(record[5]), record[6]
 if not state then
   redis.call('ZREM', deadlines_key, rid)
+  if tombstone then
+    redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now_ms())
+    redis.call('PEXPIRE', record_key, 86400000)
+  end
   return {3, ''}
 end
 if state == 'released' or state == 'expired' or state == 'cancelled' then

@@ -603,6 +603,29 @@ async def test_release_refusals(rig: Rig, redis: Redis) -> None:
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
+async def test_an_undone_reserve_that_arrives_late_reserves_nothing(rig: Rig, redis: Redis) -> None:
+    """The undo of a reserve call whose reply was lost can reach Redis before the call
+    itself (another connection): its tombstone makes the late call a no-op."""
+    store = rig.store()
+    await store.init(10)
+    late = attempt("alice")
+    undone = await store.release(
+        late.reservation_id,
+        leavable=(State.RESERVED,),
+        target=State.RELEASED,
+        reason="its requester never learnt the outcome",
+        actor=ACTOR,
+        tombstone=True,
+    )
+    assert undone == Transition(ReleaseStatus.NOT_FOUND, "")
+    decision = await decide(store, late)
+    assert decision.status is not ReserveStatus.RESERVED
+    assert await store.figures() == Figures(10, 0, 0, 10)
+    assert await users(redis, store) == {}
+    assert 0 < await redis.pttl(store.keys.reservation(late.reservation_id)) <= 86_400_000
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
 async def test_a_reservation_without_deadline_is_never_due(rig: Rig, redis: Redis) -> None:
     store = rig.store(reserve_deadline_ms=0)
     await store.init(10)
