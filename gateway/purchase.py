@@ -171,7 +171,7 @@ async def _forward(
         await give_back(runtime, campaign, rid, code.value)
         raise Problem(
             code,
-            f"{exc}; the reservation was released",
+            f"{exc}; the reservation is released",
             headers={RESERVATION_HEADER: rid},
             reservation_id=rid,
         ) from None
@@ -182,7 +182,7 @@ async def _forward(
     if reply.status >= 500:
         raise Problem(
             Code.UPSTREAM_FAILED,
-            f"the order backend answered {reply.status}; the reservation was released",
+            f"the order backend answered {reply.status}; the reservation is released",
             headers={RESERVATION_HEADER: rid},
             reservation_id=rid,
             upstream_status=reply.status,

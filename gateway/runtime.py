@@ -20,10 +20,11 @@ from gateway.identity import Identity, identity_for
 from gateway.metrics import Publisher
 from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
+from gateway.supervisor import RESPAWNED_ENV
 from gateway.sweeper import run_sweeper
 from gateway.upstream import Upstream
 from limiter.connection import connect
-from limiter.errors import StorageError
+from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, processes_key
 from limiter.pipeline import AutoPipeline
@@ -66,6 +67,12 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.redis_url = redis_url
+        #: Campaigns this process must find in Redis, never create: a worker the
+        #: supervisor started in place of a dead one, whose siblings created them. Should
+        #: Redis have lost them meanwhile, recreating would put the full stock on sale again.
+        self.must_exist = (
+            {c.id for c in settings.campaigns} if os.environ.get(RESPAWNED_ENV) else set()
+        )
         #: The file a reload reads (None: settings given in code, nothing to reload).
         self.config_path = config_path
         self.redis = connect(
@@ -169,9 +176,16 @@ class Runtime:
         """Load the scripts; create missing campaigns' counters (never resetting existing
         ones) and order queues."""
         await self.guard.run(lambda: self.scripts.load(self.redis), "load scripts")
+        absent: list[str] = []
         for campaign in self.registry.by_id.values():
             if campaign.id in self.initialised:
                 continue
+            if campaign.id in self.must_exist:
+                try:
+                    await campaign.store.figures()
+                except CampaignMissing:
+                    absent.append(campaign.id)
+                    continue
             create = partial(ensure_group, self.redis, campaign.store.keys.orders)
             await self.guard.run(create, "create the order queue")
             created, figures = await campaign.store.init(
@@ -190,6 +204,11 @@ class Runtime:
                 )
             self.initialised.add(campaign.id)
         await self.watch.poll(self.campaign_keys())
+        if absent:
+            raise StorageError(
+                f"campaign(s) {', '.join(absent)} have no counters in Redis, and this restarted "
+                "worker does not recreate them (did Redis lose its data? see docs/operations.md)"
+            )
 
     async def prepare_or_retry(self) -> None:
         """Prepare now, or keep trying in the background (answering 503 meanwhile)."""

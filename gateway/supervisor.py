@@ -35,6 +35,8 @@ QUICK_DEATH = 5.0
 MAX_QUICK_DEATHS = 3
 #: Set in workers to the supervisor's pid.
 SUPERVISOR_ENV = "FLASHGATE_SUPERVISOR_PID"
+#: Set for workers started in place of dead ones: see Runtime.must_exist.
+RESPAWNED_ENV = "FLASHGATE_RESPAWNED"
 #: How long stopping workers get to drain before they are killed.
 STOP_GRACE = 30.0
 
@@ -90,6 +92,7 @@ def _supervise(
 
     os.environ[SUPERVISOR_ENV] = str(os.getpid())  # lets a worker's POST /reload reach all
     running = {index: start(index) for index in range(workers)}
+    os.environ[RESPAWNED_ENV] = "1"  # every worker started from now on replaces one
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     quick_deaths = 0

@@ -25,7 +25,7 @@ from gateway.accesslog import AccessLog
 from gateway.config import AccessLogSettings, load_settings
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.server import _reload_on_sighup
-from gateway.supervisor import EARLY_RELOAD
+from gateway.supervisor import EARLY_RELOAD, RESPAWNED_ENV
 from tests.helpers import (
     AUTH,
     Gateway,
@@ -190,6 +190,33 @@ async def test_readiness_follows_redis(gateway: Gateway, redis_server: EmbeddedR
         )
 
     await wait_for(redis_back_without_the_campaign, within=15)
+
+
+@pytest.mark.integration
+async def test_a_respawned_worker_never_recreates_vanished_counters(
+    settings_data: dict[str, Any],
+    redis_server: EmbeddedRedis,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis lost its data and a worker died: the supervisor's replacement must not put
+    the file's full stock on sale again; it waits for the counters (503 meanwhile)."""
+    monkeypatch.setenv(RESPAWNED_ENV, "1")
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        ready = await gw.admin.get("/readyz")
+        assert (ready.status, (await ready.json())["campaigns_waiting"]) == (503, ["phone-1111"])
+        assert (await problem_of(await gw.buy("alice")))["code"] == "unavailable"
+        assert await redis.exists("fg:{phone-1111}:state") == 0
+        # the operator restores the campaign (here: as its first gateways had created it)
+        await gw.runtime.registry.by_id["phone-1111"].store.init(7, "operator")
+
+        async def ready_again() -> bool:
+            return (await gw.admin.get("/readyz")).status == 200
+
+        await wait_for(ready_again, within=10)
+        assert (await gw.buy("alice")).status == 201
+        assert (await gw.campaign())["stock_total"] == 7
+    await check_invariant(redis, "phone-1111", per_user_limit=1)
 
 
 # ----------------------------------------------------------------------- access log
