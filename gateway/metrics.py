@@ -258,7 +258,7 @@ class Publisher:
         grown = total - self._seen.get(key, 0)
         self._seen[key] = total
         if grown > 0:
-            counter.labels(*labels).inc(grown)
+            (counter.labels(*labels) if labels else counter).inc(grown)
 
 
 async def read_redis_figures(runtime: Runtime, figures: RedisFigures) -> None:

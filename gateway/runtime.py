@@ -17,6 +17,7 @@ from gateway.campaigns import Campaign, Registry
 from gateway.config import CampaignSettings, Settings
 from gateway.dispatcher import Dispatcher, ensure_group
 from gateway.identity import Identity, identity_for
+from gateway.logs import Throttled
 from gateway.metrics import Publisher
 from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
@@ -33,6 +34,7 @@ from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 
 log = logging.getLogger(__name__)
+throttled = Throttled(log, every=60.0)
 
 SWEEP_INTERVAL = 1.0
 PREPARE_RETRY = 1.0
@@ -247,7 +249,10 @@ class Runtime:
     async def _publish_metrics(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.publisher.flush()
+            try:
+                self.publisher.flush()
+            except Exception:  # a metrics bug must not stop the publishing for good
+                throttled.log(logging.ERROR, "publish", "publishing metrics failed", exc_info=True)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends or the runtime stops."""

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from gateway.accesslog import AccessLog
@@ -343,6 +344,7 @@ async def test_redis_outage_under_load_fails_closed_and_recovers(
 
     shop.respond = backend
     log: list[tuple[float, float, int]] = []
+    openings_before = _openings()
     async with open_gateway(settings_for(settings_data), durable_redis.url) as gateway:
         url = str(gateway.edge.make_url("/seckill/phone-1111"))
         crowd = asyncio.ensure_future(_crowd(url, 5.0, log))
@@ -364,6 +366,9 @@ async def test_redis_outage_under_load_fails_closed_and_recovers(
         redis = Redis.from_url(durable_redis.url)
         state = await check_invariant(redis, "phone-1111", per_user_limit=1)
         await redis.aclose()
+        # published once a second without a scrape, and still after the breaker opened
+        published = _openings() - openings_before
+        metrics = await scrape(gateway)
 
     statuses = [status for _, _, status in log]
     assert set(statuses) <= {201, 503}
@@ -379,6 +384,14 @@ async def test_redis_outage_under_load_fails_closed_and_recovers(
     slowest = max(end - start for start, end, status in log if status == 503)
     assert slowest < 1.4, slowest
     assert breaker_opened >= 1
+    # the metrics tell the story, and keep being published after the outage
+    assert published == breaker_opened
+    assert metrics["flashgate_redis_circuit_open"] == 0
+    assert metrics['flashgate_requests_total{campaign="phone-1111",code="unavailable"}'] >= 1
+
+
+def _openings() -> float:
+    return REGISTRY.get_sample_value("flashgate_redis_circuit_openings_total") or 0.0
 
 
 # --------------------------------------------------------------------------- reload
