@@ -321,8 +321,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def reload_config(request: web.Request) -> web.Response:
     """Re-read the config file: 200 with what changed; 422 ``invalid-config`` naming
-    every problem (the running config stays). Under ``--workers`` the file is checked
-    here, then every worker reloads (202)."""
+    every problem (the running config stays). Under ``--workers`` every worker reloads
+    (202), and the file is also checked here so that a refusal is answered (422)."""
     runtime = request.app[ADMIN_RUNTIME]
     path = runtime.config_path
     if path is None:
@@ -330,10 +330,12 @@ async def reload_config(request: web.Request) -> web.Response:
     supervisor = os.environ.get(SUPERVISOR_ENV)
     try:
         if supervisor and int(supervisor) == os.getppid():
+            # Every worker reloads, a refused file included: each then refuses it too,
+            # logs why, counts it and shows it on /readyz, as after a SIGHUP.
+            os.kill(int(supervisor), signal.SIGHUP)
             problems = restart_only(runtime.settings, load_settings(path))
             if problems:
                 raise ConfigError(path, problems)
-            os.kill(int(supervisor), signal.SIGHUP)
             return web.json_response({"status": "reloading", "scope": "every worker"}, status=202)
         result = await reload_file(runtime, path)
     except ConfigError as exc:

@@ -599,6 +599,30 @@ async def test_sighup_reloads_every_worker(
             return True
 
         await wait_for(every_worker_knows, within=10)
+
+        # A refused file is answered by the worker asked, and every worker shows why.
+        broken = json.loads(json.dumps(added))
+        broken["campaigns"][0]["stock"] = -5
+        gateway.config_path.write_text(yaml.safe_dump(broken))
+        async with (
+            aiohttp.ClientSession() as fresh,
+            fresh.post(f"{gateway.admin_url}/reload", headers=AUTH) as response,
+        ):
+            assert response.status == 422
+            assert (await response.json())["code"] == "invalid-config"
+
+        async def every_worker_shows_the_refusal() -> bool:
+            for _ in range(10):
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.get(f"{gateway.admin_url}/readyz") as response,
+                ):
+                    error = (await response.json()).get("last_reload_error") or ""
+                    if "campaigns[0].stock" not in error:
+                        return False
+            return True
+
+        await wait_for(every_worker_shows_the_refusal, within=10)
     finally:
         assert gateway.stop() == 0
 
