@@ -14,6 +14,7 @@ from functools import partial
 
 from aiohttp import web
 
+from gateway.clientip import client_ip
 from gateway.health import Handler, health_handlers
 from gateway.logs import Throttled
 from gateway.problems import Code, Problem, problem
@@ -68,7 +69,7 @@ def edge_handler(runtime: Runtime) -> Handler:
                 status=answer.response.status,
                 seconds=time.perf_counter() - started,
                 reservation_id=answer.response.headers.get("X-Reservation-Id", ""),
-                client=request.remote or "",
+                client=client_ip(request, runtime.settings.gateway.trusted_proxies),
             )
         return answer.response
 

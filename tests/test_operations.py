@@ -273,6 +273,27 @@ async def test_access_log_is_json_lines(access_log_file: Path, gateway: Gateway)
     assert all(line["user"] != "later" for line in logged)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("trusted", "client"), [(["127.0.0.1/32"], "198.51.100.7"), ([], "127.0.0.1")]
+)
+async def test_access_log_names_the_client_a_trusted_proxy_forwarded(
+    settings_data: dict[str, Any],
+    redis: Redis,  # a flushed Redis
+    redis_server: EmbeddedRedis,
+    tmp_path: Path,
+    trusted: list[str],
+    client: str,
+) -> None:
+    path = tmp_path / "access.log"
+    settings_data["access_log"] = {"path": str(path)}
+    settings_data["gateway"]["trusted_proxies"] = trusted
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gateway:
+        await gateway.buy("alice", headers={"X-Forwarded-For": "198.51.100.7"})
+        await wait_for(lambda: path.exists() and path.read_text().strip() != "", within=5)
+    assert json.loads(path.read_text().splitlines()[0])["client"] == client
+
+
 @pytest.mark.parametrize("path", ["/dev/full", "/nonexistent-flashgate-dir/access.log"])
 def test_an_unwritable_access_log_drops_lines_and_recovers(path: str, tmp_path: Path) -> None:
     access = AccessLog(AccessLogSettings(path=path))
