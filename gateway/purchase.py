@@ -164,8 +164,11 @@ def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
 async def _forward(
     runtime: Runtime, campaign: Campaign, rid: str, outbound: OutboundRequest
 ) -> Decided:
+    # The backend as configured now: a reload may have replaced the one this request
+    # started with (and closes the old one soon).
+    upstream = runtime.registry.by_id.get(campaign.id, campaign).upstream
     try:
-        reply = await campaign.upstream.send(outbound)
+        reply = await upstream.send(outbound)
     except UpstreamError as exc:
         code = Code.UPSTREAM_TIMEOUT if exc.timed_out else Code.UPSTREAM_FAILED
         await give_back(runtime, campaign, rid, code.value)
@@ -175,6 +178,9 @@ async def _forward(
             headers={RESERVATION_HEADER: rid},
             reservation_id=rid,
         ) from None
+    except Exception:  # a fault of this process: the buyer's 500 must not keep the units
+        await give_back(runtime, campaign, rid, "the gateway failed to forward")
+        raise
     if accepted(reply.status):
         await settle_accepted(runtime, campaign, rid, reply)
         return "ok", _relay(reply, rid)

@@ -158,6 +158,19 @@ async def test_refused_connection_releases(
     assert (state["available"], state["reserved"]) == (10, 0)
 
 
+async def test_a_fault_of_the_gateway_while_forwarding_releases(
+    gateway: Gateway, shop: Shop, redis: Redis
+) -> None:
+    # A backend pool closed under the request (as a reload retires one) is the
+    # gateway's own fault: the buyer gets a 500, and the units are back first.
+    await gateway.runtime.upstreams["shop"].close()
+    response = await gateway.buy("alice")
+    assert (response.status, (await problem_of(response))["code"]) == (500, "internal")
+    state = await check_invariant(redis, "phone-1111", per_user_limit=1)
+    assert (state["available"], state["reserved"], state["sold"]) == (10, 0, 0)
+    assert shop.seen == []
+
+
 async def test_backend_refusal_passes_through_and_releases(
     gateway: Gateway, shop: Shop, redis: Redis
 ) -> None:
