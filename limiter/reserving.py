@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from limiter.batching import TickBatcher
-from limiter.records import Attempt, Decision, ReserveStatus, State
+from limiter.records import Attempt, Decision, ReleaseStatus, ReserveStatus, State, Transition
 from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -18,23 +18,13 @@ log = logging.getLogger(__name__)
 UNDO_PATIENCE = 600.0
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+Unclaimed = Callable[[Attempt, Decision], Awaitable[object] | None]
 
 
 def reserve_batcher(
     store: CampaignStore, actor: str, spawn: Spawn
 ) -> TickBatcher[Attempt, Decision]:
     """reserve.lua calls of one event-loop tick; ``spawn`` runs the undoing."""
-
-    def unclaimed(attempt: Attempt, decision: Decision) -> Awaitable[object] | None:
-        if decision.status is not ReserveStatus.RESERVED:
-            return None
-        return store.release(
-            attempt.reservation_id,
-            leavable=(State.RESERVED,),
-            target=State.RELEASED,
-            reason="requester went away",
-            actor=actor,
-        )
 
     def unknown(attempts: Sequence[Attempt]) -> None:
         # The requesters got 503; in queue mode this keeps an order its buyer was told
@@ -46,14 +36,31 @@ def reserve_batcher(
         store.submit_reserve,
         store.decisions,
         "reserve",
-        unclaimed=unclaimed,
+        unclaimed=release_unclaimed(store, actor),
         unknown=unknown,
     )
 
 
-async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> None:
+def release_unclaimed(store: CampaignStore, actor: str) -> Unclaimed:
+    """A reservation won after its requester stopped waiting goes back to stock."""
+
+    def unclaimed(attempt: Attempt, decision: Decision) -> Awaitable[object] | None:
+        if decision.status is not ReserveStatus.RESERVED:
+            return None
+        return undo(store, [attempt.reservation_id], actor, reason="requester went away")
+
+    return unclaimed
+
+
+async def undo(
+    store: CampaignStore,
+    reservation_ids: list[str],
+    actor: str,
+    reason: str = "its requester never learnt the outcome",
+) -> None:
     """Once Redis answers again, release whatever these attempts reserved (a release of a
-    reservation that was never made changes nothing)."""
+    reservation that was never made changes nothing). Kept trying while Redis fails or
+    the campaign's counters are missing."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + UNDO_PATIENCE
     delay = 0.1
@@ -64,7 +71,7 @@ async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> 
                     rid,
                     leavable=(State.RESERVED,),
                     target=State.RELEASED,
-                    reason="its requester never learnt the outcome",
+                    reason=reason,
                     actor=actor,
                     tombstone=True,
                 )
@@ -73,7 +80,7 @@ async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> 
             return_exceptions=True,
         )
         reservation_ids = [
-            rid for rid, r in zip(reservation_ids, results, strict=True) if isinstance(r, Exception)
+            rid for rid, r in zip(reservation_ids, results, strict=True) if not _done(r)
         ]
         if reservation_ids and loop.time() > give_up:
             log.error(
@@ -85,3 +92,10 @@ async def undo(store: CampaignStore, reservation_ids: list[str], actor: str) -> 
         if reservation_ids:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _done(result: Transition | BaseException) -> bool:
+    """Released, or nothing to release; not while Redis failed or lost the counters."""
+    if isinstance(result, BaseException):
+        return False
+    return not (result.status == ReleaseStatus.NOT_FOUND and result.state)

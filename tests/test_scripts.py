@@ -38,6 +38,7 @@ from limiter.records import (
     State,
     Transition,
 )
+from limiter.reserving import Unclaimed, release_unclaimed
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 from tests.helpers import as_text, check_invariant, ledger, redis_snapshot, text, wait_for
@@ -105,9 +106,6 @@ async def rig(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[Rig]:
         yield built
 
 
-Unclaimed = Callable[[Attempt, Decision], Awaitable[object] | None]
-
-
 def reserve_batcher(
     store: CampaignStore, unclaimed: Unclaimed | None = None
 ) -> TickBatcher[Attempt, Decision]:
@@ -118,19 +116,13 @@ def reserve_batcher(
 
 
 def releasing_winners(store: CampaignStore, seen: list[tuple[Attempt, Decision]]) -> Unclaimed:
-    """An ``unclaimed`` handler like the runtime's: a won reservation goes back at once."""
+    """The runtime's ``unclaimed`` handler, noting what it was handed."""
+
+    release = release_unclaimed(store, ACTOR)
 
     def unclaimed(one: Attempt, decision: Decision) -> Awaitable[object] | None:
         seen.append((one, decision))
-        if decision.status is not ReserveStatus.RESERVED:
-            return None
-        return store.release(
-            one.reservation_id,
-            leavable=(State.RESERVED,),
-            target=State.RELEASED,
-            reason="requester went away",
-            actor=ACTOR,
-        )
+        return release(one, decision)
 
     return unclaimed
 
@@ -1367,6 +1359,31 @@ async def test_a_reservation_whose_requester_went_away_is_released(
     assert (fields["state"], fields["reason"]) == ("released", "requester went away")
     assert await store.figures() == Figures(10, 0, 0, 10)
     assert await ops(redis) == ["init", "reserve", "released"]
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_the_release_of_an_unclaimed_winner_outlasts_a_redis_stall(
+    redis_server: EmbeddedRedis, rig: Rig, redis: Redis
+) -> None:
+    store = rig.store()
+    await store.init(10)
+    one = attempt("alice")
+    decision = await reserve_batcher(store).submit(one)
+    assert decision.status is ReserveStatus.RESERVED
+    process = redis_server.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        work = release_unclaimed(store, ACTOR)(one, decision)
+        assert work is not None
+        releasing = asyncio.ensure_future(work)
+        await asyncio.sleep(1.5)  # the first try has timed out (1 s deadline)
+        assert not releasing.done()  # and it keeps trying
+    finally:
+        process.send_signal(signal.SIGCONT)
+    async with asyncio.timeout(10):
+        await releasing
+    assert await store.figures() == Figures(10, 0, 0, 10)
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
