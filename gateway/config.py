@@ -18,6 +18,7 @@ import yaml
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.errors import ConfigError
+from gateway.headers import NOT_CONFIGURABLE
 from gateway.schema import Invalid, Problems, build, spec
 from limiter.keys import CAMPAIGN_ID
 
@@ -63,6 +64,8 @@ def _headers(value: Any) -> Mapping[str, str]:
     for name, text in value.items():
         if not isinstance(name, str) or not re.fullmatch(_HEADER_NAME, name):
             raise Invalid(f"{name!r} is not a valid header name")
+        if name.lower() in NOT_CONFIGURABLE:
+            raise Invalid(f"{name} is set by the gateway itself and cannot be configured")
         if not isinstance(text, str) or any(c in text for c in "\r\n\x00"):
             raise Invalid(f"the value of {name} must be a string without CR, LF or NUL")
     return MappingProxyType(dict(value))

@@ -13,33 +13,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamError
+from gateway.headers import GATEWAY_HEADERS, HOP_BY_HOP
 from gateway.metrics import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
-#: Headers that belong to one connection, never forwarded in either direction (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-#: Headers the gateway sets itself; a client's own copies are dropped (no spoofing).
-GATEWAY_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "x-reservation-id",
-        "x-campaign-id",
-        "x-user-id",
-        "x-quantity",
-    }
-)
 #: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
 #: the backend without them, and the backend knows the buyer by X-User-Id.
 NOT_STORED = frozenset({"authorization", "cookie", "proxy-authorization"})

@@ -42,6 +42,9 @@ if state == 'committed' or (state == 'held' and target == 'held') then
   return {1, state}
 end
 local gone = state == 'released' or state == 'expired' or state == 'cancelled'
+if gone and not (user and qty) then
+  return {2, state} -- the tombstone of a reserve call that was undone: nothing was sold
+end
 if not gone and not listed(leavable, state) then
   return {5, state}
 end

@@ -615,6 +615,13 @@ async def test_an_undone_reserve_that_arrives_late_reserves_nothing(rig: Rig, re
     assert await store.figures() == Figures(10, 0, 0, 10)
     assert await users(redis, store) == {}
     assert 0 < await redis.pttl(store.keys.reservation(late.reservation_id)) <= 86_400_000
+    # a commit or confirm of that id (a confused backend) finds nothing sold
+    for target in (State.COMMITTED, State.HELD):
+        committed = await store.commit(
+            late.reservation_id, target=target, hold_ms=1000, retake=True
+        )
+        assert committed == Transition(CommitStatus.GONE, "released")
+    assert await store.figures() == Figures(10, 0, 0, 10)
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
