@@ -69,18 +69,11 @@ def _metrics_dir() -> Iterator[None]:
 def _supervise(
     config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool
 ) -> int:
-    context = multiprocessing.get_context("spawn")
+    worker_args = (config_path, redis_url, log_level, dispatch)
     stopping = False
 
     def start(index: int) -> tuple[SpawnProcess, float]:
-        process = context.Process(
-            target=_worker,
-            args=(config_path, redis_url, log_level, dispatch),
-            name=f"flashgate-worker-{index}",
-        )
-        process.start()
-        log.info("worker %d started (pid %s)", index, process.pid)
-        return process, time.monotonic()
+        return _start_worker(index, worker_args), time.monotonic()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -91,10 +84,13 @@ def _supervise(
                 os.kill(process.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
     os.environ[SUPERVISOR_ENV] = str(os.getpid())  # lets a worker's POST /reload reach all
-    running = {index: start(index) for index in range(workers)}
-    os.environ[RESPAWNED_ENV] = "1"  # every worker started from now on replaces one
+    running: dict[int, tuple[SpawnProcess, float]] = {}
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    for index in range(workers):
+        if not stopping:
+            running[index] = start(index)
+    os.environ[RESPAWNED_ENV] = "1"  # every worker started from now on replaces one
     quick_deaths = 0
     while not stopping:
         time.sleep(0.2)
@@ -103,15 +99,7 @@ def _supervise(
                 continue
             lived = time.monotonic() - started
             quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
-            if process.pid is not None:
-                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-            log.error(
-                "worker %d (pid %s) exited with %s after %.1fs",
-                index,
-                process.pid,
-                process.exitcode,
-                lived,
-            )
+            _buried(index, process, lived)
             if quick_deaths >= MAX_QUICK_DEATHS:
                 log.error("workers keep dying at start; giving up")
                 forward(signal.SIGTERM, None)
@@ -120,6 +108,31 @@ def _supervise(
             running[index] = start(index)
     _reap(running.values())
     return 0
+
+
+def _buried(index: int, process: SpawnProcess, lived: float) -> None:
+    """Note a dead worker, and drop its live metrics (gauges of a process that is gone)."""
+    if process.pid is not None:
+        mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+    log.error(
+        "worker %d (pid %s) exited with %s after %.1fs", index, process.pid, process.exitcode, lived
+    )
+
+
+def _start_worker(index: int, args: tuple[str, str, str, bool]) -> SpawnProcess:
+    process = multiprocessing.get_context("spawn").Process(
+        target=_worker, args=args, name=f"flashgate-worker-{index}"
+    )
+    # The worker starts with SIGHUP blocked (a mask survives fork and exec) and
+    # unblocks it once its handler is in place: a reload forwarded meanwhile waits
+    # instead of killing it (SIGHUP's default).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    log.info("worker %d started (pid %s)", index, process.pid)
+    return process
 
 
 def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
@@ -134,9 +147,10 @@ def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
 
 def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
     """One worker: its own event loop and Redis pool, on the shared ports."""
-    # A reload forwarded while this worker still starts would kill it (SIGHUP's default):
-    # remember it instead, and serving reloads once its own handler is in place.
+    # A reload forwarded while this worker still starts (held back by the blocked
+    # signal until now) is remembered; serving reloads once its own handler is in place.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: EARLY_RELOAD.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
     from gateway.embedded_redis import die_with_parent

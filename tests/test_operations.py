@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -644,6 +645,44 @@ async def test_sighup_reloads_every_worker(
             return True
 
         await wait_for(every_worker_shows_the_refusal, within=10)
+    finally:
+        assert gateway.stop() == 0
+
+
+def _workers(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    workers = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+    return workers
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_reloads_sent_while_a_worker_restarts_do_not_kill_it(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    gateway = GatewayProcess(config, tmp_path, "--workers", "2").start()
+    try:
+        assert gateway.process is not None
+        supervisor = gateway.process.pid
+        await wait_for(lambda: len(_workers(supervisor)) == 2, within=20)
+        first = _workers(supervisor)
+        os.kill(first[0], signal.SIGKILL)
+        # reloads keep coming while the supervisor starts the replacement
+        for _ in range(60):
+            gateway.process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.05)
+        assert gateway.process.poll() is None  # the supervisor did not give up
+        await wait_for(lambda: len(_workers(supervisor)) == 2, within=20)
+        assert len(set(_workers(supervisor)) - set(first)) == 1
+        # only the worker killed by the test died: no replacement was killed by a SIGHUP
+        assert gateway.log().count("exited with") == 1, gateway.log()
     finally:
         assert gateway.stop() == 0
 
