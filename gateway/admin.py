@@ -90,10 +90,15 @@ def _authenticate(public: frozenset[str]) -> Any:
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path not in public:
             admin = request.app[ADMIN_RUNTIME].settings.admin
-            expected = f"Bearer {admin.token if admin else ''}".encode()
+            expected = (admin.token if admin else "").encode()
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # surrogateescape: a header that is not UTF-8 compares (unequal), never raises
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if admin is None or not hmac.compare_digest(given, expected):
+            given = token.strip().encode("utf-8", "surrogateescape")
+            if (
+                admin is None
+                or scheme.lower() != "bearer"  # the scheme is case-insensitive (RFC 9110)
+                or not hmac.compare_digest(given, expected)
+            ):
                 raise Problem(
                     Code.UNAUTHENTICATED,
                     "a valid 'Authorization: Bearer <admin token>' is required",

@@ -37,6 +37,12 @@ async def test_list_and_show_campaigns(gateway: Gateway) -> None:
     assert shown["sold_out"] is False
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_the_bearer_scheme_is_case_insensitive(gateway: Gateway, scheme: str) -> None:
+    headers = {"Authorization": f"{scheme} test-admin-token"}
+    assert (await gateway.admin.get("/campaigns", headers=headers)).status == 200
+
+
 async def test_stock_delta_and_set(gateway: Gateway, redis: Redis) -> None:
     assert (await gateway.buy("alice")).status == 201
     up = await gateway.admin.post("/campaigns/phone-1111/stock", headers=AUTH, json={"delta": 5})
