@@ -89,6 +89,8 @@ class Dispatcher:
         self.results: Counter[tuple[str, str]] = Counter()
         #: Deliveries under way, of every campaign: a stop waits for them.
         self._deliveries: set[asyncio.Task[None]] = set()
+        #: The order (stream message) ids those deliveries are working on.
+        self._delivering: set[bytes] = set()
 
     async def run(self) -> None:
         """One loop per campaign, kept in step with the registry (reloads add and remove)."""
@@ -148,6 +150,8 @@ class Dispatcher:
                         claimed_at = loop.time()
                     messages += await self._read(campaign, max(1, free - len(messages)))
                     for message_id, fields in messages:
+                        if message_id in self._delivering:
+                            continue  # claimed back while this process still delivers it
                         task = asyncio.ensure_future(self._deliver(campaign, message_id, fields))
                         for group in (deliveries, self._deliveries):
                             group.add(task)
@@ -186,6 +190,15 @@ class Dispatcher:
     async def _deliver(
         self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
     ) -> None:
+        self._delivering.add(message_id)
+        try:
+            await self._deliver_one(campaign, message_id, fields)
+        finally:
+            self._delivering.discard(message_id)
+
+    async def _deliver_one(
+        self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
+    ) -> None:
         rid = fields[b"rid"].decode()
         payload = fields[b"payload"]
         try:
@@ -210,6 +223,7 @@ class Dispatcher:
             except StorageError as exc:
                 log.debug("delivery of %s paused: %s", rid, exc)
                 await asyncio.sleep(SETTLE_RETRY)
+            await self._keep(current, message_id)
 
     async def _attempt(
         self, campaign: Campaign, rid: str, order: OutboundRequest, payload: bytes
@@ -222,13 +236,16 @@ class Dispatcher:
             # someone else is delivering it right now; look again a little later
             await asyncio.sleep(random.uniform(*SLOT_WAIT))
             return False
+        unsent = False
         try:
             reply, failure = await self._send(campaign, order)
         except _Unsent:
-            await asyncio.sleep(campaign.settings.retry_backoff)
-            return False
+            unsent = True
         finally:
             await self._give_slot(campaign, rid)
+        if unsent:  # the slot is free for others while this one waits
+            await asyncio.sleep(campaign.settings.retry_backoff)
+            return False
         if reply is not None and accepted(reply.status):
             self.results[(campaign.id, "accepted")] += 1
             return await self._settle(
@@ -312,6 +329,20 @@ class Dispatcher:
                 [campaign.store.keys.delivery_slots],
                 ["give", rid, 0, 0],
                 "give a delivery slot back",
+            )
+
+    async def _keep(self, campaign: Campaign, message_id: bytes) -> None:
+        """Still working on an order: reset its idle time, so that other dispatchers do
+        not claim it as a dead one's."""
+        with contextlib.suppress(StorageError):
+            await self.runtime.pipe.call(
+                "XCLAIM",
+                campaign.store.keys.orders,
+                GROUP,
+                self.runtime.actor,
+                0,
+                message_id,
+                what="keep an order",
             )
 
     async def _ack(self, campaign: Campaign, message_id: bytes) -> None:

@@ -15,6 +15,7 @@ pipeline never needs a SCRIPT EXISTS round trip of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
+
+log = logging.getLogger(__name__)
 
 EncodableArg = str | bytes | int | float
 
@@ -135,7 +138,10 @@ class AutoPipeline:
         progress = _Progress()
         try:
             replies = await self.guard.run(lambda: self._execute(batch, progress), "pipeline")
-        except StorageError as exc:
+        except Exception as exc:  # StorageError, or a fault here: nobody is left waiting
+            if not isinstance(exc, StorageError):
+                log.error("pipeline failed", exc_info=exc)
+                exc = StorageError(f"the pipeline failed: {exc!r}")
             if not progress.writing:
                 exc = StorageError(str(exc), maybe_applied=False)
             for queued in batch:

@@ -32,6 +32,7 @@ from gateway.tools import reconcile
 from gateway.upstream import OutboundRequest
 from limiter.audit import Audit
 from limiter.connection import connect
+from limiter.keys import CampaignKeys
 from limiter.records import Attempt, ReserveStatus, State
 from limiter.store import CampaignStore
 from tests.helpers import (
@@ -53,6 +54,7 @@ pytestmark = pytest.mark.integration
 
 CAMPAIGN = "phone-1111"
 BASE = f"fg:{{{CAMPAIGN}}}"
+KEYS = CampaignKeys(CAMPAIGN)
 ROUTE = f"/seckill/{CAMPAIGN}"
 
 
@@ -835,6 +837,26 @@ async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
     stored = await everything_stored(redis)
     assert "service-7" not in stored
     assert "buyer-secret" not in stored
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
+async def test_a_fault_of_the_dispatcher_neither_counts_nor_holds_a_delivery_slot(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    campaign_of(settings_data).update(forward="queue", retry_backoff="1s", max_attempts=1)
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        backend = gw.runtime.upstreams["shop"]
+        await backend.close()  # sending now fails in this process, not at the backend
+        response = await gw.buy("alice")
+        rid = (await response.json())["reservation_id"]
+        for _ in range(10):  # while it waits to try again, the slot is free for others
+            await asyncio.sleep(0.1)
+            assert await redis.zcard(KEYS.delivery_slots) == 0
+        assert await state_of(redis, rid) == "reserved"  # not dead-lettered: nothing failed
+        await backend.open()
+        await wait_for(reaches(redis, rid, "committed"), within=8.0)
+    assert int(await redis.hget(KEYS.reservation(rid), "attempts") or 0) == 0
+    assert len(shop.seen) == 1
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 

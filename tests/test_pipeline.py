@@ -176,3 +176,21 @@ async def test_a_reserve_redis_decides_after_the_gateway_gave_up_is_released(
             assert await store.figures() == Figures(10, 0, 0, 10)
         finally:
             await batcher.close()
+
+
+async def test_a_reply_that_cannot_be_read_fails_its_pipeline_without_leaving_waiters(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    # redis-py parses XCLAIM replies as whole entries; JUSTID's bare ids make its
+    # parser raise TypeError, a fault on this side rather than a Redis error.
+    await redis.xgroup_create("orders", "g", id="0", mkstream=True)
+    message = await redis.xadd("orders", {"k": "v"})
+    await redis.xreadgroup("g", "c", {"orders": ">"})
+    async with opened(redis_server.url, 2.0) as store:
+        pipe = store.pipe
+        unreadable = pipe.submit("XCLAIM", "orders", "g", "c", 0, message, "JUSTID")
+        neighbour = pipe.submit("PING")
+        async with asyncio.timeout(1.0):  # well before the guard's deadline
+            results = await asyncio.gather(unreadable, neighbour, return_exceptions=True)
+        assert all(isinstance(r, StorageError) for r in results), results
+        assert await pipe.call("PING", what="ping") is True  # and the pipeline goes on
