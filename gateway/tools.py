@@ -23,6 +23,8 @@ from limiter.store import CampaignStore
 
 #: Operator tools may run big scripts (an audit reads every reservation).
 TOOL_TIMEOUT = 30.0
+#: ``status`` reads a few keys per campaign: a hung Redis should not keep it waiting.
+STATUS_TIMEOUT = 3.0
 
 
 class UnknownCampaign(LookupError):
@@ -31,13 +33,13 @@ class UnknownCampaign(LookupError):
 
 @contextlib.asynccontextmanager
 async def campaign_stores(
-    settings: Settings, redis_url: str, only: str | None = None
+    settings: Settings, redis_url: str, only: str | None = None, timeout: float = TOOL_TIMEOUT
 ) -> AsyncIterator[list[CampaignStore]]:
     campaigns = [c for c in settings.campaigns if only is None or c.id == only]
     if only is not None and not campaigns:
         raise UnknownCampaign(f"no campaign {only!r} in the config")
-    redis = connect(redis_url, max_connections=4, timeout=TOOL_TIMEOUT)
-    guard = RedisGuard(TOOL_TIMEOUT)
+    redis = connect(redis_url, max_connections=4, timeout=timeout)
+    guard = RedisGuard(timeout)
     pipe = AutoPipeline(redis, guard)
     scripts = Scripts.register(redis)
     try:
@@ -115,7 +117,7 @@ def audits_json(audits: Sequence[Audit]) -> str:
 async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
     """Every configured campaign with its counters from Redis (None when not created yet)."""
     rows = []
-    async with campaign_stores(settings, redis_url) as stores:
+    async with campaign_stores(settings, redis_url, timeout=STATUS_TIMEOUT) as stores:
         for store, campaign in zip(stores, settings.campaigns, strict=True):
             try:
                 figures: dict[str, Any] = (await store.figures())._asdict()
