@@ -33,13 +33,13 @@ class UnknownCampaign(LookupError):
 
 @contextlib.asynccontextmanager
 async def campaign_stores(
-    settings: Settings, redis_url: str, only: str | None = None, timeout: float = TOOL_TIMEOUT
+    settings: Settings, redis_url: str, only: str | None = None, deadline: float = TOOL_TIMEOUT
 ) -> AsyncIterator[list[CampaignStore]]:
     campaigns = [c for c in settings.campaigns if only is None or c.id == only]
     if only is not None and not campaigns:
         raise UnknownCampaign(f"no campaign {only!r} in the config")
-    redis = connect(redis_url, max_connections=4, timeout=timeout)
-    guard = RedisGuard(timeout)
+    redis = connect(redis_url, max_connections=4, timeout=deadline)
+    guard = RedisGuard(deadline)
     pipe = AutoPipeline(redis, guard)
     scripts = Scripts.register(redis)
     try:
@@ -117,7 +117,7 @@ def audits_json(audits: Sequence[Audit]) -> str:
 async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
     """Every configured campaign with its counters from Redis (None when not created yet)."""
     rows = []
-    async with campaign_stores(settings, redis_url, timeout=STATUS_TIMEOUT) as stores:
+    async with campaign_stores(settings, redis_url, deadline=STATUS_TIMEOUT) as stores:
         for store, campaign in zip(stores, settings.campaigns, strict=True):
             try:
                 figures: dict[str, Any] = (await store.figures())._asdict()

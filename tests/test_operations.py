@@ -593,16 +593,22 @@ async def test_reload_does_not_disturb_requests_in_flight(
     assert state["sold"] == 1
 
 
+def _two_workers(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
+) -> GatewayProcess:
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    return GatewayProcess(config, tmp_path, "--workers", "2").start()
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 async def test_sighup_reloads_every_worker(
     settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    config: dict[str, Any] = json.loads(json.dumps(settings_data))
-    config["redis"] = {"url": redis_server.url}
-    gateway = GatewayProcess(config, tmp_path, "--workers", "2").start()
+    gateway = _two_workers(settings_data, redis_server, tmp_path)
     try:
-        added = json.loads(json.dumps(config))
+        added = json.loads(json.dumps(gateway.config))
         added["campaigns"].append(
             {"id": "tv-2222", "route": "POST /seckill/tv-2222", "upstream": "shop", "stock": 5}
         )
@@ -665,9 +671,7 @@ def _workers(supervisor: int) -> list[int]:
 async def test_reloads_sent_while_a_worker_restarts_do_not_kill_it(
     settings_data: dict[str, Any], redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    config: dict[str, Any] = json.loads(json.dumps(settings_data))
-    config["redis"] = {"url": redis_server.url}
-    gateway = GatewayProcess(config, tmp_path, "--workers", "2").start()
+    gateway = _two_workers(settings_data, redis_server, tmp_path)
     try:
         assert gateway.process is not None
         supervisor = gateway.process.pid
