@@ -6,6 +6,7 @@ refused with a specific problem and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any, NamedTuple
@@ -15,7 +16,7 @@ from aiohttp import web
 from gateway.problems import Code, Problem
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,128}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 class Order(NamedTuple):
@@ -28,7 +29,7 @@ def idempotency_key(request: web.BaseRequest) -> str:
     values = request.headers.getall(IDEMPOTENCY_HEADER, [])
     if not values:
         return ""
-    if len(values) > 1 or not _IDEMPOTENCY_KEY.match(values[0]):
+    if len(values) > 1 or not _IDEMPOTENCY_KEY.fullmatch(values[0]):
         raise Problem(
             Code.BAD_REQUEST,
             f"{IDEMPOTENCY_HEADER} must be one header of 1 to 128 printable ASCII characters",
@@ -36,10 +37,28 @@ def idempotency_key(request: web.BaseRequest) -> str:
     return values[0]
 
 
-async def read_order(request: web.BaseRequest, max_quantity: int, max_body: int) -> Order:
-    """The body, read within the size limit, and the quantity it asks for (default 1)."""
+async def read_order(
+    request: web.BaseRequest, max_quantity: int, max_body: int, deadline: float
+) -> Order:
+    """The body, read within the size limit and the deadline, and the quantity it asks
+    for (default 1)."""
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)
+    try:
+        async with asyncio.timeout(deadline):
+            body = await _read_body(request, max_body)
+    except TimeoutError:
+        raise Problem(
+            Code.REQUEST_TIMEOUT, f"the body did not arrive within {deadline:g}s"
+        ) from None
+    except (ConnectionError, web.RequestPayloadError) as exc:  # a broken body, or gone
+        raise Problem(Code.BAD_REQUEST, f"the body could not be read: {exc}") from None
+    if not body.strip():
+        return Order(1, body)
+    return Order(_quantity(_json_object(body), max_quantity), body)
+
+
+async def _read_body(request: web.BaseRequest, max_body: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():  # a chunked body has no Content-Length
@@ -47,10 +66,7 @@ async def read_order(request: web.BaseRequest, max_quantity: int, max_body: int)
         if size > max_body:
             raise _too_large(max_body)
         chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        return Order(1, body)
-    return Order(_quantity(_json_object(body), max_quantity), body)
+    return b"".join(chunks)
 
 
 def _too_large(max_body: int) -> Problem:
@@ -62,7 +78,7 @@ def _too_large(max_body: int) -> Problem:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # [[[[... nests too deep
         raise Problem(Code.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise Problem(Code.BAD_REQUEST, "the body must be a JSON object")

@@ -174,6 +174,8 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = spec(8080, min=0, max=65535)
     max_body_bytes: int = spec(64 * 1024, min=1, max=16 * 1024 * 1024)
+    #: A buyer's body must arrive within this (a slow sender must not hold a connection).
+    body_timeout: float = spec(10.0, parse=duration)
     #: Peers whose X-Forwarded-For is believed (load balancers); nobody else's is.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = spec((), parse=networks)
 

@@ -15,11 +15,13 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-#: Headers the gateway sets itself; a client's own copies are dropped (no spoofing).
+#: Headers the gateway sets itself, or that no longer describe the body it forwards
+#: (aiohttp decodes a compressed request body); a client's own copies are dropped.
 GATEWAY_HEADERS = frozenset(
     {
         "host",
         "content-length",
+        "content-encoding",
         "x-reservation-id",
         "x-campaign-id",
         "x-user-id",

@@ -22,7 +22,7 @@ from gateway.problems import Code, Problem
 
 Identity = Callable[[web.BaseRequest], str]
 
-_USER_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")
+_USER_ID = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
@@ -33,7 +33,7 @@ def identity_for(settings: IdentitySettings) -> Identity:
 
 
 def _checked(user: str, source: str, headers: dict[str, str] | None = None) -> str:
-    if not _USER_ID.match(user):
+    if not _USER_ID.fullmatch(user):
         raise Problem(
             Code.UNAUTHENTICATED,
             f"the {source} must be 1 to 256 printable ASCII characters",
@@ -47,7 +47,10 @@ class HeaderIdentity:
         self.header = header
 
     def __call__(self, request: web.BaseRequest) -> str:
-        value = request.headers.get(self.header, "").strip()
+        values = request.headers.getall(self.header, [])
+        if len(values) > 1:  # a proxy that added its copy instead of replacing the client's
+            raise Problem(Code.UNAUTHENTICATED, f"the {self.header} header must come once")
+        value = values[0].strip() if values else ""
         if not value:
             raise Problem(Code.UNAUTHENTICATED, f"the {self.header} header is missing or empty")
         return _checked(value, f"{self.header} header")
@@ -113,4 +116,10 @@ class JwtIdentity:
                 f"the token's {s.claim!r} claim names no user",
                 headers=_INVALID_TOKEN,
             )
-        return _checked(user, f"token's {s.claim!r} claim", _INVALID_TOKEN), float(claims["exp"])
+        try:
+            expiry = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):  # PyJWT let through exp: 1e400
+            raise Problem(
+                Code.UNAUTHENTICATED, "the token's exp claim is not a time", headers=_INVALID_TOKEN
+            ) from None
+        return _checked(user, f"token's {s.claim!r} claim", _INVALID_TOKEN), expiry

@@ -27,6 +27,7 @@ class Code(StrEnum):
     INSUFFICIENT_STOCK = "insufficient-stock"  #: some left, fewer than asked
     EXPIRED = "expired"  #: the reservation went back to stock before this call
     NOT_HELD = "not-held"  #: confirm of a reservation that is not held
+    REQUEST_TIMEOUT = "request-timeout"  #: the body did not arrive within gateway.body_timeout
     TOO_LARGE = "too-large"  #: body over gateway.max_body_bytes
     RATE_LIMITED = "rate-limited"  #: a rate limit or the admission budget said no
     INVALID_CONFIG = "invalid-config"  #: a reload found the file invalid (problems listed)
@@ -49,6 +50,7 @@ STATUS: dict[Code, tuple[int, str]] = {
     Code.INSUFFICIENT_STOCK: (409, "Insufficient stock"),
     Code.EXPIRED: (409, "Reservation expired"),
     Code.NOT_HELD: (409, "Reservation not held"),
+    Code.REQUEST_TIMEOUT: (408, "Request timeout"),
     Code.TOO_LARGE: (413, "Request body too large"),
     Code.RATE_LIMITED: (429, "Too many requests"),
     Code.INVALID_CONFIG: (422, "Invalid configuration"),

@@ -68,7 +68,9 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
     try:
         user = runtime.identity(request)
         key = idempotency_key(request)
-        order = await read_order(request, campaign.settings.max_quantity, runtime.max_body)
+        order = await read_order(
+            request, campaign.settings.max_quantity, runtime.max_body, runtime.body_timeout
+        )
         await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
         # The order goes to Redis with the decision: a winner's is kept (sync mode) or

@@ -84,6 +84,7 @@ async def apply(runtime: Runtime, new: Settings) -> Reloaded:
     runtime.settings = new
     runtime.identity = identity_for(new.identity)
     runtime.max_body = new.gateway.max_body_bytes
+    runtime.body_timeout = new.gateway.body_timeout
     runtime.guard.timeout = new.redis.timeout
     runtime.pipe.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
     if new.access_log != runtime.access.settings:

@@ -102,6 +102,7 @@ class Runtime:
         self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
         self.identity: Identity = identity_for(settings.identity)
         self.max_body = settings.gateway.max_body_bytes
+        self.body_timeout = settings.gateway.body_timeout
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.publisher = Publisher(self)
         self.access = AccessLog(settings.access_log)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Gateway, Shop, problem_of, raw_status, redis_snapshot
+from gateway.embedded_redis import EmbeddedRedis
+from tests.helpers import (
+    Gateway,
+    Shop,
+    open_gateway,
+    problem_of,
+    raw_status,
+    redis_snapshot,
+    settings_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +39,16 @@ EDGE_CASES: list[tuple[str, str, str, dict[str, str], bytes | None, int, str]] =
     ("quantity too large", "POST", PATH, USER, b'{"quantity": 2}', 400, "bad-request"),
     ("quantity huge", "POST", PATH, USER, b'{"quantity": 1e400}', 400, "bad-request"),
     ("body too large", "POST", PATH, USER, b'{"pad": "' + b"x" * 70_000 + b'"}', 413, "too-large"),
+    ("JSON nested too deep", "POST", PATH, USER, b"[" * 60_000, 400, "bad-request"),
+    (
+        "gzip that is not",
+        "POST",
+        PATH,
+        {**USER, "Content-Encoding": "gzip"},
+        b'{"quantity": 1}',
+        400,
+        "bad-request",
+    ),
     ("no identity", "POST", PATH, {}, b"", 401, "unauthenticated"),
     ("empty identity", "POST", PATH, {"X-User-Id": "  "}, b"", 401, "unauthenticated"),
     ("identity too long", "POST", PATH, {"X-User-Id": "u" * 300}, b"", 401, "unauthenticated"),
@@ -98,6 +118,37 @@ async def test_two_idempotency_keys_are_refused(gateway: Gateway, redis: Redis) 
     )
     assert (response.status, (await problem_of(response))["code"]) == (400, "bad-request")
     assert await redis_snapshot(redis) == before
+
+
+async def test_two_identity_headers_are_refused(gateway: Gateway, redis: Redis) -> None:
+    # a proxy that adds its X-User-Id instead of replacing the client's
+    before = await redis_snapshot(redis)
+    response = await gateway.edge.post(
+        PATH, headers=[("X-User-Id", "victim"), ("X-User-Id", "proxy-says")]
+    )
+    assert (response.status, (await problem_of(response))["code"]) == (401, "unauthenticated")
+    assert await redis_snapshot(redis) == before
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_refused(
+    settings_data: dict[str, Any], redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    settings_data["gateway"]["body_timeout"] = "300ms"
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gateway:
+        before = await redis_snapshot(redis)
+        server = gateway.edge.server
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nX-User-Id: alice\r\n"
+            writer.write(head.encode() + b"Content-Length: 10\r\n\r\n{")  # and then nothing
+            await writer.drain()
+            async with asyncio.timeout(5):
+                status_line = await reader.readline()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert int(status_line.split()[1]) == 408
+        assert await redis_snapshot(redis) == before
 
 
 async def test_method_not_allowed_names_the_allowed_method(gateway: Gateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import pytest
@@ -44,6 +45,18 @@ async def test_winner_is_forwarded_with_reservation_headers(
         f"/reservations/{rid}", headers={"Authorization": "Bearer test-admin-token"}
     )
     assert (await record.json())["state"] == "committed"
+
+
+async def test_a_compressed_body_is_forwarded_as_read(gateway: Gateway, shop: Shop) -> None:
+    # aiohttp decodes the body; its Content-Encoding no longer describes what is forwarded
+    body = b'{"quantity": 1, "note": "gift"}'
+    response = await gateway.buy(
+        "alice", data=gzip.compress(body), headers={"Content-Encoding": "gzip"}
+    )
+    assert response.status == 201
+    (seen,) = shop.seen
+    assert seen.body == body
+    assert "Content-Encoding" not in seen.headers
 
 
 async def test_quantity_counts_units_against_the_limit(

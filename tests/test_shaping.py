@@ -781,6 +781,8 @@ REFUSED_TOKENS: dict[str, Callable[[], dict[str, str]]] = {
     "wrong-issuer": lambda: bearer(hs(claims(iss="https://evil.example"))),
     "without-issuer": lambda: bearer(hs(claims(iss=None))),
     "without-subject": lambda: bearer(hs(claims(sub=None))),
+    "subject-with-newline": lambda: bearer(hs(claims(sub="jwt-alice\n"))),
+    "exp-beyond-any-float": lambda: bearer(hs(claims(exp=10**400))),
     "not-yet-valid": lambda: bearer(hs(claims(nbf=int(time.time()) + 300))),
     "alg-none": lambda: bearer(unsigned(claims())),
     "algorithm-not-allowed": lambda: bearer(hs(claims(), algorithm="HS512")),
