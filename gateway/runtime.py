@@ -152,6 +152,7 @@ class Runtime:
             keys,
             on_sold_out=partial(self.watch.mark_sold_out, settings.id),
         )
+        shaper.share(self.processes)  # a reload's new shaper falls back to its share at once
         return Campaign(settings, store, batcher, self.upstreams[settings.upstream], shaper)
 
     def stores(self) -> Iterable[CampaignStore]:

@@ -146,6 +146,9 @@ class LeasedBucket:
     async def _lease(self) -> None:
         want = max(self.lease, self._waiting)
         args: list[str | float] = [self.spec.kind, self.spec.a, self.spec.b, want]
+        # A lease lives lease_ttl from when it was asked for, not from when the answer
+        # arrived: a slow reply or a busy loop must not stretch the documented bound.
+        asked = time.monotonic()
         try:
             reply = await self.pipe.script(self.scripts.take_tokens, self.keys, args, "take tokens")
         except StorageError:
@@ -156,7 +159,7 @@ class LeasedBucket:
         granted, wait_ms = int(reply[0]), int(reply[1])
         now = time.monotonic()
         self._tokens = granted + (self._tokens if now < self._expires else 0)
-        self._expires = now + self.lease_ttl
+        self._expires = asked + self.lease_ttl
         self._exhausted = wait_ms < 0
         if granted < want:
             self._empty_until = now + (EXHAUSTED_SECONDS if self._exhausted else wait_ms / 1000)

@@ -26,7 +26,11 @@ if kind == 'stock' then
   if not available then
     return {want, 0, 0}
   end
-  capacity = a * tonumber(available)
+  available = tonumber(available)
+  capacity = a * available
+  if available > 0 and capacity < 1 then
+    capacity = 1 -- a ratio below 1 must still let the last units be sold
+  end
   rate = capacity / b
 else
   rate, capacity = a, b

@@ -511,6 +511,26 @@ async def test_admission_ratio_mapping_form_in_shadow_mode(gateway: Gateway, red
 
 
 @pytest.fixture
+def admission_below_one(settings_data: dict[str, Any]) -> None:
+    campaign_of(settings_data).update(stock=3, admission_ratio=0.5)
+
+
+@pytest.mark.usefixtures("admission_below_one")
+async def test_a_ratio_below_one_still_sells_the_last_units(gateway: Gateway, redis: Redis) -> None:
+    # 0.5 x 1 left is half a request: the budget still lets one through
+    sold = 0
+    for i in range(200):  # the budget refills at 1 a second; a few seconds at most
+        if (await gateway.buy(f"user-{i}")).status == 201:
+            sold += 1
+            if sold == 3:
+                break
+        await asyncio.sleep(0.05)
+    assert sold == 3
+    state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+    assert (state["available"], state["sold"]) == (0, 3)
+
+
+@pytest.fixture
 def one_unit_with_admission(settings_data: dict[str, Any]) -> None:
     campaign_of(settings_data).update(stock=1, admission_ratio=2)
 
