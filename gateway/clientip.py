@@ -8,7 +8,7 @@ rightmost address in the chain that is not itself a trusted proxy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from aiohttp import web
 
@@ -51,3 +51,17 @@ def forwarded_for(request: web.BaseRequest, trusted: Networks) -> str:
     if previous and trusted and _trusted(peer, trusted):
         return f"{previous}, {peer}"
     return peer
+
+
+def rate_key(address: str) -> str:
+    """What a per-IP limit counts: the address, or for IPv6 its /64 (one subscriber
+    usually holds a whole /64 and could take a fresh address for every request)."""
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)

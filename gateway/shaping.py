@@ -18,7 +18,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from gateway.clientip import client_ip
+from gateway.clientip import client_ip, rate_key
 from gateway.config import CampaignSettings, GatewaySettings
 from gateway.problems import Code, Problem
 from limiter.buckets import (
@@ -119,7 +119,7 @@ class Shaper:
         gone because stock is, it still goes to Redis, which may owe it a stored answer.
         """
         if self.clients is not None and (c := self.settings.client_rate_limit) is not None:
-            client = user if c.key == "user" else client_ip(request, self.trusted)
+            client = user if c.key == "user" else rate_key(client_ip(request, self.trusted))
             try:
                 verdict = await self.clients.take(client)
             except StorageError:

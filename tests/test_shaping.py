@@ -379,6 +379,22 @@ async def test_trusted_proxy_forwarded_for_picks_the_rightmost_untrusted_hop(
 
 
 @pytest.mark.usefixtures("per_ip_bucket", "behind_trusted_proxies")
+async def test_ipv6_clients_share_the_bucket_of_their_64(gateway: Gateway, redis: Redis) -> None:
+    # one subscriber's /64 holds 2^64 addresses: a fresh one per request must not help
+    addresses = ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"]
+    statuses = [
+        (await gateway.buy(f"v{i}", headers=_xff(address))).status
+        for i, address in enumerate(addresses)
+    ]
+    assert statuses == [201, 201, 429]
+    assert (await gateway.buy("w", headers=_xff("2001:db8:1:3::1"))).status == 201
+    assert await client_bucket_keys(redis) == {
+        BUCKETS + "ip:2001:db8:1:2::/64",
+        BUCKETS + "ip:2001:db8:1:3::/64",
+    }
+
+
+@pytest.mark.usefixtures("per_ip_bucket", "behind_trusted_proxies")
 async def test_garbled_forwarded_hop_trusts_nothing_further_left(
     gateway: Gateway, redis: Redis
 ) -> None:
