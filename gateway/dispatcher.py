@@ -178,9 +178,7 @@ class Dispatcher:
 
     async def _claim(self, campaign: Campaign, count: int) -> list[Any]:
         s = campaign.settings
-        idle_ms = round(
-            1000 * (self.runtime.upstreams[s.upstream].settings.timeout + s.max_retry_backoff + 10)
-        )
+        idle_ms = round(1000 * (self._timeout(campaign) + s.max_retry_backoff + 10))
         async with asyncio.timeout(5 * self.runtime.guard.timeout):
             reply = await self.redis.xautoclaim(
                 campaign.store.keys.orders, GROUP, self.runtime.actor, idle_ms, "0-0", count=count
@@ -236,13 +234,13 @@ class Dispatcher:
             # someone else is delivering it right now; look again a little later
             await asyncio.sleep(random.uniform(*SLOT_WAIT))
             return False
-        unsent = False
+        unsent = timed_out = False
         try:
-            reply, failure = await self._send(campaign, order)
+            reply, failure, timed_out = await self._send(campaign, order)
         except _Unsent:
             unsent = True
         finally:
-            await self._give_slot(campaign, rid)
+            await self._give_slot(campaign, rid, linger=timed_out)
         if unsent:  # the slot is free for others while this one waits
             await asyncio.sleep(campaign.settings.retry_backoff)
             return False
@@ -291,11 +289,12 @@ class Dispatcher:
 
     async def _send(
         self, campaign: Campaign, order: OutboundRequest
-    ) -> tuple[UpstreamReply | None, str]:
+    ) -> tuple[UpstreamReply | None, str, bool]:
+        """The backend's answer (None if it failed), why not, and whether it timed out."""
         try:
             reply = await campaign.upstream.send(order)
         except UpstreamError as exc:
-            return None, str(exc)
+            return None, str(exc), exc.timed_out
         except Exception as exc:  # a fault here, not the backend's: try again later
             _trouble.log(
                 logging.ERROR,
@@ -305,11 +304,11 @@ class Dispatcher:
                 exc_info=True,
             )
             raise _Unsent from exc
-        return reply, f"upstream answered {reply.status}"
+        return reply, f"upstream answered {reply.status}", False
 
     async def _take_slot(self, campaign: Campaign, rid: str) -> bool:
         s = campaign.settings
-        ttl_ms = round(1000 * (self.runtime.upstreams[s.upstream].settings.timeout + 5))
+        ttl_ms = round(1000 * (self._timeout(campaign) + 5))
         keys = [campaign.store.keys.delivery_slots]
         while True:
             taken = await self.runtime.pipe.script(
@@ -322,12 +321,15 @@ class Dispatcher:
                 return int(taken) == 1
             await asyncio.sleep(random.uniform(*SLOT_WAIT))
 
-    async def _give_slot(self, campaign: Campaign, rid: str) -> None:
+    async def _give_slot(self, campaign: Campaign, rid: str, *, linger: bool = False) -> None:
+        """Free the slot; after a timeout (``linger``) its place stays taken for one more
+        timeout, as the backend may still be working on the request."""
+        timeout_ms = round(1000 * self._timeout(campaign))
         with contextlib.suppress(StorageError):  # it frees itself after its ttl
             await self.runtime.pipe.script(
                 self.runtime.scripts.delivery_slot,
                 [campaign.store.keys.delivery_slots],
-                ["give", rid, 0, 0],
+                ["linger" if linger else "give", rid, 0, timeout_ms],
                 "give a delivery slot back",
             )
 
@@ -344,6 +346,10 @@ class Dispatcher:
                 message_id,
                 what="keep an order",
             )
+
+    def _timeout(self, campaign: Campaign) -> float:
+        """How long the campaign's backend is given to answer, seconds."""
+        return self.runtime.upstreams[campaign.settings.upstream].settings.timeout
 
     async def _ack(self, campaign: Campaign, message_id: bytes) -> None:
         """Done with an order: out of the group's pending list and out of the stream, so

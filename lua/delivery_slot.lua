@@ -3,14 +3,26 @@
 -- flight to the backend: the peak shaving of queue mode. A slot whose holder died
 -- frees itself after its ttl.
 --
+-- A delivery that timed out may still be running at the backend: "linger" gives its
+-- slot back but keeps the place taken for ttl more, so that its retry (or another
+-- order) does not go out on top of it.
+--
 -- KEYS[1] slots zset (holder -> expiry, ms)
--- ARGV[1] "take" or "give"   ARGV[2] holder   ARGV[3] max in flight   ARGV[4] ttl, ms
+-- ARGV[1] "take", "give" or "linger"   ARGV[2] holder   ARGV[3] max in flight
+-- ARGV[4] ttl, ms (take, linger)
 -- returns 1 when taken (or given back), 0 when every slot is busy, -1 when this holder
 -- has a slot already (another dispatcher is delivering the same order right now)
 
 local slots_key, how, holder = KEYS[1], ARGV[1], ARGV[2]
-if how == 'give' then
+if how == 'give' or how == 'linger' then
   redis.call('ZREM', slots_key, holder)
+  if how == 'linger' then
+    local ttl = tonumber(ARGV[4])
+    redis.call('ZADD', slots_key, now_ms() + ttl, holder .. '#late')
+    if redis.call('PTTL', slots_key) < 2 * ttl then
+      redis.call('PEXPIRE', slots_key, 2 * ttl)
+    end
+  end
   return 1
 end
 local now = now_ms()

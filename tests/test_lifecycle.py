@@ -618,6 +618,42 @@ async def test_queue_mode_shaves_the_peak_to_max_inflight_across_gateways(
     assert await redis.zcard(f"{BASE}:inflight") == 0  # every delivery slot was given back
 
 
+async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_work(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    """The gateway gives up after 0.3 s, the backend works 0.45 s: the retry must not go out
+    on top of a request the backend is still running."""
+    settings_data["upstreams"]["shop"]["timeout"] = 0.3
+    campaign_of(settings_data).update(
+        forward="queue", stock=4, max_inflight=2, max_attempts=2, retry_backoff="50ms"
+    )
+
+    working = peak = 0
+
+    async def work() -> None:  # goes on when the gateway hangs up, as a backend's would
+        nonlocal working, peak
+        working += 1
+        peak = max(peak, working)
+        try:
+            await asyncio.sleep(0.45)
+        finally:
+            working -= 1
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.shield(asyncio.ensure_future(work()))
+        return await accept(request)
+
+    shop.respond = slow
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        responses = await asyncio.gather(*(gw.buy(f"buyer-{i}") for i in range(4)))
+        assert [r.status for r in responses] == [202] * 4
+        await wait_for(dead_letters_at_least(redis, 4), within=15.0)
+    assert len(shop.seen) == 8  # every order tried twice, each time cut off
+    assert peak <= 2
+    state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+    assert (state["available"], state["reserved"], state["sold"]) == (4, 0, 0)
+
+
 @pytest.fixture
 def flaky_queue(settings_data: dict[str, Any]) -> None:
     campaign_of(settings_data).update(
