@@ -22,7 +22,9 @@ from limiter.errors import StorageError
 log = logging.getLogger("flashgate")
 
 #: Exit codes.
-OK, FAILED, INVALID = 0, 1, 2
+#: Exit codes: done; found a problem (drift); bad input; could not do the job (Redis
+#: unreachable, a port taken).
+OK, FAILED, INVALID, UNAVAILABLE = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,8 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dispatch = not args.no_dispatch
     with redis_for(settings) as url:
         if args.workers == 1:
-            serve_forever(settings, url, dispatch=dispatch, config_path=args.config)
-            return OK
+            return serve_forever(settings, url, dispatch=dispatch, config_path=args.config)
         from gateway.supervisor import run_workers
 
         return run_workers(args.config, url, args.workers, args.log_level, dispatch)
@@ -228,7 +229,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return INVALID
     except StorageError as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
-        return FAILED
+        return UNAVAILABLE
     print(audits_json(audits) if args.json else render_audits(audits))
     if args.repair:
         return OK
@@ -244,7 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = asyncio.run(status(settings, url))
     except StorageError as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
-        return FAILED
+        return UNAVAILABLE
     print(json.dumps({"campaigns": rows}) if args.json else render_status(rows))
     return OK
 
@@ -264,15 +265,25 @@ def serve_forever(
     reuse_port: bool = False,
     dispatch: bool = True,
     config_path: str | None = None,
-) -> None:
+) -> int:
+    """Serve until stopped; the exit code (UNAVAILABLE when a port is taken)."""
     _install_uvloop()
-    from gateway.server import serve
+    from gateway.server import CannotListen, serve
 
-    asyncio.run(
-        serve(
-            settings, redis_url, reuse_port=reuse_port, dispatch=dispatch, config_path=config_path
+    try:
+        asyncio.run(
+            serve(
+                settings,
+                redis_url,
+                reuse_port=reuse_port,
+                dispatch=dispatch,
+                config_path=config_path,
+            )
         )
-    )
+    except CannotListen as exc:
+        logging.getLogger("gateway").error("%s", exc)
+        return UNAVAILABLE
+    return OK
 
 
 def default_workers() -> int:

@@ -45,10 +45,18 @@ async def serve(
         if settings.admin is not None:
             admin = create_admin_app(runtime, metrics_need_token=settings.admin.metrics_need_token)
             admin_runner = web.AppRunner(admin, access_log=None, **RUNNER)
-            runners.append(
-                await _start(admin_runner, settings.admin.host, settings.admin.port, reuse_port)
-            )
-        log.info("ready: %s", ", ".join(_addresses(runners)))
+            try:
+                runners.append(
+                    await _start(admin_runner, settings.admin.host, settings.admin.port, reuse_port)
+                )
+            except CannotListen:
+                await edge.cleanup()
+                raise
+        names = ("buyers", "admin API")
+        log.info(
+            "ready: %s",
+            ", ".join(f"{name} on {url}" for name, url in zip(names, _urls(runners), strict=False)),
+        )
         await stop.wait()
         runtime.draining = True
         log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
@@ -90,12 +98,25 @@ def _stop_on_signals() -> asyncio.Event:
 RUNNER: dict[str, Any] = {"handle_signals": False, "shutdown_timeout": DRAIN_SECONDS}
 
 
+class CannotListen(Exception):
+    """A port this gateway must serve is taken (or not allowed): no use trying again."""
+
+
 async def _start(runner: web.BaseRunner, host: str, port: int, reuse_port: bool) -> web.BaseRunner:
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=BACKLOG)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return runner
 
 
-def _addresses(runners: list[web.BaseRunner]) -> list[str]:
-    return [str(address) for runner in runners for address in runner.addresses]
+def _urls(runners: list[web.BaseRunner]) -> list[str]:
+    """Where each runner listens (its first address)."""
+    return [
+        f"http://{runner.addresses[0][0]}:{runner.addresses[0][1]}"
+        for runner in runners
+        if runner.addresses
+    ]

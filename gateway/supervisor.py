@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -69,6 +70,8 @@ def _metrics_dir() -> Iterator[None]:
 def _supervise(
     config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool
 ) -> int:
+    from gateway.cli import UNAVAILABLE
+
     worker_args = (config_path, redis_url, log_level, dispatch)
     stopping = False
 
@@ -100,11 +103,12 @@ def _supervise(
             lived = time.monotonic() - started
             quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
             _buried(index, process, lived)
-            if quick_deaths >= MAX_QUICK_DEATHS:
-                log.error("workers keep dying at start; giving up")
+            cannot_serve = process.exitcode == UNAVAILABLE  # a port is taken: no use restarting
+            if cannot_serve or quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers cannot serve, or keep dying at start; giving up")
                 forward(signal.SIGTERM, None)
                 _reap(running.values())
-                return 1
+                return UNAVAILABLE if cannot_serve else 1
             running[index] = start(index)
     _reap(running.values())
     return 0
@@ -157,10 +161,12 @@ def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) ->
 
     die_with_parent()
     configure_logging(log_level)
-    serve_forever(
-        load_settings(config_path),
-        redis_url,
-        reuse_port=True,
-        dispatch=dispatch,
-        config_path=config_path,
+    sys.exit(
+        serve_forever(
+            load_settings(config_path),
+            redis_url,
+            reuse_port=True,
+            dispatch=dispatch,
+            config_path=config_path,
+        )
     )

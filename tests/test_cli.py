@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded_redis import EmbeddedRedis, free_port
 from tests.helpers import ADMIN_TOKEN, AUTH, Shop, check_invariant, wait_for
 from tests.processes import GatewayProcess, pid_alive
 
@@ -163,3 +164,27 @@ def test_admin_token_comes_from_the_environment(
                 assert response.status == 200
     finally:
         del os.environ["FLASHGATE_TEST_ADMIN_TOKEN"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_stops_the_gateway_with_a_clear_message(
+    process_config: dict[str, Any], tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process_config["gateway"]["port"] = port
+        process_config["admin"]["port"] = 0 if workers == "1" else free_port()
+        path = tmp_path / "taken.yaml"
+        path.write_text(json.dumps(process_config))
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(path), "--workers", workers],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 3, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert done.stderr.count("started (pid") <= int(workers)  # no restarts
+    assert "Traceback" not in done.stderr
