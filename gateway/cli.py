@@ -230,9 +230,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
         return UNAVAILABLE
-    print(audits_json(audits) if args.json else render_audits(audits))
+    print(audits_json(audits) if args.json else render_audits(audits, args.config))
     if args.repair:
-        return OK
+        return FAILED if any(a.repair_refused for a in audits) else OK
     return FAILED if any(a.drift for a in audits) else OK
 
 

@@ -65,7 +65,7 @@ async def reconcile(
     return audits
 
 
-def render_audits(audits: Sequence[Audit]) -> str:
+def render_audits(audits: Sequence[Audit], config: str) -> str:
     rows: list[tuple[object, ...]] = []
     for a in audits:
         for what, counter, expected in a.checks():
@@ -77,6 +77,13 @@ def render_audits(audits: Sequence[Audit]) -> str:
                 f"{a.campaign_id}: user {user!r} holds {units} by the quota hash, "
                 f"{by_records} by the records"
             )
+        if a.repair_refused:
+            lines.append(
+                f"{a.campaign_id}: NOT repaired: {a.missing_records} reservation(s) in the index "
+                "have no record (did Redis lose data?); the records would undercount what was "
+                "sold. Restore Redis from its AOF, or settle the counters by hand against the "
+                "backend's orders and the ledger."
+            )
         if a.repaired is not None:
             lines.append(
                 f"{a.campaign_id}: repaired: counters now {a.repaired.available} "
@@ -84,10 +91,10 @@ def render_audits(audits: Sequence[Audit]) -> str:
                 f"{a.repaired.stock_total} total (the reservation records won)"
             )
     drifting = [a.campaign_id for a in audits if a.drift]
-    if drifting and not any(a.repaired for a in audits):
+    if drifting and not any(a.repaired or a.repair_refused for a in audits):
         lines.append(
-            f"drift in {', '.join(drifting)}: `flashgate reconcile --repair` makes the "
-            "counters agree with the reservation records"
+            f"drift in {', '.join(drifting)}: `flashgate reconcile -c {config} --repair` "
+            "makes the counters agree with the reservation records"
         )
     elif not drifting:
         lines.append("no drift: the books balance")

@@ -28,6 +28,11 @@ class Audit:
     repaired: Figures | None = None
     #: (state, reservations counted in the state hash, by the records) where they differ
     count_drift: list[tuple[str, int, int]] = field(default_factory=list)
+    #: Indexed reservations whose record is gone: the records are incomplete, so a
+    #: repair is refused (it would put sold units back on sale).
+    missing_records: int = 0
+    #: A repair was asked for and refused (see missing_records).
+    repair_refused: bool = False
 
     def checks(self) -> list[tuple[str, int, int]]:
         """(what, counter, expected) for every check; drift where the two differ."""
@@ -41,6 +46,7 @@ class Audit:
             ("reserved vs reservation records", c.reserved, self.reserved_by_records),
             ("sold vs reservation records", c.sold, self.sold_by_records),
             ("users whose quota differs from their records", self.users_differing, 0),
+            ("reservations in the index without a record", self.missing_records, 0),
         ]
         rows += [
             (f"{state} reservations vs records", counted, records)
@@ -73,6 +79,7 @@ async def audit(store: CampaignStore, *, repair: bool, actor: str) -> Audit:
         if status == 2:
             raise CampaignMissing(store.campaign_id)
         if status == 0:
+            repaired = bool(int(reply[10]))
             return Audit(
                 campaign_id=store.campaign_id,
                 counters=_figures(reply[1]),
@@ -81,7 +88,9 @@ async def audit(store: CampaignStore, *, repair: bool, actor: str) -> Audit:
                 users_differing=int(reply[4]),
                 user_drift=[(u.decode(), int(a), int(b)) for u, a, b in reply[5]],
                 ledger_after=_figures(reply[6]) if reply[6] else None,
-                repaired=_figures(reply[7]) if repair else None,
+                repaired=_figures(reply[7]) if repaired else None,
                 count_drift=[(s.decode(), int(a), int(b)) for s, a, b in reply[8]],
+                missing_records=int(reply[9]),
+                repair_refused=repair and not repaired,
             )
     raise StorageError(f"campaign {store.campaign_id} kept changing; audit it when it is quieter")

@@ -9,6 +9,9 @@
 -- legitimate change writes its "after" figures there in the same atomic step, so
 -- the last entry holds the total as it should be (without a ledger it is kept).
 -- available becomes stock_total - reserved - sold.
+-- An indexed reservation whose record is gone (Redis lost data, or a hand deletion)
+-- makes the records an incomplete truth: they would undercount what was sold and
+-- put sold units back on sale. Then nothing is repaired; the audit says so.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] index zset   KEYS[4] ledger stream
 -- KEYS[4 + i] the record of reservation i (every reservation in the index)
@@ -17,9 +20,10 @@
 --          users whose quota differs, a list of {user, counter, records} (at most 100),
 --          the ledger's last "after" figures ("" if none), counters after a repair,
 --          reservations by state where the count kept beside the counters differs:
---          a list of {state, counted, records}}
---   status 0 audited (and repaired when asked), 1 the index changed since the caller read
---   it: read it again, 2 no such campaign
+--          a list of {state, counted, records}, indexed reservations without a record,
+--          1 when repaired}
+--   status 0 audited (and repaired when asked and safe), 1 the index changed since the
+--   caller read it: read it again, 2 no such campaign
 
 local state_key, users_key, index_key, ledger_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local repair, actor, ledger_max, channel = ARGV[1] == 'repair', ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -32,12 +36,14 @@ if not figures then
   return {2}
 end
 
-local reserved, sold, held_by = 0, 0, {}
+local reserved, sold, held_by, missing = 0, 0, {}, 0
 local states = {reserved = 0, held = 0, committed = 0, released = 0, expired = 0, cancelled = 0}
 for i = 5, #KEYS do
   local r = redis.call('HMGET', KEYS[i], 'state', 'user', 'qty')
   local state, user, qty = r[1], r[2], tonumber(r[3])
-  if state then -- an indexed record that is gone (deleted by hand) counts for nothing
+  if not state then
+    missing = missing + 1
+  else
     states[state] = (states[state] or 0) + 1
     if state == 'reserved' or state == 'held' then
       reserved = reserved + qty
@@ -92,7 +98,8 @@ if #last > 0 then
 end
 
 local counters = figures_text(figures)
-if repair then
+local repaired = repair and missing == 0
+if repaired then
   local before = copy_figures(figures)
   figures.reserved, figures.sold = reserved, sold
   local ledger_total = tonumber(string.match(ledger_after, '^[-%d]+/[-%d]+/[-%d]+/([-%d]+)$'))
@@ -111,4 +118,4 @@ if repair then
   announce(channel, before.available, figures.available)
 end
 return {0, counters, reserved, sold, differ, listed_users, ledger_after, figures_text(figures),
-        counts}
+        counts, missing, repaired and 1 or 0}

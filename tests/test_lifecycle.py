@@ -1289,7 +1289,7 @@ async def test_reconcile_command_exit_codes_table_and_json(
         for r in rows
     ), out
     assert "user 'alice' holds 5 by the quota hash, 1 by the records" in out
-    assert "flashgate reconcile --repair" in out
+    assert f"flashgate reconcile -c {config} --repair" in out
 
     code, out, err = await _flashgate("reconcile", "-c", config, "--json")
     assert code == 1, (out, err)

@@ -987,7 +987,9 @@ async def test_malformed_script_calls_are_refused_and_change_nothing(
     assert await redis_snapshot(redis) == before
 
 
-async def test_audit_survives_an_indexed_record_that_is_gone(rig: Rig, redis: Redis) -> None:
+async def test_audit_reports_an_indexed_record_that_is_gone_and_repairs_nothing(
+    rig: Rig, redis: Redis
+) -> None:
     store = rig.store()
     await store.init(10)
     kept = await reserved(store, "alice")
@@ -995,8 +997,16 @@ async def test_audit_survives_an_indexed_record_that_is_gone(rig: Rig, redis: Re
     await redis.delete(store.keys.reservation(lost))  # deleted by hand
     found = await audit(store, repair=False, actor=ACTOR)
     assert (found.reserved_by_records, found.sold_by_records) == (1, 0)
+    assert found.missing_records == 1
     assert found.drift  # the counters still count bob's unit: reconcile says so
     assert (await record(redis, store, kept))["state"] == "reserved"
+    # a repair would believe the incomplete records and put bob's unit back on sale
+    before = await redis_snapshot(redis)
+    refused = await audit(store, repair=True, actor=ACTOR)
+    assert refused.repair_refused
+    assert refused.repaired is None
+    assert await redis_snapshot(redis) == before
+    assert await store.figures() == Figures(8, 2, 0, 10)
 
 
 async def test_adjust_announces_sold_out_and_restock(rig: Rig, redis: Redis) -> None:
