@@ -203,7 +203,14 @@ class CampaignStore:
             leavable.value,
             headers,
         ]
-        keys = [k.state, k.users, k.ledger, k.deadlines, k.reservation(reservation_id)]
+        keys = [
+            k.state,
+            k.users,
+            k.ledger,
+            k.deadlines,
+            k.reservation(reservation_id),
+            k.idempotency,
+        ]
         result = await self.pipe.script(self.scripts.commit, keys, args, "commit")
         return Transition(CommitStatus(int(result[0])), result[1].decode())
 

@@ -2,13 +2,15 @@
 --   reserved -> committed   a sale (on_success: commit)
 --   reserved -> held        accepted, awaiting payment until a deadline (on_success: hold)
 --   held|reserved -> committed   confirm
--- A reservation that went back to stock meanwhile (its deadline passed while the
--- backend was answering, or an operator cancelled it) is taken again when "retake"
--- is asked and stock and quota permit; otherwise it is reported as gone, and the
--- ledger records a commit-conflict for reconcile.
+-- A reservation that went back to stock from "reserved" meanwhile (the backend's
+-- answer came after the gateway gave up on it, or after its deadline) is taken again
+-- when "retake" is asked and stock and quota permit, its Idempotency-Key bound to it
+-- again. A hold that expired unpaid (its confirm was told 409 expired) or a
+-- reservation an operator cancelled is never taken again. One not taken again is
+-- reported as gone, and the ledger records a commit-conflict for reconcile.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] ledger stream
--- KEYS[4] deadlines zset   KEYS[5] reservation record
+-- KEYS[4] deadlines zset   KEYS[5] reservation record   KEYS[6] idempotency hash
 -- ARGV[1] reservation id   ARGV[2] target state, "committed" or "held"
 -- ARGV[3] hold time, ms (held only)   ARGV[4] "retake" or ""   ARGV[5] per-user limit
 -- ARGV[6] reply status ("" for none)   ARGV[7] reply content type   ARGV[8] reply body
@@ -19,8 +21,8 @@
 --   0 done (state now)   1 already there or beyond (its state)   2 gone (its state)
 --   3 no such reservation   4 taken again and done (state now)   5 not from its state
 
-local state_key, users_key, ledger_key, deadlines_key, record_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state_key, users_key, ledger_key, deadlines_key, record_key, idem_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
 local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
@@ -33,8 +35,9 @@ if not user_limit or not ledger_max then
   return redis.error_reply('commit: the per-user limit and ledger max length must be numbers')
 end
 
-local record = redis.call('HMGET', record_key, 'state', 'user', 'qty')
-local state, user, qty = record[1], record[2], tonumber(record[3])
+local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left')
+local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
+local retakeable = state ~= 'cancelled' and (record[5] or 'reserved') == 'reserved'
 if not state then
   return {3, ''}
 end
@@ -59,7 +62,7 @@ local status, op = 0, target == 'held' and 'hold' or 'commit'
 
 if gone then
   local held = tonumber(redis.call('HGET', users_key, user) or '0')
-  if not retake or figures.available < qty or held + qty > user_limit then
+  if not (retake and retakeable) or figures.available < qty or held + qty > user_limit then
     append_ledger(ledger_key, ledger_max, 'commit-conflict', rid, user, qty, actor, before, figures)
     redis.call('HSET', record_key, 'conflict', 1)
     return {2, state}
@@ -67,6 +70,9 @@ if gone then
   figures.available = figures.available - qty
   figures.reserved = figures.reserved + qty
   redis.call('HINCRBY', users_key, user, qty)
+  if idem and idem ~= '' and idem_key then
+    redis.call('HSETNX', idem_key, idem, rid) -- a retry with its key finds it again
+  end
   status, op = 4, 'late-' .. op
 elseif state == 'held' then
   op = 'confirm'
@@ -83,6 +89,7 @@ else
 end
 write_figures(state_key, figures)
 redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
+redis.call('HDEL', record_key, 'payload') -- settled: the kept order is not needed now
 count_move(state_key, state, target, 1)
 if reply_status ~= '' then
   redis.call('HSET', record_key, 'reply_status', reply_status, 'reply_type', reply_type,

@@ -94,7 +94,10 @@ if idem ~= '' and redis.call('HGET', idem_key, idem) == rid then
   redis.call('HDEL', idem_key, idem)
 end
 redis.call('ZREM', deadlines_key, rid)
-redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now)
+-- 'left': the state it left (a late acceptance may take back a released or expired
+-- reservation, never a hold that expired unpaid); the kept order is not needed now.
+redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now, 'left', state)
+redis.call('HDEL', record_key, 'payload')
 count_move(state_key, state, target, 1)
 if dead_payload ~= '' then
   redis.call('XADD', dead_key, 'MAXLEN', '~', math.max(ledger_max, 1000), '*', 'rid', rid,

@@ -791,6 +791,55 @@ async def test_commit_after_release_is_retaken_when_stock_remains(
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
+@pytest.mark.parametrize(
+    ("leavable", "target"),
+    [((State.HELD,), State.EXPIRED), ((State.RESERVED,), State.CANCELLED)],
+    ids=["expired-hold", "cancelled"],
+)
+async def test_a_late_acceptance_never_takes_back_an_expired_hold_or_a_cancel(
+    rig: Rig, redis: Redis, leavable: tuple[State, ...], target: State
+) -> None:
+    store = rig.store()
+    await store.init(10)
+    rid = await reserved(store, "alice")
+    if State.HELD in leavable:
+        await store.commit(rid, target=State.HELD, hold_ms=60_000)
+    await release(store, rid, leavable=leavable, target=target)
+    # e.g. a redelivery's duplicate 2xx after the confirm was told 409 expired
+    late = await store.commit(rid, target=State.HELD, hold_ms=60_000, retake=True)
+    assert late == Transition(CommitStatus.GONE, target.value)
+    assert await store.figures() == Figures(10, 0, 0, 10)
+    assert (await ops(redis))[-1] == "commit-conflict"
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_a_retaken_reservation_gets_its_idempotency_key_back(rig: Rig, redis: Redis) -> None:
+    store = rig.store()
+    await store.init(10)
+    rid = await reserved(store, "alice", key="k-1")
+    await release(store, rid)  # the key is free for a fresh attempt...
+    assert await redis.hgetall(store.keys.idempotency) == {}
+    await store.commit(rid, target=State.COMMITTED, retake=True)  # ...until it is taken back
+    retry = await decide(store, attempt("alice", key="k-1"))
+    assert (retry.status, retry.reservation_id) == (ReserveStatus.DUPLICATE, rid)
+    assert await users(redis, store) == {"alice": 1}
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_a_settled_reservation_keeps_no_order(rig: Rig, redis: Redis) -> None:
+    store = rig.store()
+    await store.init(10)
+    orders = [attempt(user)._replace(payload=b'{"method":"POST"}') for user in ("alice", "bob")]
+    assert [d.status for d in await store.reserve(orders)] == [ReserveStatus.RESERVED] * 2
+    sold, given_back = (order.reservation_id for order in orders)
+    for rid in (sold, given_back):
+        assert await redis.hexists(store.keys.reservation(rid), "payload")
+    await store.commit(sold, target=State.COMMITTED)
+    await release(store, given_back)
+    for rid in (sold, given_back):
+        assert not await redis.hexists(store.keys.reservation(rid), "payload")
+
+
 async def test_retake_is_gone_without_stock_or_quota(rig: Rig, redis: Redis) -> None:
     store = rig.store(per_user_limit=1)
     await store.init(1)
