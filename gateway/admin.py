@@ -232,7 +232,8 @@ def _stock_change(body: dict[str, Any]) -> tuple[int | None, int | None]:
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=json.loads)
-    except ValueError as exc:
+    # LookupError: an unknown charset; RecursionError: [[[[... nested too deep
+    except (ValueError, LookupError, RecursionError) as exc:
         raise Problem(Code.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise Problem(Code.BAD_REQUEST, "the body must be a JSON object")

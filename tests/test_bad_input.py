@@ -284,9 +284,24 @@ async def test_stock_change_refuses_bad_input(
     assert await redis_snapshot(redis) == before
 
 
-async def test_stock_change_refuses_broken_json(gateway: Gateway, redis: Redis) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"{delta", "application/json"),
+        (b"[" * 60_000, "application/json"),
+        (b'{"delta": 1}', "application/json; charset=no-such-charset"),
+    ],
+    ids=["broken", "nested too deep", "unknown charset"],
+)
+async def test_stock_change_refuses_unreadable_json(
+    gateway: Gateway, redis: Redis, body: bytes, content_type: str
+) -> None:
     before = await redis_snapshot(redis)
-    response = await gateway.admin.post("/campaigns/phone-1111/stock", headers=AUTH, data=b"{delta")
+    response = await gateway.admin.post(
+        "/campaigns/phone-1111/stock",
+        headers={**AUTH, "Content-Type": content_type},
+        data=body,
+    )
     assert (response.status, (await problem_of(response))["code"]) == (400, "bad-request")
     assert await redis_snapshot(redis) == before
 
