@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -40,9 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INVALID
     except EmbeddedRedisError as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
-        return FAILED
+        return UNAVAILABLE
     except KeyboardInterrupt:
         return FAILED
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flashgate")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
 
 
 def configure_logging(level: str) -> None:
@@ -58,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument("--version", action="version", version=f"flashgate {_version()}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="serve the campaigns of a config file")
@@ -189,7 +198,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.workers is None:
-        args.workers = default_workers()
+        try:
+            args.workers = default_workers()
+        except (ValueError, argparse.ArgumentTypeError):
+            given = os.environ.get("FLASHGATE_WORKERS")
+            print(
+                f"FLASHGATE_WORKERS must be a whole number of at least 1, got {given!r}",
+                file=sys.stderr,
+            )
+            return INVALID
     if args.workers > 1 and 0 in (
         settings.gateway.port,
         settings.admin.port if settings.admin else 1,

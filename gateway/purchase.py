@@ -88,7 +88,12 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
         throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
-        code, response = _unavailable("redis could not decide; nothing was reserved or charged")
+        code, response = _unavailable(
+            "redis did not confirm a decision in time: whatever it reserved is being given "
+            "back; a retry with the same Idempotency-Key learns the outcome"
+            if exc.maybe_applied
+            else "redis could not decide; nothing was reserved or charged"
+        )
     return Answer(code, response, user)
 
 

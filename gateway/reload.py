@@ -74,7 +74,11 @@ async def reload_file(runtime: Runtime, path: str) -> Reloaded:
         raise
     RELOADS.labels("success").inc()
     runtime.reload_error = None
-    log.info("reloaded %s: %s", path, result.summary())
+    log.info(
+        "reloaded %s: %s",
+        path,
+        "; ".join(f"{what} {', '.join(ids) or 'none'}" for what, ids in result.summary().items()),
+    )
     return result
 
 

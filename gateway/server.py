@@ -62,6 +62,7 @@ async def serve(
         log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
         for runner in runners:
             await runner.cleanup()
+    log.info("stopped")
 
 
 async def dispatch_only(settings: Settings, redis_url: str, config_path: str) -> None:

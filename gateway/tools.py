@@ -139,6 +139,7 @@ async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
                     "sold_out": figures["available"] == 0
                     if figures["available"] is not None
                     else None,
+                    "balanced": _balanced(figures),
                     "starts_at": campaign.starts_at.isoformat() if campaign.starts_at else None,
                     "ends_at": campaign.ends_at.isoformat() if campaign.ends_at else None,
                     "rate_per_second": rate.per_second if rate else None,
@@ -148,6 +149,15 @@ async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _balanced(figures: dict[str, Any]) -> bool | None:
+    """stock_total == available + reserved + sold (None: not in Redis)."""
+    if figures["stock_total"] is None:
+        return None
+    return bool(
+        figures["stock_total"] == figures["available"] + figures["reserved"] + figures["sold"]
+    )
+
+
 def render_status(rows: Sequence[dict[str, Any]]) -> str:
     headers = [
         "campaign",
@@ -155,6 +165,7 @@ def render_status(rows: Sequence[dict[str, Any]]) -> str:
         "available",
         "reserved",
         "sold",
+        "books",
         "sold out",
         "window",
         "rate/s",
@@ -174,6 +185,7 @@ def render_status(rows: Sequence[dict[str, Any]]) -> str:
                 r["available"],
                 r["reserved"],
                 r["sold"],
+                {True: "ok", False: "DRIFT", None: None}[r["balanced"]],
                 r["sold_out"],
                 window,
                 r["rate_per_second"],
@@ -184,4 +196,10 @@ def render_status(rows: Sequence[dict[str, Any]]) -> str:
     text = table(headers, lines)
     if missing:
         text += f"\nnot in Redis yet (a gateway creates them when it starts): {', '.join(missing)}"
+    drifting = [r["id"] for r in rows if r["balanced"] is False]
+    if drifting:
+        text += (
+            f"\nthe books do not balance for {', '.join(drifting)}: "
+            "run `flashgate reconcile` (docs/operations.md, Recover)"
+        )
     return text

@@ -735,7 +735,13 @@ def test_status_command(
     header, rule, row = table.stdout.splitlines()[:3]
     assert "stock total" in header
     assert set(rule) <= {"-", " "}
-    assert row.split()[:6] == ["phone-1111", "10", "7", "1", "2", "no"]
+    assert row.split()[:7] == ["phone-1111", "10", "7", "1", "2", "ok", "no"]
     document = json.loads(run("--json").stdout)
     (campaign,) = document["campaigns"]
     assert (campaign["available"], campaign["sold"], campaign["sold_out"]) == (7, 2, False)
+    assert campaign["balanced"] is True
+    client.hset("fg:{phone-1111}:state", "available", 9)  # drift: 9 + 1 + 2 != 10
+    drifting = run()
+    assert drifting.stdout.splitlines()[2].split()[5] == "DRIFT"
+    assert "the books do not balance for phone-1111" in drifting.stdout
+    assert json.loads(run("--json").stdout)["campaigns"][0]["balanced"] is False
