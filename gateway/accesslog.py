@@ -18,7 +18,7 @@ import time
 from typing import IO
 
 from gateway.config import AccessLogSettings
-from gateway.logs import Throttled
+from limiter.logs import Throttled
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from aiohttp import web
 
 from gateway.clientip import client_ip
 from gateway.health import Handler, health_handlers
-from gateway.logs import Throttled
 from gateway.problems import Code, Problem, problem
 from gateway.purchase import Answer, purchase
 from gateway.runtime import Runtime
 from gateway.status import PREFIX as STATUS_PREFIX
 from gateway.status import reservation_status
+from limiter.logs import Throttled
 
 log = logging.getLogger(__name__)
 #: A bug that fails every request must not also flood the log.

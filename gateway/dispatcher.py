@@ -33,10 +33,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.campaigns import Campaign
 from gateway.errors import UpstreamError
-from gateway.logs import Throttled
 from gateway.settle import accepted, commit_accepted, keep_reply, release_refused
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
+from limiter.logs import Throttled
 from limiter.records import State
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ GROUP = "flashgate"
 READ_BLOCK_MS = 1000
 #: How often a dispatcher looks for orders that dead dispatchers left behind.
 CLAIM_EVERY = 2.0
+#: How often an order being worked on is marked as alive (well below the idle time
+#: after which other dispatchers claim it, 10 s beyond its timeout and backoff).
+KEEP_EVERY = 3.0
 #: How long to wait before asking again for a busy delivery slot.
 SLOT_WAIT = (0.01, 0.05)
 #: How long to wait before trying again when Redis could not be told an outcome.
@@ -89,8 +92,8 @@ class Dispatcher:
         self.results: Counter[tuple[str, str]] = Counter()
         #: Deliveries under way, of every campaign: a stop waits for them.
         self._deliveries: set[asyncio.Task[None]] = set()
-        #: The order (stream message) ids those deliveries are working on.
-        self._delivering: set[bytes] = set()
+        #: The orders (stream key, message id) those deliveries are working on.
+        self._delivering: set[tuple[str, bytes]] = set()
 
     async def run(self) -> None:
         """One loop per campaign, kept in step with the registry (reloads add and remove)."""
@@ -150,7 +153,7 @@ class Dispatcher:
                         claimed_at = loop.time()
                     messages += await self._read(campaign, max(1, free - len(messages)))
                     for message_id, fields in messages:
-                        if message_id in self._delivering:
+                        if (campaign.store.keys.orders, message_id) in self._delivering:
                             continue  # claimed back while this process still delivers it
                         task = asyncio.ensure_future(self._deliver(campaign, message_id, fields))
                         for group in (deliveries, self._deliveries):
@@ -188,11 +191,14 @@ class Dispatcher:
     async def _deliver(
         self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
     ) -> None:
-        self._delivering.add(message_id)
+        mark = (campaign.store.keys.orders, message_id)
+        self._delivering.add(mark)
+        keeper = asyncio.ensure_future(self._keep(campaign, message_id))
         try:
             await self._deliver_one(campaign, message_id, fields)
         finally:
-            self._delivering.discard(message_id)
+            keeper.cancel()
+            self._delivering.discard(mark)
 
     async def _deliver_one(
         self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
@@ -221,7 +227,6 @@ class Dispatcher:
             except StorageError as exc:
                 log.debug("delivery of %s paused: %s", rid, exc)
                 await asyncio.sleep(SETTLE_RETRY)
-            await self._keep(current, message_id)
 
     async def _attempt(
         self, campaign: Campaign, rid: str, order: OutboundRequest, payload: bytes
@@ -334,18 +339,21 @@ class Dispatcher:
             )
 
     async def _keep(self, campaign: Campaign, message_id: bytes) -> None:
-        """Still working on an order: reset its idle time, so that other dispatchers do
-        not claim it as a dead one's."""
-        with contextlib.suppress(StorageError):
-            await self.runtime.pipe.call(
-                "XCLAIM",
-                campaign.store.keys.orders,
-                GROUP,
-                self.runtime.actor,
-                0,
-                message_id,
-                what="keep an order",
-            )
+        """While this process works on an order (sending, backing off, waiting for a
+        slot), reset its idle time now and then, so that other dispatchers do not claim
+        it as a dead one's."""
+        while True:
+            await asyncio.sleep(KEEP_EVERY)
+            with contextlib.suppress(StorageError):
+                await self.runtime.pipe.call(
+                    "XCLAIM",
+                    campaign.store.keys.orders,
+                    GROUP,
+                    self.runtime.actor,
+                    0,
+                    message_id,
+                    what="keep an order",
+                )
 
     def _timeout(self, campaign: Campaign) -> float:
         """How long the campaign's backend is given to answer, seconds."""

@@ -29,10 +29,12 @@ GATEWAY_HEADERS = frozenset(
     }
 )
 #: What a configured upstream header may not name: the gateway sets these itself
-#: (identity, reservation, forwarding chain) or they belong to one connection (but a
-#: credential for a proxy in front of the backend).
+#: (identity, reservation, body framing, the forwarding chain) or they belong to one
+#: connection. Allowed: a credential for a proxy in front of the backend, the backend's
+#: virtual host (Host), and X-Forwarded-Proto/-Host as a TLS-terminating balancer in
+#: front of the gateway would have them (configured values replace the gateway's own).
 NOT_CONFIGURABLE = (
     (HOP_BY_HOP - {"proxy-authorization"})
-    | GATEWAY_HEADERS
-    | frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+    | (GATEWAY_HEADERS - {"host"})
+    | frozenset({"x-forwarded-for"})
 )

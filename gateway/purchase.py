@@ -20,13 +20,13 @@ from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
 from gateway.campaigns import Campaign
 from gateway.clientip import forwarded_for
 from gateway.errors import UpstreamError
-from gateway.logs import Throttled
 from gateway.metrics import DECISION_SECONDS
 from gateway.problems import Code, Problem
 from gateway.settle import accepted, give_back, replayed_headers, settle_accepted
 from gateway.upstream import OutboundRequest, UpstreamReply
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
+from limiter.logs import Throttled
 from limiter.records import Attempt, Decision, Reservation, ReserveStatus, State
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
         throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
         code, response = _unavailable(
             "redis did not confirm a decision in time: whatever it reserved is being given "
-            "back; a retry with the same Idempotency-Key learns the outcome"
+            "back; try again in a moment"
             if exc.maybe_applied
             else "redis could not decide; nothing was reserved or charged"
         )

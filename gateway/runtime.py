@@ -17,7 +17,6 @@ from gateway.campaigns import Campaign, Registry
 from gateway.config import CampaignSettings, Settings
 from gateway.dispatcher import Dispatcher, ensure_group
 from gateway.identity import Identity, identity_for
-from gateway.logs import Throttled
 from gateway.metrics import Publisher
 from gateway.shaping import Shaper
 from gateway.stockwatch import StockWatch
@@ -28,6 +27,7 @@ from limiter.connection import connect
 from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, processes_key
+from limiter.logs import Throttled
 from limiter.pipeline import AutoPipeline
 from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
@@ -278,11 +278,13 @@ class Runtime:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop the loops, give settling work (commits, releases) ``grace`` seconds, then close."""
         self.stop_background()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace
         for campaign in self.registry.by_id.values():
-            await campaign.batcher.close()
+            await campaign.batcher.close(max(0.0, give_up - loop.time()))
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            _, late = await asyncio.wait(pending, timeout=grace)
+            _, late = await asyncio.wait(pending, timeout=max(0.0, give_up - loop.time()))
             for task in late:
                 log.warning("stopping: cancelling %s after %gs", task.get_coro(), grace)
                 task.cancel()

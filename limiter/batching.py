@@ -129,7 +129,20 @@ class TickBatcher(Generic[I, O]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def close(self) -> None:
-        """Wait for the calls in flight and for the undoing they start."""
+    async def close(self, grace: float | None = None) -> None:
+        """Wait for the calls in flight and for the undoing they start; after ``grace``
+        seconds cancel what is left (an undo that Redis keeps refusing would otherwise
+        hold the exit for minutes; the reservations' deadlines release them instead)."""
+        loop = asyncio.get_running_loop()
+        give_up = None if grace is None else loop.time() + grace
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            left = None if give_up is None else max(0.0, give_up - loop.time())
+            _, late = await asyncio.wait(list(self._tasks), timeout=left)
+            if late and give_up is not None and loop.time() >= give_up:
+                log.warning(
+                    "stopping: abandoning %d %s task(s) after %gs", len(late), self.what, grace
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late, timeout=1.0)
+                return

@@ -8,11 +8,14 @@ script call per event-loop tick, and a client Redis refused is refused locally
 until its next token.
 
 Accuracy: every token is granted by the Redis bucket, by Redis's clock, once.
-A leased token may be spent up to ``lease_ttl`` after it was granted (then it
-is dropped), so in any window of T seconds the whole cluster admits at most
+A leased token is spent at once by a request that was waiting for it, or by a
+later request up to ``lease_ttl`` after it was asked for (then it is dropped), so
+in any window of T seconds the whole cluster admits at most
 ``capacity + rate * (T + lease_ttl)`` requests; a single exact bucket would admit
 ``capacity + rate * T``. Over one second at rate R the excess is at most
 ``R * lease_ttl`` (10 % with the default 100 ms), however many processes there are.
+(A waiting request is admitted when the grant reaches it: an event loop that lags
+delays the admission, but never makes a granted token go to waste.)
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class LeasedBucket:
         self._exhausted = False
         self._fallback_until = 0.0
         self._waiting = 0
+        #: Tokens of the last grant owed to the requests that were waiting for it.
+        self._owed = 0
         self._pending: asyncio.Task[None] | None = None
 
     def try_take(self, now: float) -> Verdict | None:
@@ -136,6 +141,12 @@ class LeasedBucket:
                 if self._pending is None:
                     self._pending = asyncio.ensure_future(self._lease())
                 await asyncio.shield(self._pending)
+                if self._owed > 0 and self._tokens > 0:
+                    # Granted for this request: however late the reply arrived (a
+                    # lagging loop), it is spent now, not dropped as expired.
+                    self._owed -= 1
+                    self._tokens -= 1
+                    return ALLOW
                 verdict = self.try_take(time.monotonic())
                 if verdict is not None:
                     return verdict
@@ -153,6 +164,7 @@ class LeasedBucket:
             reply = await self.pipe.script(self.scripts.take_tokens, self.keys, args, "take tokens")
         except StorageError:
             self._fallback_until = time.monotonic() + FALLBACK_SECONDS
+            self._owed = 0
             return
         finally:
             self._pending = None
@@ -160,6 +172,7 @@ class LeasedBucket:
         now = time.monotonic()
         self._tokens = granted + (self._tokens if now < self._expires else 0)
         self._expires = asked + self.lease_ttl
+        self._owed = min(granted, self._waiting)
         self._exhausted = wait_ms < 0
         if granted < want:
             self._empty_until = now + (EXHAUSTED_SECONDS if self._exhausted else wait_ms / 1000)

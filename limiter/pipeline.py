@@ -28,8 +28,10 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
+from limiter.logs import Throttled
 
 log = logging.getLogger(__name__)
+_faults = Throttled(log)
 
 EncodableArg = str | bytes | int | float
 
@@ -140,7 +142,7 @@ class AutoPipeline:
             replies = await self.guard.run(lambda: self._execute(batch, progress), "pipeline")
         except Exception as exc:  # StorageError, or a fault here: nobody is left waiting
             if not isinstance(exc, StorageError):
-                log.error("pipeline failed", exc_info=exc)
+                _faults.log(logging.ERROR, "pipeline", "pipeline failed", exc_info=True)
                 exc = StorageError(f"the pipeline failed: {exc!r}")
             if not progress.writing:
                 exc = StorageError(str(exc), maybe_applied=False)

@@ -5,7 +5,7 @@
 -- A reservation that went back to stock from "reserved" meanwhile (the backend's
 -- answer came after the gateway gave up on it, or after its deadline) is taken again
 -- when "retake" is asked and stock and quota permit, its Idempotency-Key bound to it
--- again. A hold that expired unpaid (its confirm was told 409 expired) or a
+-- again; not when that key now names a fresh attempt. A hold that expired unpaid (its confirm was told 409 expired) or a
 -- reservation an operator cancelled is never taken again. One not taken again is
 -- reported as gone, and the ledger records a commit-conflict for reconcile.
 --
@@ -35,9 +35,9 @@ if not user_limit or not ledger_max then
   return redis.error_reply('commit: the per-user limit and ledger max length must be numbers')
 end
 
-local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left')
+local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left',
+                         'reply_status')
 local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
-local retakeable = state ~= 'cancelled' and (record[5] or 'reserved') == 'reserved'
 if not state then
   return {3, ''}
 end
@@ -60,9 +60,25 @@ local before = copy_figures(figures)
 local now = now_ms()
 local status, op = 0, target == 'held' and 'hold' or 'commit'
 
+-- Whether a reservation gone back to stock may be taken again: only one released
+-- from "reserved" ('left' names the state a release left; a record released before
+-- 'left' was written left "held" if it kept the backend's reply, as only holds do),
+-- and not when the buyer retried with its Idempotency-Key after the release: that
+-- attempt stands, and taking this one back too would sell twice under one key.
+local function retakeable()
+  if state == 'cancelled' or (record[5] or (record[6] and 'held' or 'reserved')) ~= 'reserved' then
+    return false
+  end
+  if idem and idem ~= '' and idem_key then
+    local bound = redis.call('HGET', idem_key, idem)
+    return not bound or bound == rid
+  end
+  return true
+end
+
 if gone then
   local held = tonumber(redis.call('HGET', users_key, user) or '0')
-  if not (retake and retakeable) or figures.available < qty or held + qty > user_limit then
+  if not (retake and retakeable()) or figures.available < qty or held + qty > user_limit then
     append_ledger(ledger_key, ledger_max, 'commit-conflict', rid, user, qty, actor, before, figures)
     redis.call('HSET', record_key, 'conflict', 1)
     return {2, state}
@@ -71,7 +87,7 @@ if gone then
   figures.reserved = figures.reserved + qty
   redis.call('HINCRBY', users_key, user, qty)
   if idem and idem ~= '' and idem_key then
-    redis.call('HSETNX', idem_key, idem, rid) -- a retry with its key finds it again
+    redis.call('HSET', idem_key, idem, rid) -- a retry with its key finds it again
   end
   status, op = 4, 'late-' .. op
 elseif state == 'held' then

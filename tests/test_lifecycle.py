@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
+from gateway import dispatcher
 from gateway.config import Settings
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.sweeper import sweep
@@ -652,6 +653,36 @@ async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_
     assert peak <= 2
     state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
     assert (state["available"], state["reserved"], state["sold"]) == (4, 0, 0)
+
+
+async def test_an_order_being_delivered_is_kept_from_other_dispatchers(
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    settings_data: dict[str, Any],
+    shop: Shop,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the backend works, the order's idle time is reset now and then: another
+    dispatcher claims only orders idle for long (a dead dispatcher's)."""
+    monkeypatch.setattr(dispatcher, "KEEP_EVERY", 0.2, raising=False)
+    settings_data["upstreams"]["shop"]["timeout"] = 5.0
+    campaign_of(settings_data).update(forward="queue", stock=1)
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(2.0)
+        return await accept(request)
+
+    shop.respond = slow
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        response = await gw.buy("alice")
+        assert response.status == 202
+        rid = (await response.json())["reservation_id"]
+        await wait_for(lambda: len(shop.seen) == 1)
+        await asyncio.sleep(1.2)  # the backend is still at work
+        (pending,) = await redis.xpending_range(f"{BASE}:orders", "flashgate", "-", "+", 10)
+        assert int(pending["time_since_delivered"]) < 800, pending
+        await wait_for(reaches(redis, rid, "committed"), within=5.0)
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 
 @pytest.fixture

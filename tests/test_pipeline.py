@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, new_reservation_id
 from limiter.pipeline import AutoPipeline
-from limiter.records import Attempt, Figures, ReserveStatus
+from limiter.records import Attempt, Decision, Figures, ReserveStatus
 from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
@@ -194,3 +194,40 @@ async def test_a_reply_that_cannot_be_read_fails_its_pipeline_without_leaving_wa
             results = await asyncio.gather(unreadable, neighbour, return_exceptions=True)
         assert all(isinstance(r, StorageError) for r in results), results
         assert await pipe.call("PING", what="ping") is True  # and the pipeline goes on
+
+
+async def test_close_gives_up_on_an_undo_redis_keeps_refusing(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The undo of an unclaimed winner retries for minutes; stopping waits only its grace."""
+    process = redis_server.process
+    assert process is not None
+    async with opened(redis_server.url, 0.2) as store:
+        await store.init(10)
+        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+        release_unclaimed = batcher.unclaimed
+        assert release_unclaimed is not None
+
+        def redis_stops_first(attempt: Attempt, decision: Decision) -> Awaitable[object] | None:
+            process.send_signal(signal.SIGSTOP)  # before the undo's first release
+            return release_unclaimed(attempt, decision)
+
+        batcher.unclaimed = redis_stops_first
+        one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1)
+        waiter = asyncio.create_task(batcher.submit(one))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        try:
+            async with asyncio.timeout(10):  # without the grace: 600 s of retrying
+                await wait_for(lambda: _stopped(process.pid))
+                await batcher.close(grace=0.5)
+        finally:
+            process.send_signal(signal.SIGCONT)
+    # abandoned: the release it had sent may still land, or the deadline releases it
+    assert await state_of(redis, store, one.reservation_id) in ("reserved", "released")
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"

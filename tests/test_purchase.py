@@ -59,6 +59,27 @@ async def test_a_compressed_body_is_forwarded_as_read(gateway: Gateway, shop: Sh
     assert "Content-Encoding" not in seen.headers
 
 
+@pytest.fixture
+def virtual_host_upstream(settings_data: dict[str, object], shop: Shop) -> None:
+    headers = {"Host": "orders.shop.internal", "X-Forwarded-Proto": "https"}
+    settings_data["upstreams"] = {"shop": {"url": shop.url, "timeout": 2.0, "headers": headers}}
+
+
+@pytest.mark.usefixtures("virtual_host_upstream")
+async def test_an_upstream_can_be_given_its_virtual_host_and_the_outer_scheme(
+    gateway: Gateway, shop: Shop
+) -> None:
+    """Behind a TLS-terminating balancer the gateway sees http; the operator says https."""
+    response = await gateway.buy(
+        "alice", headers={"Host": "shop.example", "X-Forwarded-Proto": "x"}
+    )
+    assert response.status == 201
+    (seen,) = shop.seen
+    assert seen.headers["Host"] == "orders.shop.internal"
+    assert seen.headers["X-Forwarded-Proto"] == "https"
+    assert seen.headers["X-Forwarded-Host"] == "shop.example"  # the gateway's own
+
+
 async def test_quantity_counts_units_against_the_limit(
     gateway: Gateway, settings_data: dict[str, object], redis: Redis
 ) -> None:

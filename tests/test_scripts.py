@@ -826,6 +826,44 @@ async def test_a_retaken_reservation_gets_its_idempotency_key_back(rig: Rig, red
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
+async def test_a_late_acceptance_never_retakes_once_its_key_names_a_fresh_attempt(
+    rig: Rig, redis: Redis
+) -> None:
+    store = rig.store(per_user_limit=2)
+    await store.init(10)
+    first = await reserved(store, "alice", key="k-1")
+    await release(store, first)  # the backend timed out; alice retries with her key
+    second = await reserved(store, "alice", key="k-1")
+    assert second != first
+    # the first order's acceptance arrives late: stock and quota would permit it
+    late = await store.commit(first, target=State.COMMITTED, retake=True)
+    assert late == Transition(CommitStatus.GONE, "released")
+    field = idempotency_field("alice", "k-1")
+    assert await redis.hget(store.keys.idempotency, field) == second.encode()
+    assert await users(redis, store) == {"alice": 1}
+    assert await store.figures() == Figures(9, 1, 0, 10)
+    assert (await ops(redis))[-1] == "commit-conflict"
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_a_hold_that_expired_before_left_was_recorded_is_not_retaken(
+    rig: Rig, redis: Redis
+) -> None:
+    """Records released by an older version lack 'left': a kept reply marks a hold."""
+    store = rig.store()
+    await store.init(10)
+    rid = await reserved(store, "alice")
+    await store.commit(
+        rid, target=State.HELD, hold_ms=60_000, reply=Reply(200, "text/plain", b"ok")
+    )
+    await release(store, rid, leavable=(State.HELD,), target=State.EXPIRED)
+    await redis.hdel(store.keys.reservation(rid), "left")
+    late = await store.commit(rid, target=State.HELD, hold_ms=60_000, retake=True)
+    assert late == Transition(CommitStatus.GONE, "expired")
+    assert await store.figures() == Figures(10, 0, 0, 10)
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
 async def test_a_settled_reservation_keeps_no_order(rig: Rig, redis: Redis) -> None:
     store = rig.store()
     await store.init(10)
