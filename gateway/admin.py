@@ -222,11 +222,8 @@ def _stock_change(body: dict[str, Any]) -> tuple[int | None, int | None]:
         raise Problem(Code.BAD_REQUEST, f"{given[0]} must be an integer, got {json.dumps(value)}")
     if abs(value) > 10**12:
         raise Problem(Code.BAD_REQUEST, f"{given[0]} is out of range")
-    if given[0] == "set":
-        if value < 0:
-            raise Problem(Code.BAD_REQUEST, f"set must be >= 0, got {value}")
-        return None, value
-    return value, None
+    # a negative set is a change below zero: 409 like a delta too large, from the script
+    return (None, value) if given[0] == "set" else (value, None)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

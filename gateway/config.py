@@ -405,8 +405,6 @@ def _check_relations(s: Settings, problems: Problems) -> None:
                 f"{at}.forward_deadline",
                 f"must be longer than upstream {c.upstream!r}'s timeout ({upstream.timeout:g}s)",
             )
-        if c.max_quantity > c.per_user_limit:
-            problems.add(f"{at}.max_quantity", f"must be <= per_user_limit ({c.per_user_limit})")
         if c.starts_at and c.ends_at and c.ends_at <= c.starts_at:
             problems.add(f"{at}.ends_at", "must be after starts_at")
     if (

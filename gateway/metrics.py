@@ -89,7 +89,7 @@ RELOADS = Counter("flashgate_config_reloads_total", "Configuration reloads by re
 CIRCUIT_OPEN = Gauge(
     "flashgate_redis_circuit_open",
     "1 while the Redis circuit breaker of a process is open.",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 CIRCUIT_OPENINGS = Counter(
     "flashgate_redis_circuit_openings_total",
@@ -98,7 +98,7 @@ CIRCUIT_OPENINGS = Counter(
 LOOP_STALL_SECONDS = Gauge(
     "flashgate_event_loop_stall_seconds",
     "Longest event-loop stall in the last second (the process was too busy to run).",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 
 

@@ -59,10 +59,10 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
     outside = campaign.shaper.window()
     if outside is not None:
         return Answer(outside.code.value, outside.response(), local=True)
-    # A retry with an Idempotency-Key may be owed its earlier outcome, so only
-    # requests without one are answered from the local flag.
-    if campaign.id in runtime.watch.sold_out and IDEMPOTENCY_HEADER not in request.headers:
-        return Answer(SOLD_OUT, campaign.sold_out.response(), local=True)
+    if campaign.id in runtime.watch.sold_out:
+        if IDEMPOTENCY_HEADER not in request.headers:
+            return Answer(SOLD_OUT, campaign.sold_out.response(), local=True)
+        return await _retry_after_sold_out(runtime, campaign, request)
     started = time.perf_counter()
     user = ""
     try:
@@ -94,6 +94,28 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
             if exc.maybe_applied
             else "redis could not decide; nothing was reserved or charged"
         )
+    return Answer(code, response, user)
+
+
+async def _retry_after_sold_out(
+    runtime: Runtime, campaign: Campaign, request: web.BaseRequest
+) -> Answer:
+    """Sold out, but a request with an Idempotency-Key may be a winner's retry, owed its
+    outcome: one read of the key (never the reserve script, never a deduction); a key
+    that names nothing gets sold-out."""
+    user = ""
+    try:
+        user = runtime.identity(request)
+        field = idempotency_field(user, idempotency_key(request))
+        rid = await campaign.store.bound_reservation(field)
+        if rid is None:
+            return Answer(SOLD_OUT, campaign.sold_out.response(), user)
+        code, response = "replayed", await _replay(campaign, rid)
+    except Problem as problem:
+        code, response = problem.code.value, problem.response()
+    except StorageError as exc:
+        throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
+        code, response = _unavailable("redis could not be asked for the earlier outcome")
     return Answer(code, response, user)
 
 

@@ -251,6 +251,14 @@ class CampaignStore:
         reply = await self.pipe.script(self.scripts.due, [self.keys.deadlines], [limit], "due")
         return [item.decode() for item in reply]
 
+    async def bound_reservation(self, idempotency_field: str) -> str | None:
+        """The reservation an Idempotency-Key names while it is held or committed (a
+        release unbinds it), or None."""
+        reply = await self.pipe.call(
+            "HGET", self.keys.idempotency, idempotency_field, what="read idempotency key"
+        )
+        return reply.decode() if reply else None
+
     async def reservation(self, reservation_id: str) -> Reservation | None:
         raw = await self.pipe.call(
             "HGETALL", self.keys.reservation(reservation_id), what="read reservation"

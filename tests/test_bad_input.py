@@ -224,7 +224,7 @@ STOCK_CASES: list[tuple[str, Any, int, str]] = [
     ("delta a string", {"delta": "5"}, 400, "bad-request"),
     ("delta a float", {"delta": 1.5}, 400, "bad-request"),
     ("delta a bool", {"delta": True}, 400, "bad-request"),
-    ("set negative", {"set": -1}, 400, "bad-request"),
+    ("set negative", {"set": -1}, 409, "insufficient-stock"),
     ("not an object", [1], 400, "bad-request"),
     ("below zero", {"delta": -11}, 409, "insufficient-stock"),
 ]

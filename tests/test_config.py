@@ -49,7 +49,6 @@ REQUIRED_MODES = frozenset(
         "stock_not_integer",
         "stock_float",
         "per_user_limit_zero",
-        "max_quantity_over_limit",
         "campaign_id_chars",
         "route_bad_method",
         "route_no_leading_slash",
@@ -458,7 +457,6 @@ campaigns:
             ("campaigns[1].id", "'a' is already used by campaigns[0]"),
             ("campaigns[1].upstream", "no upstream named 'warehouse' (known: shop)"),
             ("campaigns[2].route", "'POST /a' is already used by campaigns[0]"),
-            ("campaigns[2].max_quantity", "must be <= per_user_limit (1)"),
             ("admin.port", "must differ from gateway.port on the same host"),
         ]
     )

@@ -221,6 +221,40 @@ async def test_a_respawned_worker_never_recreates_vanished_counters(
     await check_invariant(redis, "phone-1111", per_user_limit=1)
 
 
+def test_a_dead_workers_gauges_leave_with_it(tmp_path: Path) -> None:
+    """A worker that died with its circuit open must not keep the circuit-open alert
+    firing: the supervisor drops a dead worker's gauges (mark_process_dead)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+    worker = (
+        "from gateway.metrics import CIRCUIT_OPEN, LOOP_STALL_SECONDS\n"
+        "CIRCUIT_OPEN.set(1)\nLOOP_STALL_SECONDS.set(2.5)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dead = subprocess.run([sys.executable, "-c", worker], env=env, check=True)
+    assert dead.returncode == 0
+
+    def gauges() -> dict[str, float]:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(tmp_path))
+        wanted = ("flashgate_redis_circuit_open", "flashgate_event_loop_stall_seconds")
+        return {
+            sample.name: sample.value
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.name in wanted
+        }
+
+    assert gauges() == {
+        "flashgate_redis_circuit_open": 1.0,
+        "flashgate_event_loop_stall_seconds": 2.5,
+    }
+    pid = int(next(tmp_path.glob("gauge_*")).stem.rsplit("_", 1)[1])
+    mark_process_dead(pid, str(tmp_path))
+    assert gauges() == {}
+
+
 # ----------------------------------------------------------------------- access log
 
 

@@ -94,6 +94,24 @@ async def test_quantity_counts_units_against_the_limit(
 
 
 @pytest.fixture
+def quantity_above_the_limit(settings_data: dict[str, object]) -> None:
+    campaign = settings_data["campaigns"][0]  # type: ignore[index]
+    campaign.update({"per_user_limit": 1, "max_quantity": 2})
+
+
+@pytest.mark.usefixtures("quantity_above_the_limit")
+async def test_a_quantity_above_the_limit_is_refused_by_the_limit(
+    gateway: Gateway, redis: Redis
+) -> None:
+    refused = await gateway.buy("alice", quantity=2)  # a valid quantity, over the limit
+    assert (refused.status, (await problem_of(refused))["code"]) == (403, "limit-exceeded")
+    too_many = await gateway.buy("alice", quantity=3)  # not a valid quantity at all
+    assert (too_many.status, (await problem_of(too_many))["code"]) == (400, "bad-request")
+    assert (await gateway.buy("alice", quantity=1)).status == 201
+    await check_invariant(redis, "phone-1111", per_user_limit=1)
+
+
+@pytest.fixture
 def multi_unit(settings_data: dict[str, object]) -> None:
     campaign = settings_data["campaigns"][0]  # type: ignore[index]
     campaign.update({"stock": 5, "per_user_limit": 3, "max_quantity": 3})
@@ -314,11 +332,37 @@ async def test_sold_out_flag_answers_without_redis(gateway: Gateway, redis: Redi
         assert (await gateway.buy(f"user-{i}")).status == 201
     assert (await gateway.buy("late")).status == 409
     assert "phone-1111" in gateway.runtime.watch.sold_out
+    gateway.runtime.stop_background()  # heartbeats are scripts too: keep them out
     before = await _reserve_calls(redis)
     for i in range(200):
         response = await gateway.buy(f"crowd-{i}")
         assert response.status == 409
     assert await _reserve_calls(redis) == before
+
+
+async def test_after_sell_out_a_keyed_retry_replays_and_a_new_key_is_sold_out_locally(
+    gateway: Gateway, shop: Shop, redis: Redis
+) -> None:
+    """A winner's retry is owed its outcome; a key that names nothing (or a random one,
+    sent to get past the flag) is sold-out. Neither runs a script in Redis."""
+    first = await gateway.buy("user-0", key="k-0")
+    for i in range(1, 10):
+        assert (await gateway.buy(f"user-{i}")).status == 201
+    assert (await gateway.buy("late")).status == 409
+    assert "phone-1111" in gateway.runtime.watch.sold_out
+    gateway.runtime.stop_background()  # heartbeats are scripts too: keep them out
+    before = await _reserve_calls(redis)
+    replay = await gateway.buy("user-0", key="k-0")
+    assert (replay.status, replay.headers["Idempotent-Replayed"]) == (201, "true")
+    assert replay.headers["X-Reservation-Id"] == first.headers["X-Reservation-Id"]
+    for i in range(50):
+        response = await gateway.buy(f"crowd-{i}", key=f"random-{i}")
+        assert (response.status, (await problem_of(response))["code"]) == (409, "sold-out")
+    bad = await gateway.buy("crowd-x", key="bad key \u00e9")
+    assert (bad.status, (await problem_of(bad))["code"]) == (400, "bad-request")
+    assert await _reserve_calls(redis) == before
+    assert len(shop.seen) == 10
+    await check_invariant(redis, "phone-1111", per_user_limit=1)
 
 
 async def test_sold_out_flag_clears_within_a_second_of_a_release(
