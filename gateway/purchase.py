@@ -104,6 +104,7 @@ async def _retry_after_sold_out(
     outcome: one read of the key (never the reserve script, never a deduction); a key
     that names nothing gets sold-out."""
     user = ""
+    response: web.StreamResponse
     try:
         user = runtime.identity(request)
         field = idempotency_field(user, idempotency_key(request))

@@ -237,7 +237,7 @@ def test_a_dead_workers_gauges_leave_with_it(tmp_path: Path) -> None:
 
     def gauges() -> dict[str, float]:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, str(tmp_path))
+        MultiProcessCollector(registry, str(tmp_path))  # type: ignore[no-untyped-call]
         wanted = ("flashgate_redis_circuit_open", "flashgate_event_loop_stall_seconds")
         return {
             sample.name: sample.value
@@ -251,7 +251,7 @@ def test_a_dead_workers_gauges_leave_with_it(tmp_path: Path) -> None:
         "flashgate_event_loop_stall_seconds": 2.5,
     }
     pid = int(next(tmp_path.glob("gauge_*")).stem.rsplit("_", 1)[1])
-    mark_process_dead(pid, str(tmp_path))
+    mark_process_dead(pid, str(tmp_path))  # type: ignore[no-untyped-call]
     assert gauges() == {}
 
 
