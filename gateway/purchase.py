@@ -150,7 +150,18 @@ async def _outcome(
 ) -> Decided:
     match decision.status:
         case ReserveStatus.RESERVED:
-            return "queued", queued(attempt.reservation_id, State.RESERVED)
+            rid = attempt.reservation_id
+            try:
+                await campaign.store.hand_over(rid)
+            except StorageError as exc:  # the sweeper hands it over at its deadline
+                throttled.log(
+                    logging.WARNING,
+                    f"hand-over:{campaign.id}",
+                    "order %s waits for its forward_deadline: %s",
+                    rid,
+                    exc,
+                )
+            return "queued", queued(rid, State.RESERVED)
         case ReserveStatus.DUPLICATE:
             return "replayed", await _replay(campaign, decision.reservation_id)
         case ReserveStatus.SOLD_OUT:

@@ -47,10 +47,8 @@ def campaign_store(
 ) -> CampaignStore:
     policy = StorePolicy(
         per_user_limit=campaign.per_user_limit,
-        # queued orders wait for the dispatcher, which settles or dead-letters each
-        reserve_deadline_ms=0
-        if campaign.forward == "queue"
-        else round(campaign.forward_deadline * 1000),
+        # sync: the backend's answer settles it; queue: the 202 hands the order over
+        reserve_deadline_ms=round(campaign.forward_deadline * 1000),
         ledger_max_length=settings.ledger.max_length,
         mode=campaign.forward,
     )

@@ -50,6 +50,7 @@ class Scripts:
     take_client_tokens: AsyncScript
     heartbeat: AsyncScript
     delivery_slot: AsyncScript
+    hand_over: AsyncScript
     audit: AsyncScript
 
     @classmethod

@@ -251,6 +251,18 @@ class CampaignStore:
         reply = await self.pipe.script(self.scripts.due, [self.keys.deadlines], [limit], "due")
         return [item.decode() for item in reply]
 
+    async def hand_over(self, reservation_id: str) -> bool:
+        """Queue mode: the buyer is being told 202, the dispatcher may deliver the order
+        (see hand_over.lua). False when it is no longer reserved, or was handed over."""
+        k = self.keys
+        reply = await self.pipe.script(
+            self.scripts.hand_over,
+            [k.reservation(reservation_id), k.deadlines],
+            [reservation_id],
+            "hand over an order",
+        )
+        return int(reply) == 1
+
     async def bound_reservation(self, idempotency_field: str) -> str | None:
         """The reservation an Idempotency-Key names while it is held or committed (a
         release unbinds it), or None."""

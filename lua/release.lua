@@ -9,7 +9,8 @@
 -- it took the order. If the record keeps its order (reserve.lua stores it with the
 -- decision), it is not released but queued for redelivery: the dispatcher asks the
 -- backend again (backends treat X-Reservation-Id as their idempotency key) and
--- settles it by the answer. One without an order goes back to stock.
+-- settles it by the answer. One without an order goes back to stock. A queue-mode
+-- order its gateway never handed over (hand_over.lua) is handed over instead.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] idempotency hash
 -- KEYS[4] ledger stream   KEYS[5] deadlines zset   KEYS[6] reservation record
@@ -25,7 +26,7 @@
 -- returns {status, state}
 --   0 released (state entered)      1 already back in stock (its state)
 --   2 not allowed from its state    3 no such reservation      4 not due yet
---   5 queued for redelivery
+--   5 queued for redelivery (or, queue mode, handed over to the dispatcher)
 
 local state_key, users_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local ledger_key, deadlines_key, record_key = KEYS[4], KEYS[5], KEYS[6]
@@ -41,7 +42,7 @@ if not ledger_max then
 end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms',
-                          'payload', 'attempts')
+                          'payload', 'attempts', 'mode')
 local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
 local deadline, payload = tonumber(record[5]), record[6]
 if not state then
@@ -70,6 +71,16 @@ end
 local figures = read_figures(state_key)
 if not figures then
   return {3, state}
+end
+
+if only_when_due and state == 'reserved' and record[8] == 'queue' then
+  -- queued, but never handed over (hand_over.lua): its gateway died before answering
+  -- 202, so the buyer does not know; deliver it rather than lose it.
+  redis.call('ZREM', deadlines_key, rid)
+  redis.call('HSET', record_key, 'deadline_ms', 0, 'updated_ms', now)
+  append_ledger(ledger_key, ledger_max, 'hand-over', rid, user, qty, actor, figures, figures,
+                'its gateway never handed it over: delivering it')
+  return {5, state}
 end
 
 if only_when_due and state == 'reserved' and payload and payload ~= '' then

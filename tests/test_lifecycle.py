@@ -13,6 +13,7 @@ import collections
 import itertools
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -653,6 +654,44 @@ async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_
     assert peak <= 2
     state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
     assert (state["available"], state["reserved"], state["sold"]) == (4, 0, 0)
+
+
+async def test_a_queued_order_whose_buyer_was_told_503_is_never_delivered(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    """Redis pauses with the reserve call written: the buyer gets 503 ("given back").
+    When Redis wakes it runs the call, order and all; the order must not be sold."""
+    process = redis_server.process
+    assert process is not None
+    settings_data["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+    campaign_of(settings_data).update(forward="queue", stock=3)
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        assert (await gw.buy("warm-up")).status == 202  # connections open, dispatcher on
+        await wait_for(lambda: len(shop.seen) == 1)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            refused = await gw.buy("alice")
+            assert (await problem_of(refused))["code"] == "unavailable"
+            await asyncio.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+        async def reserved_then_given_back() -> bool:
+            entries = await ledger(redis, CAMPAIGN)
+            return [e["op"] for e in entries if e.get("user") == "alice"] == [
+                "reserve",
+                "released",
+            ]
+
+        await wait_for(reserved_then_given_back, within=10.0)
+
+        async def queue_empty() -> bool:  # the dispatcher dropped the order, undelivered
+            return int(await redis.xlen(f"{BASE}:orders")) == 0
+
+        await wait_for(queue_empty, within=5.0)
+    assert [seen.headers["X-User-Id"] for seen in shop.seen] == ["warm-up"]
+    state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+    assert (state["available"], state["sold"]) == (2, 1)
 
 
 async def test_an_order_being_delivered_is_kept_from_other_dispatchers(

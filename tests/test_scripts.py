@@ -1209,6 +1209,45 @@ async def test_an_unsettled_reservation_with_its_order_is_queued_for_redelivery_
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
+async def test_a_queued_order_is_handed_over_once_and_only_while_reserved(
+    rig: Rig, redis: Redis
+) -> None:
+    store = rig.store(mode="queue", reserve_deadline_ms=60_000)
+    await store.init(10)
+    told_202 = await reserved(store, "alice")
+    told_503 = await reserved(store, "bob")
+    assert (await record(redis, store, told_202))["deadline_ms"] != "0"
+    assert await store.hand_over(told_202) is True
+    assert await store.hand_over(told_202) is False  # once
+    assert (await record(redis, store, told_202))["deadline_ms"] == "0"
+    await release(store, told_503)  # the gateway's undo came first
+    assert await store.hand_over(told_503) is False
+    assert (await record(redis, store, told_503))["state"] == "released"
+    assert await deadlines(redis, store) == {}
+    assert await store.hand_over(new_reservation_id(CAMPAIGN)) is False
+    assert not await redis.exists(store.keys.reservation("nothing"))
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redis: Redis) -> None:
+    store = rig.store(mode="queue", reserve_deadline_ms=50)
+    await store.init(10)
+    rid = await reserved(store, "alice")
+
+    async def is_due() -> bool:
+        return await store.due() == [rid]
+
+    await wait_for(is_due)
+    counts = await asyncio.gather(*(sweep(store, f"sweeper-{i}") for i in range(3)))
+    assert sum(counts) == 1
+    fields = await record(redis, store, rid)
+    assert (fields["state"], fields["mode"], fields["deadline_ms"]) == ("reserved", "queue", "0")
+    assert await redis.xlen(store.keys.orders) == 1  # queued once, by reserve.lua
+    assert await store.figures() == Figures(9, 1, 0, 10)
+    assert (await ops(redis))[-1] == "hand-over"
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
 class RacingStore(CampaignStore):
     """A real store in which the backend accepts (holds) each due reservation between
     the sweeper's due() and its release(): the race release.lua's own check settles."""
