@@ -309,8 +309,9 @@ class CampaignSettings:
     max_quantity: int = spec(1, min=1, max=10**9)
     #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
     forward: Literal["sync", "queue"] = "sync"
-    #: A sync reservation still unsettled this long after it was made (its gateway died,
-    #: or lost Redis, before the backend's answer) is delivered again from its kept order.
+    #: A reservation still unsettled this long after it was made (its gateway died, or
+    #: lost Redis, before the backend's answer, or before queueing it) is delivered
+    #: again from its kept order.
     forward_deadline: float = spec(30.0, parse=duration)
     #: commit: the backend's 2xx is the sale; hold: it reserves until confirmed (paid).
     on_success: Literal["commit", "hold"] = "commit"

@@ -10,8 +10,8 @@ hold, 4xx release); failures are retried with doubling backoff, and after
 dead dispatcher had taken are claimed by the others (XAUTOCLAIM) once idle for
 longer than any live dispatcher would hold one.
 
-An order is delivered only once the gateway that took it has handed it over (it
-answers 202 then; see lua/hand_over.lua), or its forward deadline has passed.
+An order enters the stream when the gateway that took it hands it over (as it
+answers 202; see lua/hand_over.lua), or at its forward deadline if that gateway died.
 
 Sync campaigns use the same path for reservations whose gateway died before the
 backend's answer: the sweeper queues them here instead of releasing them.
@@ -56,8 +56,6 @@ CLAIM_EVERY = 2.0
 #: How often an order being worked on is marked as alive (well below the idle time
 #: after which other dispatchers claim it, 10 s beyond its timeout and backoff).
 KEEP_EVERY = 3.0
-#: How long to wait before looking again at an order its gateway has not handed over.
-HAND_OVER_WAIT = (0.005, 0.02)
 #: How long to wait before asking again for a busy delivery slot.
 SLOT_WAIT = (0.01, 0.05)
 #: How long to wait before trying again when Redis could not be told an outcome.
@@ -240,10 +238,6 @@ class Dispatcher:
         record = await campaign.store.reservation(rid)
         if record is None or record.state is not State.RESERVED:
             return True
-        if record.mode == "queue" and record.deadline_ms:
-            # Not handed over yet (hand_over.lua): its buyer may still be told it failed.
-            await asyncio.sleep(random.uniform(*HAND_OVER_WAIT))
-            return False
         if not await self._take_slot(campaign, rid):
             # someone else is delivering it right now; look again a little later
             await asyncio.sleep(random.uniform(*SLOT_WAIT))

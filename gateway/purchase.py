@@ -43,6 +43,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 #: ``replayed``, ``upstream-refused``) and the response.
 Decided = tuple[str, web.StreamResponse]
 SOLD_OUT = Code.SOLD_OUT.value
+SETTLED = (State.COMMITTED, State.HELD)
+LIVE = (State.RESERVED, *SETTLED)
 
 
 class Answer(NamedTuple):
@@ -249,17 +251,14 @@ def _relay(reply: UpstreamReply, rid: str, replayed: bool = False) -> web.Respon
 async def _replay(campaign: Campaign, rid: str) -> web.Response:
     """The answer to a retry whose Idempotency-Key names a live reservation."""
     record = await campaign.store.reservation(rid)
-    if record is not None and record.mode == "queue":
+    if record is not None and record.mode == "queue" and record.state is State.RESERVED:
+        # The first request may have been told 503 before its order was handed over;
+        # this buyer is told 202, so it is now (the undo then leaves it alone).
+        await campaign.store.hand_over(rid)
+        record = await campaign.store.reservation(rid)
+    if record is not None and record.mode == "queue" and record.state in LIVE:
         return queued(rid, record.state, replayed=True)
-    if (
-        record is not None
-        and record.reply is not None
-        and record.state
-        in (
-            State.COMMITTED,
-            State.HELD,
-        )
-    ):
+    if record is not None and record.reply is not None and record.state in SETTLED:
         return _replayed_reply(record, rid)
     state = record.state.value if record else "unknown"
     raise Problem(

@@ -278,8 +278,7 @@ class Runtime:
         self.stop_background()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + grace
-        for campaign in self.registry.by_id.values():
-            await campaign.batcher.close(max(0.0, give_up - loop.time()))
+        await asyncio.gather(*(c.batcher.close(grace) for c in self.registry.by_id.values()))
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=max(0.0, give_up - loop.time()))

@@ -43,8 +43,8 @@ async def sweep(store: CampaignStore, actor: str) -> int:
             elif result.status is ReleaseStatus.REDELIVER:
                 expired += 1
                 log.warning(
-                    "reservation %s was never settled (its gateway died or lost Redis): "
-                    "queued for redelivery",
+                    "reservation %s was never settled or queued (its gateway died or lost "
+                    "Redis): its kept order is queued for delivery",
                     reservation_id,
                 )
         if len(due) < BATCH or expired == before:

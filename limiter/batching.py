@@ -83,11 +83,11 @@ class TickBatcher(Generic[I, O]):
     ) -> None:
         try:
             outcomes = self._parse(items, await self.guard.wait(reply, self.what, cancel=False))
-        except Exception as exc:  # every waiter gets the failure, none is left hanging
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            reply.add_done_callback(lambda done: self._late(items, done))
+        except asyncio.CancelledError:  # abandoned by a stop: the same, then stop
+            self._failed(batch, items, reply, StorageError(f"{self.what} abandoned: stopping"))
+            raise
+        except Exception as exc:
+            self._failed(batch, items, reply, exc)
         else:
             self.calls += 1
             self.items += len(batch)
@@ -99,6 +99,20 @@ class TickBatcher(Generic[I, O]):
         finally:
             self._inflight -= 1
             self._schedule()
+
+    def _failed(
+        self,
+        batch: list[tuple[I, asyncio.Future[O]]],
+        items: list[I],
+        reply: asyncio.Future[Any],
+        failure: BaseException,
+    ) -> None:
+        """Every waiter gets the failure, none is left hanging; an outcome that still
+        comes is seen, so that what Redis did is undone."""
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(failure)
+        reply.add_done_callback(lambda done: self._late(items, done))
 
     def _late(self, items: list[I], reply: asyncio.Future[Any]) -> None:
         failure = None if reply.cancelled() else reply.exception()
@@ -132,7 +146,9 @@ class TickBatcher(Generic[I, O]):
     async def close(self, grace: float | None = None) -> None:
         """Wait for the calls in flight and for the undoing they start; after ``grace``
         seconds cancel what is left (an undo that Redis keeps refusing would otherwise
-        hold the exit for minutes; the reservations' deadlines release them instead)."""
+        hold the exit for minutes). What an abandoned undo leaves is settled at its
+        deadline: a sync reservation is delivered again from its kept order, a queued one
+        handed over; the backend's answer then decides it."""
         loop = asyncio.get_running_loop()
         give_up = None if grace is None else loop.time() + grace
         while self._tasks:

@@ -60,7 +60,6 @@ class CampaignStore:
             k.ledger,
             k.index,
             k.deadlines,
-            k.orders,
         ]
         self._reserve_args: list[str | int] = [
             policy.per_user_limit,
@@ -121,7 +120,7 @@ class CampaignStore:
 
         ``dead_letter``: the order payload to keep in the dead letters stream.
         ``tombstone``: when undoing a reserve call whose fate is unknown, make sure it
-        cannot take effect later.
+        cannot take effect later (and leave one handed over for delivery to it).
         """
         k = self.keys
         args: list[str | int | bytes] = [
@@ -252,12 +251,12 @@ class CampaignStore:
         return [item.decode() for item in reply]
 
     async def hand_over(self, reservation_id: str) -> bool:
-        """Queue mode: the buyer is being told 202, the dispatcher may deliver the order
+        """Queue mode: the buyer is being told 202; the order goes to the orders stream
         (see hand_over.lua). False when it is no longer reserved, or was handed over."""
         k = self.keys
         reply = await self.pipe.script(
             self.scripts.hand_over,
-            [k.reservation(reservation_id), k.deadlines],
+            [k.reservation(reservation_id), k.deadlines, k.orders],
             [reservation_id],
             "hand over an order",
         )

@@ -21,8 +21,10 @@
 -- ARGV[4] reason   ARGV[5] actor   ARGV[6] ledger max length (0: no cap)
 -- ARGV[7] events channel   ARGV[8] "due" to act only once its deadline has passed
 -- ARGV[9] order payload to keep in the dead letters ("" for no dead letter)
--- ARGV[10] "tombstone": if there is no such reservation, leave a released record for a
---   day, so that the reserve call being undone cannot make it should it arrive later
+-- ARGV[10] "tombstone": an undo (its requester never learnt the outcome). If there is no
+--   such reservation, leave a released record for a day, so that the reserve call being
+--   undone cannot make it should it arrive later; one already handed over for delivery
+--   (a replayed 202 did, or a sweeper at its deadline) is left to that delivery: 2
 -- returns {status, state}
 --   0 released (state entered)      1 already back in stock (its state)
 --   2 not allowed from its state    3 no such reservation      4 not due yet
@@ -63,6 +65,9 @@ if not listed(leavable, state) then
   end
   return {2, state}
 end
+if tombstone and state == 'reserved' and (deadline or 0) == 0 and record[8] ~= 'sync' then
+  return {2, state} -- handed over: a dispatcher delivers it, and the answer settles it
+end
 local now = now_ms()
 if only_when_due and (deadline == 0 or deadline > now) then
   return {4, state}
@@ -73,22 +78,20 @@ if not figures then
   return {3, state}
 end
 
-if only_when_due and state == 'reserved' and record[8] == 'queue' then
-  -- queued, but never handed over (hand_over.lua): its gateway died before answering
-  -- 202, so the buyer does not know; deliver it rather than lose it.
-  redis.call('ZREM', deadlines_key, rid)
-  redis.call('HSET', record_key, 'deadline_ms', 0, 'updated_ms', now)
-  append_ledger(ledger_key, ledger_max, 'hand-over', rid, user, qty, actor, figures, figures,
-                'its gateway never handed it over: delivering it')
-  return {5, state}
-end
-
 if only_when_due and state == 'reserved' and payload and payload ~= '' then
+  local queued = record[8] == 'queue'
   redis.call('ZREM', deadlines_key, rid)
-  redis.call('HSET', record_key, 'mode', 'redelivery', 'deadline_ms', 0, 'updated_ms', now)
+  redis.call('HSET', record_key, 'mode', queued and 'queue' or 'redelivery', 'deadline_ms', 0,
+             'updated_ms', now)
   redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
-  append_ledger(ledger_key, ledger_max, 'redeliver', rid, user, qty, actor, figures, figures,
-                'unsettled at its deadline: asking the backend again')
+  if queued then -- never handed over: its gateway died before answering 202
+    redis.call('HDEL', record_key, 'payload')
+    append_ledger(ledger_key, ledger_max, 'hand-over', rid, user, qty, actor, figures, figures,
+                  'its gateway never handed it over: delivering it')
+  else
+    append_ledger(ledger_key, ledger_max, 'redeliver', rid, user, qty, actor, figures, figures,
+                  'unsettled at its deadline: asking the backend again')
+  end
   return {5, state}
 end
 

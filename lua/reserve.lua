@@ -1,26 +1,30 @@
 -- reserve.lua: decide a batch of purchase attempts for one campaign, atomically.
 -- For each attempt, in order: a repeated call, the idempotency key, the per-user
 -- limit, the stock. A winner gets its units deducted, its quota counted, a
--- reservation record (with its order), an index entry, a deadline, an order in the
--- queue (queue mode) and a ledger entry. Several attempts per call is what lets a gateway
--- process decide a whole event-loop tick of requests in one round trip.
+-- reservation record (with its order), an index entry, a deadline and a ledger entry.
+-- Several attempts per call is what lets a gateway process decide a whole event-loop
+-- tick of requests in one round trip. The order kept on the record is what no crash
+-- can lose: sync mode forwards it, and delivers it again from here if its gateway dies
+-- (release.lua); queue mode moves it to the orders stream when the gateway hands it
+-- over as it answers 202 (hand_over.lua), or at the deadline if the gateway died. A
+-- call Redis runs after its gateway gave up (the buyer was told 503) is never handed
+-- over: the gateway's undo gives it back before anyone delivers it.
 --
 -- KEYS[1] state hash       KEYS[2] users hash        KEYS[3] idempotency hash
 -- KEYS[4] ledger stream    KEYS[5] index zset        KEYS[6] deadlines zset
--- KEYS[7] orders stream    KEYS[7 + i] reservation record of attempt i
+-- KEYS[6 + i] reservation record of attempt i
 -- ARGV[1] per-user limit in units         ARGV[2] deadline after reserving, ms (0: none)
 -- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync" or "queue"
 -- ARGV[5] events channel
 -- ARGV[6 + 5 * (i - 1) ...] attempt i: reservation id, user id, quantity,
---   idempotency field ("" for none), the order for the backend (kept on the record in
---   sync mode, appended to the orders stream in queue mode)
+--   idempotency field ("" for none), the order for the backend (kept on the record)
 -- returns 3 values per attempt: status, reservation id, a figure
 --   0 reserved (figure: available after)     1 duplicate (id of the earlier reservation)
 --   2 sold out                              3 insufficient stock (figure: available)
 --   4 limit exceeded (figure: units held)   5 no such campaign
 
 local state_key, users_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
-local ledger_key, index_key, deadlines_key, orders_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local ledger_key, index_key, deadlines_key = KEYS[4], KEYS[5], KEYS[6]
 local user_limit = tonumber(ARGV[1])
 local deadline_after = tonumber(ARGV[2])
 local ledger_max = tonumber(ARGV[3])
@@ -30,7 +34,7 @@ local count = (#ARGV - 5) / 5
 
 -- Refuse the whole batch before writing anything: a script error does not roll back.
 if not user_limit or not deadline_after or not ledger_max or (mode ~= 'sync' and mode ~= 'queue')
-    or count ~= math.floor(count) or #KEYS ~= 7 + count then
+    or count ~= math.floor(count) or #KEYS ~= 6 + count then
   return redis.error_reply('reserve: malformed call (see the argument list at the top)')
 end
 for i = 1, count do
@@ -69,16 +73,13 @@ local function reserve(record_key, rid, user, qty, idem, payload)
              'mode', mode, 'idem', idem, 'created_ms', now, 'updated_ms', now,
              'deadline_ms', deadline, 'attempts', 0)
   redis.call('ZADD', index_key, now, rid)
-  if mode == 'sync' and payload ~= '' then
+  if payload ~= '' then
     -- what will be sent to the backend, kept in the same step: should this gateway die
-    -- before the backend's answer, a sweeper delivers it again instead of guessing
+    -- before the backend's answer, a sweeper delivers it instead of guessing
     redis.call('HSET', record_key, 'payload', payload)
   end
   if idem ~= '' then
     redis.call('HSET', idem_key, idem, rid)
-  end
-  if mode == 'queue' then
-    redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
   end
   append_ledger(ledger_key, ledger_max, 'reserve', rid, user, qty, 'gateway', before, figures)
 end
@@ -112,7 +113,7 @@ end
 
 for i = 1, count do
   local at = 6 + 5 * (i - 1)
-  local status, rid, figure = decide(KEYS[7 + i], ARGV[at], ARGV[at + 1],
+  local status, rid, figure = decide(KEYS[6 + i], ARGV[at], ARGV[at + 1],
                                      tonumber(ARGV[at + 2]), ARGV[at + 3], ARGV[at + 4])
   out[#out + 1] = status
   out[#out + 1] = rid

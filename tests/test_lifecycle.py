@@ -34,8 +34,9 @@ from gateway.tools import reconcile
 from gateway.upstream import OutboundRequest
 from limiter.audit import Audit
 from limiter.connection import connect
-from limiter.keys import CampaignKeys
+from limiter.keys import CampaignKeys, idempotency_field, new_reservation_id
 from limiter.records import Attempt, ReserveStatus, State
+from limiter.reserving import undo
 from limiter.store import CampaignStore
 from tests.helpers import (
     AUTH,
@@ -692,6 +693,31 @@ async def test_a_queued_order_whose_buyer_was_told_503_is_never_delivered(
     assert [seen.headers["X-User-Id"] for seen in shop.seen] == ["warm-up"]
     state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
     assert (state["available"], state["sold"]) == (2, 1)
+
+
+async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_for(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    """The first request gave up (503) on a reserve Redis ran anyway; the buyer retries
+    with the key before the undo lands: the replayed 202 hands the order over, and the
+    undo then leaves it to its delivery."""
+    campaign_of(settings_data).update(forward="queue", stock=3)
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        store = gw.runtime.registry.by_id[CAMPAIGN].store
+        rid = new_reservation_id(CAMPAIGN)
+        payload = handed_over_order(rid, "alice").encode()
+        field = idempotency_field("alice", "k-1")
+        (decision,) = await store.reserve([Attempt(rid, "alice", 1, field, payload)])
+        assert decision.status is ReserveStatus.RESERVED
+        await asyncio.sleep(0.3)
+        assert shop.seen == []  # not handed over: nobody delivers it
+        retry = await gw.buy("alice", key="k-1")
+        assert (retry.status, retry.headers["Idempotent-Replayed"]) == (202, "true")
+        assert retry.headers["X-Reservation-Id"] == rid
+        await undo(store, [rid], "gateway")  # the first request's undo, late
+        await wait_for(reaches(redis, rid, "committed"), within=5.0)
+    assert [seen.headers["X-Reservation-Id"] for seen in shop.seen] == [rid]
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 
 async def test_an_order_being_delivered_is_kept_from_other_dispatchers(

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 import limiter.guard
 from gateway.embedded_redis import EmbeddedRedis
+from limiter.batching import TickBatcher
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, new_reservation_id
@@ -231,3 +232,29 @@ async def test_close_gives_up_on_an_undo_redis_keeps_refusing(
 def _stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def test_a_decision_abandoned_by_a_stop_answers_its_waiters_and_is_undone_later() -> None:
+    """close(grace) cancels what is left: the waiters still get an answer, and an outcome
+    Redis sends afterwards still reaches ``unclaimed`` (which undoes it)."""
+    guard = RedisGuard(30.0)
+    reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    seen: list[tuple[str, str]] = []
+
+    def unclaimed(item: str, outcome: str) -> None:
+        seen.append((item, outcome))
+
+    batcher: TickBatcher[str, str] = TickBatcher(
+        guard, lambda items: reply, lambda items, got: list(got), "decide", unclaimed=unclaimed
+    )
+    try:
+        waiter = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.01)  # the call is out, unanswered
+        await batcher.close(grace=0.0)
+        with pytest.raises(StorageError, match="abandoned"):
+            await asyncio.wait_for(waiter, 1.0)
+        reply.set_result(["reserved"])
+        await asyncio.sleep(0)
+        assert seen == [("a", "reserved")]
+    finally:
+        guard.close()

@@ -38,7 +38,7 @@ from limiter.records import (
     State,
     Transition,
 )
-from limiter.reserving import Unclaimed, release_unclaimed
+from limiter.reserving import Unclaimed, release_unclaimed, undo
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 from tests.helpers import as_text, check_invariant, ledger, redis_snapshot, text, wait_for
@@ -309,14 +309,20 @@ async def test_reserve_sets_a_deadline_by_redis_clock(rig: Rig, redis: Redis) ->
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
-async def test_reserve_in_queue_mode_queues_the_order(rig: Rig, redis: Redis) -> None:
-    store = rig.store(mode="queue")
+async def test_reserve_in_queue_mode_keeps_the_order_until_it_is_handed_over(
+    rig: Rig, redis: Redis
+) -> None:
+    store = rig.store(mode="queue", reserve_deadline_ms=60_000)
     await store.init(10)
     one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1, "", b'{"quantity": 1}\xff')
     assert (await decide(store, one)).status is ReserveStatus.RESERVED
+    assert await redis.xlen(store.keys.orders) == 0  # nobody may deliver it yet
+    kept = await redis.hgetall(store.keys.reservation(one.reservation_id))
+    assert (kept[b"mode"], kept[b"payload"]) == (b"queue", b'{"quantity": 1}\xff')
+    assert await store.hand_over(one.reservation_id) is True  # the buyer is told 202
     ((_, order),) = await redis.xrange(store.keys.orders) or []
     assert order == {b"rid": one.reservation_id.encode(), b"payload": b'{"quantity": 1}\xff'}
-    assert (await record(redis, store, one.reservation_id))["mode"] == "queue"
+    assert not await redis.hexists(store.keys.reservation(one.reservation_id), "payload")
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
@@ -1050,12 +1056,12 @@ MALFORMED_CALLS: dict[str, tuple[str, Callable[[CampaignKeys], list[str]], list[
     ),
     "reserve: missing record key": (
         "reserve",
-        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines, k.orders],
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines],
         [2, 0, 0, "sync", "e", "rid", "alice", 1, "", ""],
     ),
     "reserve: unknown mode": (
         "reserve",
-        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines, k.orders, "r"],
+        lambda k: [k.state, k.users, k.idempotency, k.ledger, "i", k.deadlines, "r"],
         [2, 0, 0, "later", "e", "rid", "alice", 1, "", ""],
     ),
 }
@@ -1214,25 +1220,39 @@ async def test_a_queued_order_is_handed_over_once_and_only_while_reserved(
 ) -> None:
     store = rig.store(mode="queue", reserve_deadline_ms=60_000)
     await store.init(10)
-    told_202 = await reserved(store, "alice")
-    told_503 = await reserved(store, "bob")
-    assert (await record(redis, store, told_202))["deadline_ms"] != "0"
+    told_202 = (await decide(store, attempt("alice")._replace(payload=b"order-a"))).reservation_id
+    told_503 = (await decide(store, attempt("bob")._replace(payload=b"order-b"))).reservation_id
     assert await store.hand_over(told_202) is True
     assert await store.hand_over(told_202) is False  # once
     assert (await record(redis, store, told_202))["deadline_ms"] == "0"
-    await release(store, told_503)  # the gateway's undo came first
+    await undo(store, [told_503], "gateway")  # the undo came first: never handed over
     assert await store.hand_over(told_503) is False
     assert (await record(redis, store, told_503))["state"] == "released"
-    assert await deadlines(redis, store) == {}
     assert await store.hand_over(new_reservation_id(CAMPAIGN)) is False
-    assert not await redis.exists(store.keys.reservation("nothing"))
+    orders = await redis.xrange(store.keys.orders) or []
+    assert [fields for _, fields in orders] == [{b"rid": told_202.encode(), b"payload": b"order-a"}]
+    assert await deadlines(redis, store) == {}
+    assert await store.figures() == Figures(9, 1, 0, 10)
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_an_undo_leaves_a_handed_over_order_to_its_delivery(rig: Rig, redis: Redis) -> None:
+    """A retry was told 202 (replayed) and handed the order over before the first
+    request's undo arrived: the undo must not give back what is being delivered."""
+    store = rig.store(mode="queue", reserve_deadline_ms=60_000)
+    await store.init(10)
+    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
+    assert await store.hand_over(rid) is True
+    await undo(store, [rid], "gateway")
+    assert (await record(redis, store, rid))["state"] == "reserved"
+    assert await store.figures() == Figures(9, 1, 0, 10)
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
 async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redis: Redis) -> None:
     store = rig.store(mode="queue", reserve_deadline_ms=50)
     await store.init(10)
-    rid = await reserved(store, "alice")
+    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
 
     async def is_due() -> bool:
         return await store.due() == [rid]
@@ -1242,7 +1262,9 @@ async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redi
     assert sum(counts) == 1
     fields = await record(redis, store, rid)
     assert (fields["state"], fields["mode"], fields["deadline_ms"]) == ("reserved", "queue", "0")
-    assert await redis.xlen(store.keys.orders) == 1  # queued once, by reserve.lua
+    orders = await redis.xrange(store.keys.orders) or []
+    assert [fields for _, fields in orders] == [{b"rid": rid.encode(), b"payload": b"order"}]
+    assert await store.hand_over(rid) is False  # a gateway coming back late adds nothing
     assert await store.figures() == Figures(9, 1, 0, 10)
     assert (await ops(redis))[-1] == "hand-over"
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)

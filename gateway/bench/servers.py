@@ -45,7 +45,6 @@ def naive_app(redis_url: str, upstream: str, campaign: str, per_user_limit: int)
         keys.ledger,
         keys.index,
         keys.deadlines,
-        keys.orders,
     ]
     app = web.Application()
     state: dict[str, object] = {}
