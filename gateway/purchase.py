@@ -2,10 +2,11 @@
 
 Order matters: the cheapest refusals come first (window, local sold-out flag),
 then the buyer's input (no Redis), the edge limits, one atomic decision in Redis,
-and the backend. The order for the backend travels with the decision: in sync
-mode Redis keeps it on the winner's record and the gateway forwards it at once (a
+and the backend. The order for the backend travels with the decision: Redis keeps
+it on the winner's record. In sync mode the gateway forwards it at once (a
 reservation the backend did not accept goes back to stock before the buyer hears
-about it); in queue mode Redis appends it to a stream and the buyer gets 202.
+about it); in queue mode the gateway hands it over to the orders stream as the
+buyer gets 202.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
         )
         await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
-        # The order goes to Redis with the decision: a winner's is kept (sync mode) or
-        # queued (queue mode) in the same atomic step, so no crash can lose it.
+        # The order goes to Redis with the decision: a winner's is kept on its record in
+        # the same atomic step, so no crash can lose it.
         outbound = _outbound(runtime, campaign, request, rid, user, order)
         field = idempotency_field(user, key) if key else ""
         attempt = Attempt(rid, user, order.quantity, field, outbound.encode())
@@ -254,8 +255,17 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
     if record is not None and record.mode == "queue" and record.state is State.RESERVED:
         # The first request may have been told 503 before its order was handed over;
         # this buyer is told 202, so it is now (the undo then leaves it alone).
-        await campaign.store.hand_over(rid)
-        record = await campaign.store.reservation(rid)
+        try:
+            await campaign.store.hand_over(rid)
+            record = await campaign.store.reservation(rid)
+        except StorageError:  # handed over or not: only a retry can tell, never "given back"
+            raise Problem(
+                Code.UNAVAILABLE,
+                f"redis did not confirm reservation {rid}; retry with the same "
+                "Idempotency-Key to learn its outcome",
+                headers={"Retry-After": "1", RESERVATION_HEADER: rid},
+                reservation_id=rid,
+            ) from None
     if record is not None and record.mode == "queue" and record.state in LIVE:
         return queued(rid, record.state, replayed=True)
     if record is not None and record.reply is not None and record.state in SETTLED:

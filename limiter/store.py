@@ -32,7 +32,8 @@ class StorePolicy:
     """The campaign settings the scripts need."""
 
     per_user_limit: int
-    #: ms after reserving before an unsettled reservation goes back to stock (0: never)
+    #: ms after reserving before a reservation still unsettled (sync) or not handed over
+    #: (queue) is delivered from its kept order, or given back if it has none (0: never)
     reserve_deadline_ms: int
     ledger_max_length: int
     mode: str = "sync"

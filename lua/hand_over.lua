@@ -1,24 +1,27 @@
 -- hand_over.lua: a queue-mode order goes to the orders stream, to be delivered.
 -- reserve.lua keeps the order on the reservation record, with a forward deadline.
--- The gateway hands it over as it tells its buyer 202 (a replayed 202 too). A
--- reservation whose requester stopped waiting (told 503: Redis answered too late, or
--- ran the call only after a pause) is never handed over: the gateway's undo gives it
--- back, and no dispatcher ever sees it. Should the gateway die first, the sweeper
--- hands the order over when the deadline passes (release.lua): it is never lost.
+-- The gateway hands it over as it tells its buyer 202 (a replayed 202 too), and marks
+-- the record so: an undo then leaves it to its delivery. A reservation whose requester
+-- stopped waiting (told 503: Redis answered too late, or ran the call only after a
+-- pause) is never handed over: the gateway's undo gives it back, and no dispatcher
+-- ever sees it. Should the gateway die first, the sweeper queues the order when the
+-- deadline passes (release.lua): it is never lost.
 --
 -- KEYS[1] reservation record   KEYS[2] deadlines zset   KEYS[3] orders stream
 -- ARGV[1] reservation id
--- returns 1 handed over now, 0 not (no longer reserved, or handed over already)
+-- returns 1 handed over now, 0 not (not a reserved queue-mode order waiting for it)
 
 local record_key, deadlines_key, orders_key, rid = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
-if redis.call('HGET', record_key, 'state') ~= 'reserved' then
+local record = redis.call('HMGET', record_key, 'state', 'mode', 'payload')
+if record[1] ~= 'reserved' or record[2] ~= 'queue' then
   return 0
 end
 if redis.call('ZREM', deadlines_key, rid) == 0 then
-  return 0
+  return 0 -- queued already (by the sweeper, or an earlier hand-over)
 end
-local payload = redis.call('HGET', record_key, 'payload') or ''
-redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
-redis.call('HSET', record_key, 'deadline_ms', 0)
-redis.call('HDEL', record_key, 'payload') -- the stream carries it now
+if record[3] then
+  redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', record[3])
+  redis.call('HDEL', record_key, 'payload') -- the stream carries it now
+end
+redis.call('HSET', record_key, 'deadline_ms', 0, 'told', '202', 'updated_ms', now_ms())
 return 1

@@ -23,8 +23,8 @@
 -- ARGV[9] order payload to keep in the dead letters ("" for no dead letter)
 -- ARGV[10] "tombstone": an undo (its requester never learnt the outcome). If there is no
 --   such reservation, leave a released record for a day, so that the reserve call being
---   undone cannot make it should it arrive later; one already handed over for delivery
---   (a replayed 202 did, or a sweeper at its deadline) is left to that delivery: 2
+--   undone cannot make it should it arrive later; one a retry was told 202 for (and
+--   handed over, hand_over.lua) is left to its delivery: 2
 -- returns {status, state}
 --   0 released (state entered)      1 already back in stock (its state)
 --   2 not allowed from its state    3 no such reservation      4 not due yet
@@ -44,7 +44,7 @@ if not ledger_max then
 end
 
 local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'deadline_ms',
-                          'payload', 'attempts', 'mode')
+                          'payload', 'attempts', 'mode', 'told')
 local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
 local deadline, payload = tonumber(record[5]), record[6]
 if not state then
@@ -65,8 +65,8 @@ if not listed(leavable, state) then
   end
   return {2, state}
 end
-if tombstone and state == 'reserved' and (deadline or 0) == 0 and record[8] ~= 'sync' then
-  return {2, state} -- handed over: a dispatcher delivers it, and the answer settles it
+if tombstone and state == 'reserved' and record[9] == '202' then
+  return {2, state} -- a retry was told 202 and handed it over: its delivery settles it
 end
 local now = now_ms()
 if only_when_due and (deadline == 0 or deadline > now) then

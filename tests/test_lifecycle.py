@@ -34,6 +34,7 @@ from gateway.tools import reconcile
 from gateway.upstream import OutboundRequest
 from limiter.audit import Audit
 from limiter.connection import connect
+from limiter.errors import StorageError
 from limiter.keys import CampaignKeys, idempotency_field, new_reservation_id
 from limiter.records import Attempt, ReserveStatus, State
 from limiter.reserving import undo
@@ -715,6 +716,42 @@ async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_fo
         assert (retry.status, retry.headers["Idempotent-Replayed"]) == (202, "true")
         assert retry.headers["X-Reservation-Id"] == rid
         await undo(store, [rid], "gateway")  # the first request's undo, late
+        await wait_for(reaches(redis, rid, "committed"), within=5.0)
+    assert [seen.headers["X-Reservation-Id"] for seen in shop.seen] == [rid]
+    await check_invariant(redis, CAMPAIGN, per_user_limit=1)
+
+
+async def test_a_retry_whose_hand_over_redis_did_not_confirm_is_not_told_given_back(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    """The hand-over may have happened (then it is delivered): the answer says the
+    outcome is unknown and how to learn it, never that the units were given back."""
+    campaign_of(settings_data).update(forward="queue", stock=3)
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        store = gw.runtime.registry.by_id[CAMPAIGN].store
+        rid = new_reservation_id(CAMPAIGN)
+        payload = handed_over_order(rid, "alice").encode()
+        field = idempotency_field("alice", "k-1")
+        await store.reserve([Attempt(rid, "alice", 1, field, payload)])
+        hand_over = store.hand_over
+
+        async def applied_but_unconfirmed(reservation_id: str) -> bool:
+            await hand_over(reservation_id)
+            raise StorageError("redis did not answer hand over an order within 0.25s")
+
+        store.hand_over = applied_but_unconfirmed  # type: ignore[method-assign]
+        retry = await gw.buy("alice", key="k-1")
+        problem = await problem_of(retry)
+        assert (retry.status, problem["code"], problem["reservation_id"]) == (
+            503,
+            "unavailable",
+            rid,
+        )
+        assert "given back" not in problem["detail"]
+        assert "same Idempotency-Key" in problem["detail"]
+        store.hand_over = hand_over  # type: ignore[method-assign]
+        again = await gw.buy("alice", key="k-1")  # and a retry learns it
+        assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
         await wait_for(reaches(redis, rid, "committed"), within=5.0)
     assert [seen.headers["X-Reservation-Id"] for seen in shop.seen] == [rid]
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)

@@ -1270,6 +1270,36 @@ async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redi
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
+@pytest.mark.parametrize("mode", ["queue", "sync"])
+async def test_a_late_undo_still_gives_back_what_a_sweeper_queued(
+    rig: Rig, redis: Redis, mode: str
+) -> None:
+    """Its gateway was cut off past the deadline; the sweeper queued the kept order; the
+    buyer was told 503 and nobody told it 202: the undo, late, still gives it back (a
+    delivery under way then finds it released)."""
+    store = rig.store(mode=mode, reserve_deadline_ms=50)
+    await store.init(10)
+    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
+
+    async def is_due() -> bool:
+        return await store.due() == [rid]
+
+    await wait_for(is_due)
+    assert await sweep(store, "sweeper") == 1
+    await undo(store, [rid], "gateway")
+    assert (await record(redis, store, rid))["state"] == "released"
+    assert await store.figures() == Figures(10, 0, 0, 10)
+    await check_invariant(redis, CAMPAIGN, per_user_limit=2)
+
+
+async def test_only_a_queue_order_waiting_for_it_is_handed_over(rig: Rig, redis: Redis) -> None:
+    sync_store = rig.store(mode="sync", reserve_deadline_ms=60_000)
+    await sync_store.init(10)
+    forwarded = (await decide(sync_store, attempt("alice")._replace(payload=b"o"))).reservation_id
+    assert await sync_store.hand_over(forwarded) is False  # the gateway forwards it itself
+    assert await redis.xlen(sync_store.keys.orders) == 0
+
+
 class RacingStore(CampaignStore):
     """A real store in which the backend accepts (holds) each due reservation between
     the sweeper's due() and its release(): the race release.lua's own check settles."""
