@@ -696,6 +696,17 @@ async def test_a_queued_order_whose_buyer_was_told_503_is_never_delivered(
     assert (state["available"], state["sold"]) == (2, 1)
 
 
+async def reserved_for_a_503(store: CampaignStore, user: str, key: str) -> str:
+    """A reserve Redis ran after its gateway had told the buyer 503: reserved, with its
+    order kept, never handed over."""
+    rid = new_reservation_id(CAMPAIGN)
+    payload = handed_over_order(rid, user).encode()
+    attempt = Attempt(rid, user, 1, idempotency_field(user, key), payload)
+    (decision,) = await store.reserve([attempt])
+    assert decision.status is ReserveStatus.RESERVED
+    return rid
+
+
 async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_for(
     redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
 ) -> None:
@@ -705,11 +716,7 @@ async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_fo
     campaign_of(settings_data).update(forward="queue", stock=3)
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         store = gw.runtime.registry.by_id[CAMPAIGN].store
-        rid = new_reservation_id(CAMPAIGN)
-        payload = handed_over_order(rid, "alice").encode()
-        field = idempotency_field("alice", "k-1")
-        (decision,) = await store.reserve([Attempt(rid, "alice", 1, field, payload)])
-        assert decision.status is ReserveStatus.RESERVED
+        rid = await reserved_for_a_503(store, "alice", "k-1")
         await asyncio.sleep(0.3)
         assert shop.seen == []  # not handed over: nobody delivers it
         retry = await gw.buy("alice", key="k-1")
@@ -729,10 +736,7 @@ async def test_a_retry_whose_hand_over_redis_did_not_confirm_is_not_told_given_b
     campaign_of(settings_data).update(forward="queue", stock=3)
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         store = gw.runtime.registry.by_id[CAMPAIGN].store
-        rid = new_reservation_id(CAMPAIGN)
-        payload = handed_over_order(rid, "alice").encode()
-        field = idempotency_field("alice", "k-1")
-        await store.reserve([Attempt(rid, "alice", 1, field, payload)])
+        rid = await reserved_for_a_503(store, "alice", "k-1")
         hand_over = store.hand_over
 
         async def applied_but_unconfirmed(reservation_id: str) -> bool:
