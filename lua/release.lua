@@ -110,7 +110,8 @@ end
 redis.call('ZREM', deadlines_key, rid)
 -- 'left': the state it left (a late acceptance may take back a released or expired
 -- reservation, never a hold that expired unpaid); the kept order is not needed now.
-redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now, 'left', state)
+redis.call('HSET', record_key, 'state', target, 'reason', reason, 'updated_ms', now, 'left', state,
+           'deadline_ms', 0)
 redis.call('HDEL', record_key, 'payload')
 count_move(state_key, state, target, 1)
 if dead_payload ~= '' then
