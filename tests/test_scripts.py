@@ -679,7 +679,8 @@ async def test_release_of_a_held_reservation(rig: Rig, redis: Redis) -> None:
     assert await store.figures() == Figures(10, 0, 0, 10)
     assert await deadlines(redis, store) == {}
     typed = await store.reservation(rid)
-    assert typed is not None and typed.deadline_ms == 0  # no deadline left to show
+    assert typed is not None
+    assert typed.deadline_ms == 0  # no deadline left to show
     await check_invariant(redis, CAMPAIGN, per_user_limit=2)
 
 
