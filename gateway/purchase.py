@@ -90,12 +90,13 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
-        throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
-        code, response = _unavailable(
+        code, response = _redis_failed(
+            campaign,
+            exc,
             "redis did not confirm a decision in time: whatever it reserved is being given "
             "back; try again in a moment"
             if exc.maybe_applied
-            else "redis could not decide; nothing was reserved or charged"
+            else "redis could not decide; nothing was reserved or charged",
         )
     return Answer(code, response, user)
 
@@ -118,9 +119,15 @@ async def _retry_after_sold_out(
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
-        throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
-        code, response = _unavailable("redis could not be asked for the earlier outcome")
+        code, response = _redis_failed(
+            campaign, exc, "redis could not be asked for the earlier outcome"
+        )
     return Answer(code, response, user)
+
+
+def _redis_failed(campaign: Campaign, exc: StorageError, detail: str) -> Decided:
+    throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
+    return _unavailable(detail)
 
 
 def _unavailable(detail: str) -> Decided:
@@ -256,8 +263,8 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
         # The first request may have been told 503 before its order was handed over;
         # this buyer is told 202, so it is now (the undo then leaves it alone).
         try:
-            await campaign.store.hand_over(rid)
-            record = await campaign.store.reservation(rid)
+            if not await campaign.store.hand_over(rid):  # settled meanwhile: as it is now
+                record = await campaign.store.reservation(rid)
         except StorageError:  # handed over or not: only a retry can tell, never "given back"
             raise Problem(
                 Code.UNAVAILABLE,

@@ -100,3 +100,13 @@ local function count_move(state_key, from, to, n)
   end
   redis.call('HINCRBY', state_key, 'n:' .. to, n)
 end
+
+-- A reservation's kept order goes to the orders stream for the dispatchers: its
+-- forward deadline is done with, and the stream carries the order from now on (the
+-- gateway's hand-over in queue mode, or the sweeper's when a gateway died).
+local function queue_kept_order(record_key, deadlines_key, orders_key, rid, payload, now)
+  redis.call('ZREM', deadlines_key, rid)
+  redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
+  redis.call('HSET', record_key, 'deadline_ms', 0, 'updated_ms', now)
+  redis.call('HDEL', record_key, 'payload')
+end

@@ -5,9 +5,10 @@
 -- A reservation that went back to stock from "reserved" meanwhile (the backend's
 -- answer came after the gateway gave up on it, or after its deadline) is taken again
 -- when "retake" is asked and stock and quota permit, its Idempotency-Key bound to it
--- again; not when that key now names a fresh attempt. A hold that expired unpaid (its confirm was told 409 expired) or a
--- reservation an operator cancelled is never taken again. One not taken again is
--- reported as gone, and the ledger records a commit-conflict for reconcile.
+-- again; not when that key now names a fresh attempt. A hold that expired unpaid (its
+-- confirm was told 409 expired) or a reservation an operator cancelled is never taken
+-- again. One not taken again is reported as gone, and the ledger records a
+-- commit-conflict for reconcile.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] ledger stream
 -- KEYS[4] deadlines zset   KEYS[5] reservation record   KEYS[6] idempotency hash

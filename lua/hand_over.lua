@@ -13,15 +13,9 @@
 
 local record_key, deadlines_key, orders_key, rid = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 local record = redis.call('HMGET', record_key, 'state', 'mode', 'payload')
-if record[1] ~= 'reserved' or record[2] ~= 'queue' then
-  return 0
+if record[1] ~= 'reserved' or record[2] ~= 'queue' or not record[3] then
+  return 0 -- not a queue-mode order waiting for it: queued already, or settled
 end
-if redis.call('ZREM', deadlines_key, rid) == 0 then
-  return 0 -- queued already (by the sweeper, or an earlier hand-over)
-end
-if record[3] then
-  redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', record[3])
-  redis.call('HDEL', record_key, 'payload') -- the stream carries it now
-end
-redis.call('HSET', record_key, 'deadline_ms', 0, 'told', '202', 'updated_ms', now_ms())
+queue_kept_order(record_key, deadlines_key, orders_key, rid, record[3], now_ms())
+redis.call('HSET', record_key, 'told', '202')
 return 1

@@ -79,16 +79,12 @@ if not figures then
 end
 
 if only_when_due and state == 'reserved' and payload and payload ~= '' then
-  local queued = record[8] == 'queue'
-  redis.call('ZREM', deadlines_key, rid)
-  redis.call('HSET', record_key, 'mode', queued and 'queue' or 'redelivery', 'deadline_ms', 0,
-             'updated_ms', now)
-  redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
-  if queued then -- never handed over: its gateway died before answering 202
-    redis.call('HDEL', record_key, 'payload')
+  queue_kept_order(record_key, deadlines_key, orders_key, rid, payload, now)
+  if record[8] == 'queue' then -- never handed over: its gateway died before answering 202
     append_ledger(ledger_key, ledger_max, 'hand-over', rid, user, qty, actor, figures, figures,
                   'its gateway never handed it over: delivering it')
   else
+    redis.call('HSET', record_key, 'mode', 'redelivery')
     append_ledger(ledger_key, ledger_max, 'redeliver', rid, user, qty, actor, figures, figures,
                   'unsettled at its deadline: asking the backend again')
   end

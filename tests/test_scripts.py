@@ -145,6 +145,20 @@ async def reserved(store: CampaignStore, user: str, quantity: int = 1, key: str 
     return one.reservation_id
 
 
+async def reserved_with_order(store: CampaignStore, user: str, order: bytes = b"order") -> str:
+    """Reserve, keeping ``order`` on the record as the gateway does; the reservation id."""
+    decision = await decide(store, attempt(user)._replace(payload=order))
+    assert decision.status is ReserveStatus.RESERVED, decision
+    return decision.reservation_id
+
+
+async def until_due(store: CampaignStore, reservation_id: str) -> None:
+    async def is_due() -> bool:
+        return await store.due() == [reservation_id]
+
+    await wait_for(is_due)
+
+
 async def release(
     store: CampaignStore,
     reservation_id: str,
@@ -1223,8 +1237,8 @@ async def test_a_queued_order_is_handed_over_once_and_only_while_reserved(
 ) -> None:
     store = rig.store(mode="queue", reserve_deadline_ms=60_000)
     await store.init(10)
-    told_202 = (await decide(store, attempt("alice")._replace(payload=b"order-a"))).reservation_id
-    told_503 = (await decide(store, attempt("bob")._replace(payload=b"order-b"))).reservation_id
+    told_202 = await reserved_with_order(store, "alice", b"order-a")
+    told_503 = await reserved_with_order(store, "bob", b"order-b")
     assert await store.hand_over(told_202) is True
     assert await store.hand_over(told_202) is False  # once
     assert (await record(redis, store, told_202))["deadline_ms"] == "0"
@@ -1244,7 +1258,7 @@ async def test_an_undo_leaves_a_handed_over_order_to_its_delivery(rig: Rig, redi
     request's undo arrived: the undo must not give back what is being delivered."""
     store = rig.store(mode="queue", reserve_deadline_ms=60_000)
     await store.init(10)
-    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
+    rid = await reserved_with_order(store, "alice")
     assert await store.hand_over(rid) is True
     await undo(store, [rid], "gateway")
     assert (await record(redis, store, rid))["state"] == "reserved"
@@ -1255,12 +1269,8 @@ async def test_an_undo_leaves_a_handed_over_order_to_its_delivery(rig: Rig, redi
 async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redis: Redis) -> None:
     store = rig.store(mode="queue", reserve_deadline_ms=50)
     await store.init(10)
-    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
-
-    async def is_due() -> bool:
-        return await store.due() == [rid]
-
-    await wait_for(is_due)
+    rid = await reserved_with_order(store, "alice")
+    await until_due(store, rid)
     counts = await asyncio.gather(*(sweep(store, f"sweeper-{i}") for i in range(3)))
     assert sum(counts) == 1
     fields = await record(redis, store, rid)
@@ -1282,12 +1292,8 @@ async def test_a_late_undo_still_gives_back_what_a_sweeper_queued(
     delivery under way then finds it released)."""
     store = rig.store(mode=mode, reserve_deadline_ms=50)
     await store.init(10)
-    rid = (await decide(store, attempt("alice")._replace(payload=b"order"))).reservation_id
-
-    async def is_due() -> bool:
-        return await store.due() == [rid]
-
-    await wait_for(is_due)
+    rid = await reserved_with_order(store, "alice")
+    await until_due(store, rid)
     assert await sweep(store, "sweeper") == 1
     await undo(store, [rid], "gateway")
     assert (await record(redis, store, rid))["state"] == "released"
@@ -1298,7 +1304,7 @@ async def test_a_late_undo_still_gives_back_what_a_sweeper_queued(
 async def test_only_a_queue_order_waiting_for_it_is_handed_over(rig: Rig, redis: Redis) -> None:
     sync_store = rig.store(mode="sync", reserve_deadline_ms=60_000)
     await sync_store.init(10)
-    forwarded = (await decide(sync_store, attempt("alice")._replace(payload=b"o"))).reservation_id
+    forwarded = await reserved_with_order(sync_store, "alice")
     assert await sync_store.hand_over(forwarded) is False  # the gateway forwards it itself
     assert await redis.xlen(sync_store.keys.orders) == 0
 
