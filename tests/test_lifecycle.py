@@ -774,20 +774,26 @@ async def test_an_order_being_delivered_is_kept_from_other_dispatchers(
     settings_data["upstreams"]["shop"]["timeout"] = 5.0
     campaign_of(settings_data).update(forward="queue", stock=1)
 
-    async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(2.0)
+    working = asyncio.Event()
+
+    async def busy(request: web.Request) -> web.StreamResponse:
+        await working.wait()  # the backend works until the test lets it answer
         return await accept(request)
 
-    shop.respond = slow
+    async def kept_twice() -> bool:  # each keep is an XCLAIM: the delivery count grows
+        pending = await redis.xpending_range(f"{BASE}:orders", "flashgate", "-", "+", 10)
+        return len(pending) == 1 and int(pending[0]["times_delivered"]) >= 3
+
+    shop.respond = busy
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         response = await gw.buy("alice")
         assert response.status == 202
         rid = (await response.json())["reservation_id"]
         await wait_for(lambda: len(shop.seen) == 1)
-        await asyncio.sleep(1.2)  # the backend is still at work
-        (pending,) = await redis.xpending_range(f"{BASE}:orders", "flashgate", "-", "+", 10)
-        assert int(pending["time_since_delivered"]) < 800, pending
+        await wait_for(kept_twice)  # while the backend is still at work
+        working.set()
         await wait_for(reaches(redis, rid, "committed"), within=5.0)
+    assert len(shop.seen) == 1
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
 
