@@ -8,12 +8,13 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import Counter
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamError
 from gateway.headers import GATEWAY_HEADERS, HOP_BY_HOP
+from gateway.http1 import Http1Client, HttpFailure
 from gateway.metrics import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
 #: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
@@ -99,67 +100,54 @@ class Upstream:
     def __init__(self, name: str, settings: UpstreamSettings) -> None:
         self.name = name
         self.settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Http1Client | None = None
+        self._seconds = UPSTREAM_SECONDS.labels(name)
+        self._responses: dict[str, Counter] = {}
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        self._client = Http1Client(
+            self.settings.url,
+            max_connections=self.settings.max_connections,
+            max_body=MAX_REPLY_BYTES,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def send(self, request: OutboundRequest) -> UpstreamReply:
         """Send the request; raises UpstreamError on refusal, breakage or timeout."""
-        if self._session is None:
+        client = self._client
+        if client is None:
             raise RuntimeError("upstream is not open")
-        url = self.settings.url + request.path_qs
         headers = request.headers
         if self.settings.headers:  # the gateway's own, never stored with the order
             headers = headers.copy()
             headers.update(self.settings.headers)
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-            ) as response:
-                body = await self._read_body(response)
-                reply = UpstreamReply(response.status, end_to_end(response.headers.items()), body)
+            encoded = client.encode(
+                request.method, request.path_qs, list(headers.items()), request.body
+            )
+            answer = await client.send(request.method, encoded, self.settings.timeout)
         except TimeoutError as exc:
             self._measure(started, "timeout")
             raise UpstreamError(
                 f"{self.name} did not answer within {self.settings.timeout:g}s", timed_out=True
             ) from exc
-        except aiohttp.ClientError as exc:
+        except HttpFailure as exc:
             self._measure(started, "error")
-            raise UpstreamError(
-                f"{self.name} failed: {exc or type(exc).__name__}", timed_out=False
-            ) from exc
+            raise UpstreamError(f"{self.name} failed: {exc}", timed_out=False) from exc
+        reply = UpstreamReply(answer.status, end_to_end(answer.headers), answer.body)
         self._measure(started, f"{reply.status // 100}xx")
         return reply
 
     def _measure(self, started: float, status_class: str) -> None:
-        UPSTREAM_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        UPSTREAM_RESPONSES.labels(self.name, status_class).inc()
-
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > MAX_REPLY_BYTES:
-                raise UpstreamError(
-                    f"{self.name} answered more than {MAX_REPLY_BYTES} bytes", timed_out=False
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        self._seconds.observe(time.perf_counter() - started)
+        counter = self._responses.get(status_class)
+        if counter is None:
+            counter = self._responses[status_class] = UPSTREAM_RESPONSES.labels(
+                self.name, status_class
+            )
+        counter.inc()

@@ -24,11 +24,12 @@ from typing import Any
 from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.logs import Throttled
+from limiter.resp import RespConnection, open_like
 
 log = logging.getLogger(__name__)
 _faults = Throttled(log)
@@ -40,6 +41,16 @@ def _pack(commands: list[tuple[EncodableArg, ...]]) -> bytes:
     """RESP for all the commands, packed by hiredis in C: redis-py's asyncio connection
     packs in Python, which costs more than the round trip for a batch of reserves."""
     return b"".join(pack_command(command) for command in commands)  # type: ignore[arg-type]
+
+
+def _shaped(command: EncodableArg, reply: Any) -> Any:
+    """HGETALL's flat list as a dict and PING's PONG as True, as redis-py gives them;
+    other replies as they came."""
+    if command == "HGETALL" and isinstance(reply, list):
+        return dict(zip(reply[::2], reply[1::2], strict=True))
+    if command == "PING":
+        return reply == b"PONG"
+    return reply
 
 
 class NotReplicated(RedisError):
@@ -88,6 +99,8 @@ class AutoPipeline:
         self._inflight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Idle connections: one per pipeline in flight at most.
+        self._free: list[RespConnection] = []
         #: Pipelines sent and commands carried, for metrics and benchmarks.
         self.round_trips = 0
         self.commands = 0
@@ -181,26 +194,18 @@ class AutoPipeline:
     async def _round_trip(
         self, commands: list[tuple[EncodableArg, ...]], progress: _Progress
     ) -> list[Any]:
-        """Write the commands at once on one pooled connection and read every reply (a
-        refusal comes back as its exception, in its place). redis-py's Pipeline would do
-        the same with a fifth more Python per round trip."""
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        """Write the commands at once on a connection of this pipeline's own and read
+        every reply (a refusal comes back as its exception, in its place)."""
+        connection = self._free.pop() if self._free else await open_like(self.redis)
         try:
             progress.writing = True
-            await connection.send_packed_command(_pack(commands), check_health=False)
-            replies: list[Any] = []
-            for args in commands:
-                try:
-                    replies.append(await self.redis.parse_response(connection, str(args[0])))
-                except ResponseError as refused:
-                    replies.append(refused)
-            return replies
+            replies = await connection.round_trip(_pack(commands), len(commands))
         except BaseException:
-            await connection.disconnect()  # half read: never hand it to anyone else
+            connection.close()  # half read: never used again
             raise
-        finally:
-            await pool.release(connection)
+        if not connection.closed:  # else it broke after the replies were read: dropped
+            self._free.append(connection)
+        return [_shaped(args[0], reply) for args, reply in zip(commands, replies, strict=True)]
 
     async def _deliver(self, queued: _Queued, reply: Any) -> None:
         if queued.future.done():
@@ -222,3 +227,6 @@ class AutoPipeline:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in self._free:
+            connection.close()
+        self._free.clear()

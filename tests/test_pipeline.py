@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import limiter.guard
+import limiter.pipeline
 from gateway.embedded_redis import EmbeddedRedis
 from limiter.batching import TickBatcher
 from limiter.errors import StorageError
@@ -22,6 +24,7 @@ from limiter.keys import CampaignKeys, new_reservation_id
 from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, Decision, Figures, ReserveStatus
 from limiter.reserving import reserve_batcher
+from limiter.resp import open_like
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
 from tests.helpers import as_text, check_invariant, wait_for
@@ -180,21 +183,39 @@ async def test_a_reserve_redis_decides_after_the_gateway_gave_up_is_released(
 
 
 async def test_a_reply_that_cannot_be_read_fails_its_pipeline_without_leaving_waiters(
-    redis_server: EmbeddedRedis, redis: Redis
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # redis-py parses XCLAIM replies as whole entries; JUSTID's bare ids make its
-    # parser raise TypeError, a fault on this side rather than a Redis error.
-    await redis.xgroup_create("orders", "g", id="0", mkstream=True)
-    message = await redis.xadd("orders", {"k": "v"})
-    await redis.xreadgroup("g", "c", {"orders": ">"})
+    # A fault on this side while reading replies (a bug, not a Redis error).
+    shaped = limiter.pipeline._shaped
+
+    def faulty(command: Any, reply: Any) -> Any:
+        if command == "XLEN":
+            raise TypeError("a reply this side cannot handle")
+        return shaped(command, reply)
+
+    monkeypatch.setattr(limiter.pipeline, "_shaped", faulty)
     async with opened(redis_server.url, 2.0) as store:
         pipe = store.pipe
-        unreadable = pipe.submit("XCLAIM", "orders", "g", "c", 0, message, "JUSTID")
+        unreadable = pipe.submit("XLEN", "orders")
         neighbour = pipe.submit("PING")
         async with asyncio.timeout(1.0):  # well before the guard's deadline
             results = await asyncio.gather(unreadable, neighbour, return_exceptions=True)
         assert all(isinstance(r, StorageError) for r in results), results
         assert await pipe.call("PING", what="ping") is True  # and the pipeline goes on
+
+
+async def test_bytes_that_are_not_resp_fail_the_round_trip_and_drop_the_connection(
+    redis_server: EmbeddedRedis,
+) -> None:
+    connection = await open_like(Redis.from_url(redis_server.url))
+    answer = connection.round_trip(b"*1\r\n$4\r\nPING\r\n", 1)
+    connection.data_received(b"?not resp\r\n")  # as if the stream were corrupted
+    with pytest.raises(RedisConnectionError, match="unreadable"):
+        await answer
+    assert connection.closed
+    late = connection.round_trip(b"*1\r\n$4\r\nPING\r\n", 1)
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await late
 
 
 async def test_close_gives_up_on_an_undo_redis_keeps_refusing(

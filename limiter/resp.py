@@ -1,0 +1,147 @@
+"""The auto-pipeline's own Redis connection: RESP2 on an asyncio protocol, parsed by
+hiredis.
+
+redis-py's asyncio connection reads each reply through several coroutines and
+takes and returns pooled connections under a lock: at a flash sale's ordinary
+rate (a round trip or two per winner) that was most of a round trip's cost in the
+gateway. Here a round trip is one write of commands packed in C, and the replies
+are matched to it as they arrive. The connection is opened as redis-py would open
+it (host or unix socket, TLS, AUTH, SELECT), from the same client's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+
+class _Refusal(Exception):
+    """An error reply, as hiredis builds it; turned into redis-py's exception."""
+
+
+def _refusal(reply: _Refusal) -> ResponseError:
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+class RespConnection(asyncio.Protocol):
+    """One connection; ``round_trip`` writes packed commands and gets their replies in
+    order (an error reply comes back as its exception, in its place)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._reader = hiredis.Reader(replyError=_Refusal)
+        #: Round trips in flight: (replies expected, replies so far, future).
+        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def round_trip(self, packed: bytes, count: int) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.closed or self.transport is None:
+            future.set_exception(RedisConnectionError("the connection to redis is closed"))
+            return future
+        self._waiting.append((count, [], future))
+        self.transport.write(packed)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                if not self._waiting:
+                    raise hiredis.ProtocolError("a reply nobody asked for")
+                count, replies, future = self._waiting[0]
+                replies.append(_refusal(reply) if isinstance(reply, _Refusal) else reply)
+                if len(replies) == count:
+                    self._waiting.popleft()
+                    if not future.done():
+                        future.set_result(replies)
+        except hiredis.ProtocolError as exc:
+            self._fail(RedisConnectionError(f"redis sent something unreadable: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f": {exc}" if exc else ""
+        self._fail(RedisConnectionError(f"the connection to redis was lost{reason}"))
+
+    def _fail(self, failure: Exception) -> None:
+        while self._waiting:
+            _, _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(failure)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_like(redis: Redis) -> RespConnection:
+    """A connection to where ``redis`` connects, authenticated and on its database."""
+    pool = redis.connection_pool
+    kwargs = pool.connection_kwargs
+    loop = asyncio.get_running_loop()
+    try:
+        if issubclass(pool.connection_class, UnixDomainSocketConnection):
+            _, connection = await loop.create_unix_connection(RespConnection, kwargs["path"])
+        else:
+            tls = _tls_context(kwargs) if issubclass(pool.connection_class, SSLConnection) else None
+            host = kwargs.get("host", "localhost")
+            _, connection = await loop.create_connection(
+                RespConnection,
+                host,
+                kwargs.get("port", 6379),
+                ssl=tls,
+                server_hostname=host if tls else None,
+            )
+    except OSError as exc:
+        raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
+    await _introduce(connection, kwargs)
+    return connection
+
+
+async def _introduce(connection: RespConnection, kwargs: dict[str, Any]) -> None:
+    commands: list[tuple[str | int, ...]] = []
+    if kwargs.get("password"):
+        user = kwargs.get("username")
+        commands.append(
+            ("AUTH", user, kwargs["password"]) if user else ("AUTH", kwargs["password"])
+        )
+    if kwargs.get("db"):
+        commands.append(("SELECT", kwargs["db"]))
+    if kwargs.get("client_name"):
+        commands.append(("CLIENT", "SETNAME", kwargs["client_name"]))
+    if not commands:
+        return
+    packed = b"".join(hiredis.pack_command(command) for command in commands)  # type: ignore[arg-type]
+    for reply in await connection.round_trip(packed, len(commands)):
+        if isinstance(reply, Exception):
+            connection.close()
+            raise RedisConnectionError(f"redis refused the connection's setup: {reply}")
+
+
+def _tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+    if kwargs.get("ssl_certfile"):
+        context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
+    requirement = kwargs.get("ssl_cert_reqs", "required")
+    if requirement in ("none", ssl.CERT_NONE):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.check_hostname = bool(kwargs.get("ssl_check_hostname", True))
+        if requirement in ("optional", ssl.CERT_OPTIONAL):
+            context.verify_mode = ssl.CERT_OPTIONAL
+    return context

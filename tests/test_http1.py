@@ -1,0 +1,318 @@
+"""The gateway's own HTTP/1.1 client (gateway/http1.py) against real servers on
+loopback: aiohttp for well-formed answers, a raw asyncio server for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.embedded_redis import free_port
+from gateway.http1 import Answer, Http1Client, HttpFailure, TooLarge
+
+MAX_BODY = 1024
+
+
+class Backend:
+    """An aiohttp backend that counts connections and concurrent requests."""
+
+    def __init__(self) -> None:
+        self.peers: set[tuple[str, int]] = set()
+        self.busy = 0
+        self.most_busy = 0
+        self.seen: list[web.Request] = []
+        self.bodies: list[bytes] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.peers.add(request.transport.get_extra_info("peername"))
+        self.seen.append(request)
+        self.bodies.append(await request.read())
+        self.busy += 1
+        self.most_busy = max(self.most_busy, self.busy)
+        try:
+            if request.path == "/slow":
+                await asyncio.sleep(float(request.query.get("s", "0.05")))
+            if request.path == "/chunked":
+                response = web.StreamResponse(headers={"X-Kind": "chunked"})
+                response.enable_chunked_encoding()
+                await response.prepare(request)
+                for part in (b"one,", b"two,", b"three"):
+                    await response.write(part)
+                await response.write_eof()
+                return response
+            if request.path == "/close":
+                return web.Response(text="bye", headers={"Connection": "close"})
+            if request.path == "/big":
+                return web.Response(body=b"x" * (MAX_BODY + 1))
+            if request.path == "/empty":
+                return web.Response(status=204)
+            return web.Response(
+                status=201, text=f"{request.method} {request.path_qs}", headers={"X-Echo": "yes"}
+            )
+        finally:
+            self.busy -= 1
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[Backend, str]]:
+    shop = Backend()
+    server = TestServer(shop.app(), host="127.0.0.1")
+    await server.start_server()
+    yield shop, str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@contextlib.asynccontextmanager
+async def client_of(url: str, max_connections: int = 8) -> AsyncIterator[Http1Client]:
+    client = Http1Client(url, max_connections=max_connections, max_body=MAX_BODY)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def call(
+    client: Http1Client,
+    path: str,
+    method: str = "POST",
+    body: bytes = b"{}",
+    headers: list[tuple[str, str]] | None = None,
+    within: float = 2.0,
+) -> Answer:
+    encoded = client.encode(method, path, headers or [("X-User-Id", "u1")], body)
+    return await client.send(method, encoded, within)
+
+
+async def test_requests_reuse_one_keep_alive_connection(backend: tuple[Backend, str]) -> None:
+    shop, url = backend
+    async with client_of(url) as client:
+        for i in range(20):
+            answer = await call(client, f"/orders?i={i}", body=b'{"n":1}')
+            assert answer.status == 201
+            assert answer.body == f"POST /orders?i={i}".encode()
+            assert ("X-Echo", "yes") in answer.headers
+    assert len(shop.peers) == 1
+    assert shop.bodies == [b'{"n":1}'] * 20
+    request = shop.seen[0]
+    assert request.headers["X-User-Id"] == "u1"
+    assert request.headers["Host"] == url.removeprefix("http://")
+    assert request.headers["Content-Length"] == "7"
+
+
+async def test_a_base_path_and_a_configured_host_are_used(backend: tuple[Backend, str]) -> None:
+    shop, url = backend
+    async with client_of(url + "/api/v1") as client:
+        answer = await call(client, "/orders", headers=[("Host", "shop.example")])
+    assert answer.body == b"POST /api/v1/orders"
+    assert shop.seen[0].headers["Host"] == "shop.example"
+
+
+async def test_past_its_cap_the_pool_makes_requests_wait_not_fail(
+    backend: tuple[Backend, str],
+) -> None:
+    shop, url = backend
+    async with client_of(url, max_connections=2) as client:
+        answers = await asyncio.gather(*(call(client, "/slow?s=0.02") for _ in range(30)))
+    assert {a.status for a in answers} == {201}
+    assert shop.most_busy <= 2
+    assert len(shop.peers) <= 2
+
+
+async def test_a_request_waiting_for_the_pool_times_out_and_the_pool_recovers(
+    backend: tuple[Backend, str],
+) -> None:
+    shop, url = backend
+    async with client_of(url, max_connections=1) as client:
+        slow = asyncio.create_task(call(client, "/slow?s=0.5"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await call(client, "/orders", within=0.1)  # never got the one connection
+        assert (await slow).status == 201
+        assert (await call(client, "/orders")).status == 201
+        assert client._open == 1
+    assert len(shop.peers) == 1
+
+
+async def test_a_timed_out_connection_is_never_reused(backend: tuple[Backend, str]) -> None:
+    shop, url = backend
+    async with client_of(url) as client:
+        with pytest.raises(TimeoutError):
+            await call(client, "/slow?s=0.3", within=0.05)
+        answer = await call(client, "/orders")  # not the late answer of /slow
+        assert answer.body == b"POST /orders"
+    assert len(shop.peers) == 2
+
+
+async def test_chunked_close_and_bodiless_answers(backend: tuple[Backend, str]) -> None:
+    shop, url = backend
+    async with client_of(url) as client:
+        chunked = await call(client, "/chunked")
+        assert (chunked.status, chunked.body) == (200, b"one,two,three")
+        closing = await call(client, "/close")
+        assert closing.body == b"bye"
+        empty = await call(client, "/empty")
+        assert (empty.status, empty.body) == (204, b"")
+        head = await call(client, "/orders", method="HEAD", body=b"")
+        assert (head.status, head.body) == (201, b"")
+        assert (await call(client, "/orders")).status == 201
+    # chunked and 204 and HEAD kept their connection; "Connection: close" did not
+    assert len(shop.peers) == 2
+
+
+async def test_an_oversized_answer_is_refused(backend: tuple[Backend, str]) -> None:
+    _, url = backend
+    async with client_of(url) as client:
+        with pytest.raises(TooLarge, match=f"more than {MAX_BODY} bytes"):
+            await call(client, "/big")
+        assert (await call(client, "/orders")).status == 201
+
+
+async def test_a_line_break_in_a_header_is_refused_before_sending(
+    backend: tuple[Backend, str],
+) -> None:
+    shop, url = backend
+    async with client_of(url) as client:
+        with pytest.raises(HttpFailure, match="line break"):
+            client.encode("POST", "/orders", [("X-Evil", "a\r\nX-Injected: 1")], b"")
+    assert shop.seen == []
+
+
+async def test_no_backend_is_a_failure_not_a_hang() -> None:
+    async with client_of(f"http://127.0.0.1:{free_port()}") as client:
+        with pytest.raises(HttpFailure, match="cannot connect"):
+            await call(client, "/orders")
+
+
+# --- answers only a raw server sends
+
+
+@contextlib.asynccontextmanager
+async def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncIterator[str]:
+    """A server that answers every request with ``answer``, byte for byte."""
+    serving: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        serving.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                writer.write(answer)
+                await writer.drain()
+                if then_close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "body"),
+    [
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", 200, b"until the end"),  # then it closes
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+            201,
+            b"ok",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
+            200,
+            b"abcde",
+        ),
+        (b"HTTP/1.1 409 Conflict\r\nContent-Length: 0\r\n\r\n", 409, b""),
+    ],
+    ids=["http/1.0-until-close", "100-continue", "chunked-with-trailers", "empty-body"],
+)
+async def test_answers_framed_every_legal_way_are_read(
+    answer: bytes, status: int, body: bytes
+) -> None:
+    until_close = answer.startswith(b"HTTP/1.0")
+    async with raw_server(answer, then_close=until_close) as url, client_of(url) as client:
+        for _ in range(2):  # and again, on the same or a new connection
+            got = await call(client, "/orders")
+            assert (got.status, got.body) == (status, body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"SPDY/3 200 OK\r\n\r\n", "not HTTP/1.x"),
+        (b"HTTP/1.1 2OO OK\r\n\r\n", "not HTTP/1.x"),
+        (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "invalid Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "transfer coding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+            "longer than announced",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", "more than 1024 bytes"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "lost|closed"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"", "closed the connection before answering|lost"),
+    ],
+    ids=[
+        "not-http",
+        "bad-status",
+        "header-without-colon",
+        "negative-length",
+        "conflicting-lengths",
+        "gzip-coding",
+        "bad-chunk-size",
+        "chunk-too-long",
+        "declared-too-large",
+        "truncated-body",
+        "upgrade",
+        "no-answer",
+    ],
+)
+async def test_a_broken_answer_is_a_failure_and_the_connection_is_dropped(
+    answer: bytes, reason: str
+) -> None:
+    async with raw_server(answer, then_close=True) as url, client_of(url) as client:
+        with pytest.raises(HttpFailure, match=reason):
+            await call(client, "/orders")
+        assert client._idle == []
+        assert client._open == 0
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answer, then_close=True) as url, client_of(url) as client:
+        for _ in range(3):
+            assert (await call(client, "/orders")).body == b"ok"
+            await asyncio.sleep(0.05)  # the server's close reaches the idle connection

@@ -1,0 +1,117 @@
+"""The auto-pipeline's own Redis connection (limiter/resp.py): opened as redis-py
+would open it from the same URL, against real private redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+from gateway.embedded_redis import EmbeddedRedis
+from limiter.errors import StorageError
+from limiter.guard import RedisGuard
+from limiter.pipeline import AutoPipeline
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def pipeline_of(url: str) -> AsyncIterator[AutoPipeline]:
+    client = Redis.from_url(url)
+    guard = RedisGuard(2.0)
+    pipe = AutoPipeline(client, guard)
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+        guard.close()
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def guarded_server() -> Iterator[EmbeddedRedis]:
+    """A private Redis with a password and an ACL user."""
+    with EmbeddedRedis() as server, SyncRedis.from_url(server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", "shop", "on", ">secret", "~*", "+@all")
+        admin.config_set("requirepass", "topsecret")
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("credentials", "database"),
+    [("shop:secret@", 3), (":topsecret@", 0), ("default:topsecret@", 5)],
+    ids=["acl-user", "password-only", "default-user"],
+)
+async def test_it_authenticates_and_selects_the_database_of_the_url(
+    guarded_server: EmbeddedRedis, credentials: str, database: int
+) -> None:
+    url = f"redis://{credentials}127.0.0.1:{guarded_server.port}/{database}"
+    async with pipeline_of(url) as pipe:
+        await pipe.call("SET", "where", "here", what="write")
+        assert await pipe.call("HSET", "h", "a", 1, "b", 2, what="write") == 2
+        assert await pipe.call("HGETALL", "h", what="read") == {b"a": b"1", b"b": b"2"}
+    checker = Redis.from_url(url)
+    try:
+        assert await checker.get("where") == b"here"
+        await checker.flushdb()
+    finally:
+        await checker.aclose()
+
+
+@pytest.mark.parametrize(
+    "credentials", ["shop:wrong@", ":wrong@", ""], ids=["bad-acl", "bad-password", "none"]
+)
+async def test_refused_credentials_are_a_storage_error_and_nothing_is_written(
+    guarded_server: EmbeddedRedis, credentials: str
+) -> None:
+    url = f"redis://{credentials}127.0.0.1:{guarded_server.port}/0"
+    async with pipeline_of(url) as pipe:
+        with pytest.raises(StorageError):
+            await pipe.call("SET", "intruder", "1", what="write")
+    checker = Redis.from_url(f"redis://:topsecret@127.0.0.1:{guarded_server.port}/0")
+    try:
+        assert await checker.exists("intruder") == 0
+    finally:
+        await checker.aclose()
+
+
+async def test_it_connects_over_a_unix_socket() -> None:
+    with tempfile.TemporaryDirectory(prefix="flashgate-sock-") as directory:
+        path = Path(directory) / "redis.sock"
+        with EmbeddedRedis(extra_args=("--unixsocket", str(path), "--unixsocketperm", "700")):
+            async with pipeline_of(f"unix://{path}?db=2") as pipe:
+                assert await pipe.call("PING", what="ping") is True
+                await pipe.call("SET", "k", "v", what="write")
+                assert await pipe.call("GET", "k", what="read") == b"v"
+            checker = Redis.from_url(f"unix://{path}?db=2")
+            try:
+                assert await checker.get("k") == b"v"
+            finally:
+                await checker.aclose()
+
+
+async def test_a_killed_connection_fails_its_round_trip_and_the_next_one_reconnects(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    async with pipeline_of(redis_server.url) as pipe:
+        await pipe.call("SET", "before", "1", what="write")
+        await pipe.call("CLIENT", "SETNAME", "doomed", what="name")
+        blocked = asyncio.ensure_future(pipe.call("BLPOP", "nothing", 5, what="block"))
+        await asyncio.sleep(0.1)
+        # the pipeline's connections are killed, the blocked one among them
+        killed = 0
+        for client in await redis.client_list():
+            if client["cmd"] in ("blpop", "client|setname", "set"):
+                killed += await redis.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "KILL", "ID", client["id"]
+                )
+        assert killed >= 1
+        with pytest.raises(StorageError):
+            await blocked
+        assert await pipe.call("GET", "before", what="read") == b"1"  # a new connection
