@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from gateway.embedded_redis import EmbeddedRedis
-from tests.helpers import Gateway, Shop, open_gateway, settings_for
+from tests.helpers import Gateway, Shop, TlsFiles, open_gateway, settings_for
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,3 +77,23 @@ async def gateway(
     """A gateway (edge and admin test clients) on the settings in ``settings_data``."""
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         yield gw
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    directory = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca_key = directory / "ca.key"
+    request = directory / "server.csr"
+    extensions = directory / "san.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=flashgate-test-ca "
+        f"-keyout {ca_key} -out {files.ca}",
+        f"req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {files.key} -out {request}",
+        f"x509 -req -in {request} -CA {files.ca} -CAkey {ca_key} -CAcreateserial -days 2 "
+        f"-extfile {extensions} -out {files.cert}",
+    ):
+        subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
+    return files

@@ -8,6 +8,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -227,3 +228,12 @@ async def raw_status(client: TestClient[Any, Any], head: bytes) -> int:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate (with its key) signed by it."""
+
+    ca: Path
+    cert: Path
+    key: Path

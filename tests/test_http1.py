@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.embedded_redis import free_port
 from gateway.http1 import Answer, Http1Client, HttpFailure, TooLarge
+from tests.helpers import TlsFiles
 
 MAX_BODY = 1024
 
@@ -316,3 +318,28 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
         for _ in range(3):
             assert (await call(client, "/orders")).body == b"ok"
             await asyncio.sleep(0.05)  # the server's close reaches the idle connection
+
+
+@contextlib.asynccontextmanager
+async def tls_backend(tls_files: TlsFiles) -> AsyncIterator[str]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    server = TestServer(Backend().app(), host="127.0.0.1")
+    await server.start_server(ssl=context)
+    try:
+        yield f"https://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_https_backends_are_verified_against_the_trusted_authorities(
+    tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with tls_backend(tls_files) as url:
+        async with client_of(url) as client:  # the test CA is not trusted
+            with pytest.raises(HttpFailure, match="certificate verify failed"):
+                await call(client, "/orders")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))  # now it is
+        async with client_of(url) as client:
+            answer = await call(client, "/orders")
+            assert (answer.status, answer.body) == (201, b"POST /orders")

@@ -13,10 +13,11 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded_redis import EmbeddedRedis, free_port
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
+from tests.helpers import TlsFiles
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +116,37 @@ async def test_a_killed_connection_fails_its_round_trip_and_the_next_one_reconne
         with pytest.raises(StorageError):
             await blocked
         assert await pipe.call("GET", "before", what="read") == b"1"  # a new connection
+
+
+@pytest.fixture(scope="module")
+def tls_server(tls_files: TlsFiles) -> Iterator[tuple[EmbeddedRedis, int]]:
+    """A private Redis that also listens with TLS (clients need no certificate)."""
+    tls_port = free_port()
+    extra = (
+        *("--tls-port", str(tls_port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(tls_files.cert), "--tls-key-file", str(tls_files.key)),
+        *("--tls-ca-cert-file", str(tls_files.ca)),
+    )
+    with EmbeddedRedis(extra_args=extra) as server:
+        yield server, tls_port
+
+
+@pytest.mark.parametrize(
+    "query", ["ssl_ca_certs={ca}", "ssl_cert_reqs=none"], ids=["verified", "unverified"]
+)
+async def test_it_speaks_tls_as_the_url_asks(
+    tls_server: tuple[EmbeddedRedis, int], tls_files: TlsFiles, query: str
+) -> None:
+    _, tls_port = tls_server
+    url = f"rediss://127.0.0.1:{tls_port}/0?" + query.format(ca=tls_files.ca)
+    async with pipeline_of(url) as pipe:
+        assert await pipe.call("PING", what="ping") is True
+
+
+async def test_a_certificate_it_cannot_verify_is_refused(
+    tls_server: tuple[EmbeddedRedis, int],
+) -> None:
+    _, tls_port = tls_server
+    async with pipeline_of(f"rediss://127.0.0.1:{tls_port}/0") as pipe:
+        with pytest.raises(StorageError, match="certificate verify failed"):
+            await pipe.call("PING", what="ping")
