@@ -45,8 +45,13 @@ async def read_order(
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)
     try:
-        async with asyncio.timeout(deadline):
-            body = await _read_body(request, max_body)
+        if request.content.is_eof():  # it came whole with the head: nothing to wait for
+            body = request.content.read_nowait()
+            if len(body) > max_body:
+                raise _too_large(max_body)
+        else:
+            async with asyncio.timeout(deadline):
+                body = await _read_body(request, max_body)
     except TimeoutError:
         raise Problem(
             Code.REQUEST_TIMEOUT, f"the body did not arrive within {deadline:g}s"
