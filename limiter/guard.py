@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -33,7 +34,13 @@ STALL_TOLERANCE = 0.002
 
 
 class StallClock:
-    """Measures event-loop stalls and extends the deadlines it is given by them."""
+    """Measures event-loop stalls and extends the deadlines it is given by them.
+
+    Two kinds: ``asyncio.Timeout`` objects (rescheduled after a stall), and futures
+    ``watch``ed until a deadline on a clock that stops while the loop stalls. The
+    latter cost no timer of their own, which matters at one or two per request; they
+    expire on the next tick (within ``STALL_TICK``) after their deadline.
+    """
 
     def __init__(self) -> None:
         self.deadlines: set[asyncio.Timeout] = set()
@@ -42,6 +49,21 @@ class StallClock:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._expected = 0.0
+        #: Loop time lost to stalls so far: the watch clock is loop time minus this.
+        self._stalled = 0.0
+        self._watched: list[tuple[float, int, asyncio.Future[Any], Callable[[], None]]] = []
+        self._watch_count = 0
+
+    def watch(
+        self, future: asyncio.Future[Any], seconds: float, expire: Callable[[], None]
+    ) -> None:
+        """Call ``expire()`` if ``future`` is still pending ``seconds`` from now, not
+        counting stalls."""
+        self.ensure_running()
+        assert self._loop is not None
+        self._watch_count += 1
+        due = self._loop.time() - self._stalled + seconds
+        heapq.heappush(self._watched, (due, self._watch_count, future, expire))
 
     def ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
@@ -61,11 +83,18 @@ class StallClock:
         self._schedule(now)
         if stall > STALL_TOLERANCE:
             self.max_stall = max(self.max_stall, stall)
+            self._stalled += stall
             for deadline in list(self.deadlines):
                 when = deadline.when()
                 if when is not None and not deadline.expired():
                     with contextlib.suppress(RuntimeError):  # it fired during the stall
                         deadline.reschedule(when + stall)
+        watched = self._watched
+        clock = now - self._stalled
+        while watched and watched[0][0] <= clock:
+            _, _, future, expire = heapq.heappop(watched)
+            if not future.done():
+                expire()
 
     def take_max_stall(self) -> float:
         stall, self.max_stall = self.max_stall, 0.0
@@ -169,11 +198,38 @@ class RedisGuard:
         """Wait for a queued command's reply within the deadline (the pipeline that
         carries it is what the breaker judges).
 
-        With ``cancel=False`` a late reply still lands in ``future`` (its owner can
-        then undo what it did: see TickBatcher).
+        Past the deadline ``future`` fails with StorageError (a pipeline not yet sent
+        then leaves it out). With ``cancel=False`` it is left alone and a late reply
+        still lands in it (its owner can then undo what it did: see TickBatcher).
         """
-        call = (lambda: future) if cancel else (lambda: asyncio.shield(future))
-        return await self.run(call, what, guarded=False)
+        waiter = future if cancel else _follower(future)
+
+        def expire() -> None:
+            self._failed(what, guarded=False)
+            waiter.set_exception(
+                StorageError(f"redis did not answer {what} within {self.timeout:g}s")
+            )
+
+        self.stalls.watch(waiter, self.timeout, expire)
+        return await waiter
 
     def close(self) -> None:
         self.stalls.stop()
+
+
+def _follower(future: asyncio.Future[T]) -> asyncio.Future[T]:
+    """A future that takes ``future``'s outcome; cancelling it leaves ``future`` alone."""
+    follower: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def follow(done: asyncio.Future[T]) -> None:
+        if follower.done():
+            return
+        if done.cancelled():
+            follower.cancel()
+        elif (failure := done.exception()) is not None:
+            follower.set_exception(failure)
+        else:
+            follower.set_result(done.result())
+
+    future.add_done_callback(follow)
+    return follower

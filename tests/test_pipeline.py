@@ -99,6 +99,26 @@ async def test_the_guard_wraps_redis_and_os_errors(redis: Redis) -> None:
         guard.close()
 
 
+async def test_a_wait_past_its_deadline_fails_and_a_kept_reply_still_lands() -> None:
+    loop = asyncio.get_running_loop()
+    guard = RedisGuard(0.05)
+    try:
+        dropped: asyncio.Future[str] = loop.create_future()
+        with pytest.raises(StorageError, match=r"did not answer dropped within 0\.05s"):
+            await guard.wait(dropped, "dropped")
+        assert dropped.done()  # a pipeline not yet sent leaves it out
+        kept: asyncio.Future[str] = loop.create_future()
+        with pytest.raises(StorageError, match="did not answer kept"):
+            await guard.wait(kept, "kept", cancel=False)
+        kept.set_result("late")  # its owner still learns what Redis did
+        assert guard.errors == {"dropped": 1, "kept": 1}
+        answered: asyncio.Future[str] = loop.create_future()
+        loop.call_later(0.01, answered.set_result, "in time")
+        assert await guard.wait(answered, "answered") == "in time"
+    finally:
+        guard.close()
+
+
 async def test_the_stall_clock_survives_a_deadline_that_fired_during_a_stall(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
