@@ -60,7 +60,15 @@ def restart_only(old: Settings, new: Settings) -> list[tuple[str, str]]:
 
 
 async def reload_file(runtime: Runtime, path: str) -> Reloaded:
-    """Load ``path`` and apply it; raises ConfigError (the running config stays)."""
+    """Load ``path`` and apply it; raises ConfigError (the running config stays).
+
+    One reload at a time: a second SIGHUP while the first still prepares its campaigns
+    waits, so the last file read is the one whose outcome stays (and is shown)."""
+    async with runtime.reloading:
+        return await _reload_file(runtime, path)
+
+
+async def _reload_file(runtime: Runtime, path: str) -> Reloaded:
     try:
         new = load_settings(path)
         problems = restart_only(runtime.settings, new)

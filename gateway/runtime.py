@@ -109,6 +109,8 @@ class Runtime:
         self.registry = Registry.of(self.build_campaign(c) for c in settings.campaigns)
         #: Why the last reload was refused (None after a good one).
         self.reload_error: str | None = None
+        #: Held while a reload applies: reloads run one after another.
+        self.reloading = asyncio.Lock()
         #: Set on SIGTERM: readiness fails while requests in flight finish.
         self.draining = False
         #: Campaigns whose counters are known to exist in Redis.

@@ -26,6 +26,8 @@ from redis.asyncio import Redis
 from gateway.accesslog import AccessLog
 from gateway.config import AccessLogSettings, load_settings
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.errors import ConfigError
+from gateway.reload import reload_file
 from gateway.server import _reload_on_sighup
 from gateway.supervisor import EARLY_RELOAD, RESPAWNED_ENV
 from tests.helpers import (
@@ -559,6 +561,32 @@ async def test_a_reload_during_a_delivery_backoff_delivers_on_the_new_backend(
         await wait_for(settled, within=10)
         assert len(shop.seen) == 2
     await check_invariant(redis, "phone-1111", per_user_limit=1)
+
+
+@pytest.mark.integration
+async def test_reloads_run_one_after_another_and_the_last_files_outcome_stays(
+    settings_data: dict[str, Any], redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    path = tmp_path / "flashgate.yaml"
+    _write(path, settings_data)
+    async with open_gateway(load_settings(path), redis_server.url, config_path=str(path)) as gw:
+        added = json.loads(json.dumps(settings_data))
+        added["campaigns"].append(
+            {"id": "tv-2222", "route": "POST /seckill/tv-2222", "upstream": "shop", "stock": 5}
+        )
+        _write(path, added)
+        first = asyncio.ensure_future(reload_file(gw.runtime, str(path)))
+        await asyncio.sleep(0)  # the first is applying (it waits on Redis) ...
+        broken = json.loads(json.dumps(added))
+        broken["campaigns"][0]["stock"] = -5
+        _write(path, broken)  # ... when a second SIGHUP reads a refused file
+        outcomes = await asyncio.gather(
+            first, reload_file(gw.runtime, str(path)), return_exceptions=True
+        )
+        assert not isinstance(outcomes[0], BaseException)
+        assert isinstance(outcomes[1], ConfigError)
+        assert "campaigns[0].stock" in (gw.runtime.reload_error or "")  # not wiped by the first
+        assert "tv-2222" in gw.runtime.registry.by_id
 
 
 @pytest.mark.integration
