@@ -155,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
         default=3,
         help="runs of each comparison, alternating its systems (default 3)",
     )
+    bench.add_argument(
+        "--generator",
+        choices=("auto", "crowd", "wrk"),
+        default="auto",
+        help="load generator of the throughput-only runs (sold-out, workers, access log): "
+        "the built-in crowd, or wrk (C, cheaper per request); auto: wrk when on PATH",
+    )
     bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
     bench.add_argument("--json", action="store_true", help="machine-readable report")
     bench.set_defaults(command=cmd_bench)
@@ -345,6 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stock=args.stock,
         rounds=args.rounds,
         scenarios=tuple(args.scenario or SCENARIOS),
+        generator=args.generator,
         progress=not args.json,
     )
     _install_uvloop()

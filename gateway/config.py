@@ -157,6 +157,8 @@ class RedisSettings:
     url: str | None = spec(None, parse=redis_url)
     #: Deadline of every Redis call; a slower answer counts as a failure (fail closed).
     timeout: float = spec(0.25, parse=duration)
+    #: redis-py's pool per process (pub/sub, script loads, stream groups); the request
+    #: path's auto-pipeline keeps up to 4 connections of its own besides.
     max_connections: int = spec(16, min=1, max=10_000)
     key_prefix: str = spec("fg", pattern=r"[A-Za-z0-9_.-]{1,32}")
     #: Before a decision counts, this many replicas must have its writes (WAIT): a

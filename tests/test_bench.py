@@ -4,6 +4,7 @@ Speed is not asserted here (docs/benchmarks.md has the figures and how to get th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -64,9 +65,27 @@ def test_oversubscribed_sale_is_correct_for_both_designs() -> None:
 
 
 def test_sold_out_path_makes_no_redis_calls_per_request() -> None:
-    report = bench("--scenario", "sold-out", "--duration", "1", "--concurrency", "32")
+    report = bench(
+        "--scenario", "sold-out", "--duration", "1", "--concurrency", "32", "--generator", "crowd"
+    )
     flashgate = report["runs"]["sold-out"]["flashgate"]
     assert set(flashgate["outcomes"]) == {"sold-out"}
     # only the background work of a second (polls, heartbeat, sweeps): not one per request
     assert flashgate["redis_commands_per_request"] < 0.05
     assert set(report["runs"]["sold-out"]["hello"]["outcomes"]) == {"200"}
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)"
+)
+def test_throughput_runs_can_be_driven_by_wrk() -> None:
+    report = bench(
+        "--scenario", "workers", "--duration", "1", "--concurrency", "32", "--generator", "wrk"
+    )
+    for name, run in report["runs"]["workers"].items():
+        assert run["generator"] == "wrk", name
+        assert run["requests"] > 0
+        assert set(run["outcomes"]) == {"409"}  # sold out, every one
+        assert run["redis_commands_per_request"] < 0.05
+        assert run["p50_ms"] <= run["p99_ms"]
+    assert [t["target"][:2] for t in report["targets"]] == ["e."]

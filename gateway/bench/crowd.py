@@ -51,6 +51,8 @@ class Tally:
     wins: dict[str, tuple[str, int]] = field(default_factory=dict)
     sent: int = 0
     elapsed: float = 0.0
+    #: Latency quantiles over all answers, when a generator reports only those (wrk).
+    quantiles: dict[float, float] | None = None
 
     def record(self, outcome: str, latency: float) -> None:
         self.outcomes[outcome] += 1
@@ -62,6 +64,12 @@ class Tally:
 
     def all_latencies(self) -> list[float]:
         return [v for values in self.latencies.values() for v in values]
+
+    def quantile(self, share: float) -> float:
+        """Latency below which ``share`` of all answers came, in seconds."""
+        if self.quantiles is not None:
+            return self.quantiles[share]
+        return percentile(self.all_latencies(), share)
 
 
 def percentile(values: list[float], share: float) -> float:

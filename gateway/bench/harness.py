@@ -41,6 +41,8 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
+from gateway.bench.wrk import available as wrk_available
+from gateway.bench.wrk import run_wrk
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.terminal import Progress
 
@@ -61,6 +63,8 @@ class Options:
     scenarios: tuple[str, ...] = SCENARIOS
     #: Each comparison runs this many times, its systems alternating.
     rounds: int = 3
+    #: Load generator of throughput-only runs: "crowd", "wrk", or "auto" (wrk if found).
+    generator: str = "auto"
     progress: bool = True
 
 
@@ -74,31 +78,41 @@ class Run:
     round_trips: float | None = None
     decided: int | None = None
     verdict: dict[str, Any] | None = None
+    #: What sent the requests: the built-in crowd, or wrk.
+    generator: str = "crowd"
 
     def summary(self) -> dict[str, Any]:
-        everything = self.tally.all_latencies()
+        tally = self.tally
         return {
-            "requests": self.tally.sent,
-            "seconds": round(self.tally.elapsed, 3),
-            "requests_per_second": round(self.tally.rate, 1),
-            "p50_ms": round(percentile(everything, 0.5) * 1000, 3),
-            "p90_ms": round(percentile(everything, 0.9) * 1000, 3),
-            "p99_ms": round(percentile(everything, 0.99) * 1000, 3),
+            "generator": self.generator,
+            "requests": tally.sent,
+            "seconds": round(tally.elapsed, 3),
+            "requests_per_second": round(tally.rate, 1),
+            "p50_ms": round(tally.quantile(0.5) * 1000, 3),
+            "p90_ms": round(tally.quantile(0.9) * 1000, 3),
+            "p99_ms": round(tally.quantile(0.99) * 1000, 3),
             "outcomes": {
-                code: {
-                    "count": len(values),
-                    "p50_ms": round(percentile(values, 0.5) * 1000, 3),
-                    "p90_ms": round(percentile(values, 0.9) * 1000, 3),
-                    "p99_ms": round(percentile(values, 0.99) * 1000, 3),
-                }
-                for code, values in sorted(self.tally.latencies.items())
+                code: _outcome(count, tally.latencies.get(code))
+                for code, count in sorted(tally.outcomes.items())
             },
-            "redis_commands_per_request": round(self.redis_commands / max(self.tally.sent, 1), 4),
+            "redis_commands_per_request": round(self.redis_commands / max(tally.sent, 1), 4),
             "redis_round_trips_per_decision": self.round_trips,
             "decided": self.decided,
             "upstream_calls": self.verdict.get("backend_calls") if self.verdict else None,
             "verdict": self.verdict,
         }
+
+
+def _outcome(count: int, latencies: list[float] | None) -> dict[str, Any]:
+    """How many answers had this outcome, and (when every latency is known) how fast."""
+    if not latencies:
+        return {"count": count}
+    return {
+        "count": count,
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
+        "p90_ms": round(percentile(latencies, 0.9) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+    }
 
 
 # ------------------------------------------------------------------ processes
@@ -416,19 +430,35 @@ class Bench:
 
         return load
 
-    def timed(self, seconds: float, *, rate: float | None = None, path: str = PATH) -> Load:
+    def timed(
+        self,
+        seconds: float,
+        *,
+        rate: float | None = None,
+        path: str = PATH,
+        throughput_only: bool = False,
+    ) -> Load:
+        """A run of ``seconds``: paced at ``rate``, or as fast as answers come back; a
+        ``throughput_only`` run goes to wrk when the options allow it (see wrk.py)."""
+        use_wrk = throughput_only and rate is None and _wants_wrk(self.options.generator)
+
         async def load(name: str, port: int) -> Run:
             before = await _commands(self.redis)
-            tally = await crowd_run(
-                name,
-                port,
-                self.options,
-                seconds=seconds,
-                rate=rate,
-                path=path,
-                concurrency=64 if rate else None,
-            )
-            return Run(name, tally, await _commands(self.redis) - before)
+            if use_wrk:
+                url = f"http://127.0.0.1:{port}{path}"
+                tally = await run_wrk(url, seconds=seconds, concurrency=self.options.concurrency)
+            else:
+                tally = await crowd_run(
+                    name,
+                    port,
+                    self.options,
+                    seconds=seconds,
+                    rate=rate,
+                    path=path,
+                    concurrency=64 if rate else None,
+                )
+            commands = await _commands(self.redis) - before
+            return Run(name, tally, commands, generator="wrk" if use_wrk else "crowd")
 
         return load
 
@@ -458,7 +488,7 @@ class Bench:
                 "hello": self.hello(),
                 "flashgate": self.flashgate(stock=0),
             },
-            self.timed(self.options.seconds),
+            self.timed(self.options.seconds, throughput_only=True),
         )
 
     async def latency(self) -> None:
@@ -480,7 +510,7 @@ class Bench:
                 "workers=1": self.flashgate(stock=0),
                 "workers=2": self.flashgate(stock=0, workers=2),
             },
-            self.timed(self.options.seconds),
+            self.timed(self.options.seconds, throughput_only=True),
         )
 
     async def access_log(self) -> None:
@@ -490,7 +520,7 @@ class Bench:
                 "not logging refusals": self.flashgate(stock=0),
                 "logging every refusal": self.flashgate(stock=0, local_refusals=True),
             },
-            self.timed(self.options.seconds),
+            self.timed(self.options.seconds, throughput_only=True),
         )
 
     async def run(self) -> dict[str, Any]:
@@ -533,6 +563,12 @@ def _median_run(rounds: list[Run]) -> dict[str, Any]:
     return summary
 
 
+def _wants_wrk(generator: str) -> bool:
+    if generator == "wrk" and not wrk_available():
+        raise RuntimeError("--generator wrk: wrk is not on PATH (apt-get install wrk)")
+    return generator == "wrk" or (generator == "auto" and wrk_available())
+
+
 def _answers_tcp(port: int) -> Callable[[], bool]:
     import socket
 
@@ -561,6 +597,7 @@ def _options(options: Options) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "rounds": options.rounds,
         "scenarios": list(options.scenarios),
+        "generator": options.generator,
     }
 
 
@@ -597,9 +634,7 @@ def _added_p99(runs: dict[str, dict[str, list[Run]]], scenario: str) -> float:
     """Milliseconds flashgate adds to the backend's p99 (medians over the rounds)."""
 
     def p99(name: str) -> float:
-        return statistics.median(
-            percentile(r.tally.all_latencies(), 0.99) for r in runs[scenario][name]
-        )
+        return statistics.median(r.tally.quantile(0.99) for r in runs[scenario][name])
 
     return (p99("flashgate") - p99("direct")) * 1000
 

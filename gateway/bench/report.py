@@ -45,10 +45,10 @@ def render(report: dict[str, Any]) -> str:
     for group, runs in report["runs"].items():
         for name, run in runs.items():
             outcomes = ", ".join(
-                f"{code} {o['count']:,} (p99 {o['p99_ms']} ms)"
+                f"{code} {o['count']:,}" + (f" (p99 {o['p99_ms']} ms)" if "p99_ms" in o else "")
                 for code, o in run["outcomes"].items()
             )
-            lines.append(f"  {group} / {name}: {outcomes}")
+            lines.append(f"  {group} / {name} ({run.get('generator', 'crowd')}): {outcomes}")
     lines.append("  * commands Redis ran per request, inside scripts too (INFO commandstats)")
     if report["targets"]:
         lines += [
