@@ -196,7 +196,7 @@ class AutoPipeline:
     ) -> list[Any]:
         """Write the commands at once on a connection of this pipeline's own and read
         every reply (a refusal comes back as its exception, in its place)."""
-        connection = self._free.pop() if self._free else await open_like(self.redis)
+        connection = self._idle_connection() or await open_like(self.redis)
         try:
             progress.writing = True
             replies = await connection.round_trip(_pack(commands), len(commands))
@@ -206,6 +206,14 @@ class AutoPipeline:
         if not connection.closed:  # else it broke after the replies were read: dropped
             self._free.append(connection)
         return [_shaped(args[0], reply) for args, reply in zip(commands, replies, strict=True)]
+
+    def _idle_connection(self) -> RespConnection | None:
+        """A free connection that is still open (Redis may have closed one meanwhile)."""
+        while self._free:
+            connection = self._free.pop()
+            if not connection.closed:
+                return connection
+        return None
 
     async def _deliver(self, queued: _Queued, reply: Any) -> None:
         if queued.future.done():

@@ -141,7 +141,7 @@ async def test_a_request_waiting_for_the_pool_times_out_and_the_pool_recovers(
             await call(client, "/orders", within=0.1)  # never got the one connection
         assert (await slow).status == 201
         assert (await call(client, "/orders")).status == 201
-        assert client._open == 1
+        assert client._open == 1  # the slot accounting survived
     assert len(shop.peers) == 1
 
 
@@ -308,7 +308,7 @@ async def test_a_broken_answer_is_a_failure_and_the_connection_is_dropped(
     async with raw_server(answer, then_close=True) as url, client_of(url) as client:
         with pytest.raises(HttpFailure, match=reason):
             await call(client, "/orders")
-        assert client._idle == []
+        assert client._idle == []  # nothing broken is kept
         assert client._open == 0
 
 

@@ -17,7 +17,7 @@ from gateway.embedded_redis import EmbeddedRedis, free_port
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
-from tests.helpers import TlsFiles
+from tests.helpers import TlsFiles, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +150,17 @@ async def test_a_certificate_it_cannot_verify_is_refused(
     async with pipeline_of(f"rediss://127.0.0.1:{tls_port}/0") as pipe:
         with pytest.raises(StorageError, match="certificate verify failed"):
             await pipe.call("PING", what="ping")
+
+
+async def test_a_connection_redis_closed_while_idle_is_not_used_again(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    async with pipeline_of(redis_server.url) as pipe:
+        await pipe.call("CLIENT", "SETNAME", "idle-one", what="name")
+        for client in await redis.client_list():
+            if client["name"] == "idle-one":
+                await redis.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "KILL", "ID", client["id"]
+                )
+        await wait_for(lambda: all(c.closed for c in pipe._free))
+        assert await pipe.call("PING", what="ping") is True  # on a new connection, no failure
