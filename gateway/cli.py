@@ -162,6 +162,12 @@ def _parser() -> argparse.ArgumentParser:
         help="load generator of the throughput-only runs (sold-out, workers, access log): "
         "the built-in crowd, or wrk (C, cheaper per request); auto: wrk when on PATH",
     )
+    bench.add_argument(
+        "--latency-rate",
+        type=_positive_float,
+        help="also compare latency paced at this many requests/s (the same rate on two "
+        "versions compares their cost; the target's rate moves with the saturated rate)",
+    )
     bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
     bench.add_argument("--json", action="store_true", help="machine-readable report")
     bench.set_defaults(command=cmd_bench)
@@ -353,6 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         scenarios=tuple(args.scenario or SCENARIOS),
         generator=args.generator,
+        latency_rate=args.latency_rate,
         progress=not args.json,
     )
     _install_uvloop()

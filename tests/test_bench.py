@@ -89,3 +89,20 @@ def test_throughput_runs_can_be_driven_by_wrk() -> None:
         assert run["redis_commands_per_request"] < 0.05
         assert run["p50_ms"] <= run["p99_ms"]
     assert [t["target"][:2] for t in report["targets"]] == ["e."]
+
+
+def test_latency_is_compared_at_half_a_tenth_and_a_fixed_rate() -> None:
+    report = bench(
+        "--scenario", "latency", "--duration", "1", "--concurrency", "32", "--latency-rate", "150"
+    )
+    runs = report["runs"]
+    assert set(runs) == {"saturated", "latency", "latency at a tenth", "latency at a fixed rate"}
+    fixed = runs["latency at a fixed rate"]
+    for name in ("flashgate", "direct"):
+        assert fixed[name]["requests"] > 0
+        assert "connection-lost" not in fixed[name]["outcomes"]
+        assert all(code.startswith("2") for code in fixed[name]["outcomes"]), fixed[name]
+    assert fixed["direct"]["requests_per_second"] < 200  # paced, not flat out
+    goals = [t["target"].strip() for t in report["targets"]]
+    assert goals[0].startswith("d.")
+    assert goals[2] == "the same at 150 requests/s (--latency-rate)"

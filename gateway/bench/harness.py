@@ -49,6 +49,8 @@ from gateway.terminal import Progress
 CAMPAIGN = "bench"
 PATH = "/seckill/bench"
 TOKEN = "bench-admin-token-not-secret"
+#: The latency comparison at ``--latency-rate``.
+FIXED_RATE = "latency at a fixed rate"
 SCENARIOS = ("oversubscribed", "sold-out", "round-trips", "latency", "workers", "access-log")
 
 
@@ -65,6 +67,9 @@ class Options:
     rounds: int = 3
     #: Load generator of throughput-only runs: "crowd", "wrk", or "auto" (wrk if found).
     generator: str = "auto"
+    #: Pace the latency comparison at this rate too (requests/s), besides half and a
+    #: tenth of the saturated rate: the same rate on two versions compares their cost.
+    latency_rate: float | None = None
     progress: bool = True
 
 
@@ -499,8 +504,11 @@ class Bench:
         )
         saturated = statistics.median(r.tally.rate for r in self.runs["saturated"]["flashgate"])
         systems = {"flashgate": everyone_wins, "direct": self.backend_direct()}
-        for scenario, share in (("latency", 0.5), ("latency at a tenth", 0.1)):
-            pace = self.timed(self.options.seconds, rate=saturated * share, path=PATH)
+        rates = {"latency": saturated * 0.5, "latency at a tenth": saturated * 0.1}
+        if self.options.latency_rate:
+            rates[FIXED_RATE] = self.options.latency_rate
+        for scenario, rate in rates.items():
+            pace = self.timed(self.options.seconds, rate=rate, path=PATH)
             await self.compare(scenario, systems, pace)
 
     async def workers(self) -> None:
@@ -547,7 +555,7 @@ class Bench:
             "machine": machine(),
             "options": _options(self.options),
             "runs": runs,
-            "targets": targets(self.runs),
+            "targets": targets(self.runs, self.options.latency_rate),
         }
 
 
@@ -598,6 +606,7 @@ def _options(options: Options) -> dict[str, Any]:
         "rounds": options.rounds,
         "scenarios": list(options.scenarios),
         "generator": options.generator,
+        "latency_rate": options.latency_rate,
     }
 
 
@@ -639,7 +648,9 @@ def _added_p99(runs: dict[str, dict[str, list[Run]]], scenario: str) -> float:
     return (p99("flashgate") - p99("direct")) * 1000
 
 
-def targets(runs: dict[str, dict[str, list[Run]]]) -> list[dict[str, Any]]:
+def targets(
+    runs: dict[str, dict[str, list[Run]]], latency_rate: float | None = None
+) -> list[dict[str, Any]]:
     """The five goals, each with what this run measured."""
     found: list[dict[str, Any]] = []
     if "oversubscribed" in runs:
@@ -692,6 +703,15 @@ def targets(runs: dict[str, dict[str, list[Run]]]) -> list[dict[str, Any]]:
                 "target": "   the same at a tenth of the saturated rate (for comparison)",
                 "goal": "-",
                 "measured": round(_added_p99(runs, "latency at a tenth"), 3),
+                "met": None,
+            }
+        )
+    if FIXED_RATE in runs:
+        found.append(
+            {
+                "target": f"   the same at {latency_rate:,g} requests/s (--latency-rate)",
+                "goal": "-",
+                "measured": round(_added_p99(runs, FIXED_RATE), 3),
                 "met": None,
             }
         )
