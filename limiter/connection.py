@@ -3,8 +3,10 @@
 redis-py's default asyncio pool raises MaxConnectionsError once its cap is
 reached; under a flash crowd that would turn into errors. A BlockingConnectionPool
 makes callers wait for a free connection instead; the guard's deadline (which does
-not count event-loop stalls) bounds that wait. Batching keeps the number of
-connections a process needs small.
+not count event-loop stalls) bounds that wait. It serves what is not on the
+request path (script loads, pub/sub, stream groups, the dispatcher's blocking
+reads): request-path commands go through the auto-pipeline, which opens its own
+few connections from the same settings (limiter/resp.py).
 """
 
 from __future__ import annotations
