@@ -20,6 +20,8 @@ from gateway.admin import create_admin_app
 from gateway.app import edge_handler
 from gateway.config import Settings, parse_settings
 from gateway.runtime import Runtime
+from limiter.guard import RedisGuard
+from limiter.pipeline import AutoPipeline
 
 ADMIN_TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -237,3 +239,17 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+
+
+@contextlib.asynccontextmanager
+async def auto_pipeline(url: str, deadline: float) -> AsyncIterator[AutoPipeline]:
+    """An auto-pipeline to the Redis at ``url`` with a ``deadline`` s guard, closed after."""
+    client = Redis.from_url(url)
+    guard = RedisGuard(deadline)
+    pipe = AutoPipeline(client, guard)
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+        guard.close()
+        await client.aclose()

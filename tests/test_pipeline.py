@@ -21,13 +21,12 @@ from limiter.batching import TickBatcher
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, new_reservation_id
-from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, Decision, Figures, ReserveStatus
 from limiter.reserving import reserve_batcher
 from limiter.resp import open_like
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
-from tests.helpers import as_text, check_invariant, wait_for
+from tests.helpers import as_text, auto_pipeline, check_invariant, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +41,11 @@ def block_loop(seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def opened(url: str, deadline: float) -> AsyncIterator[CampaignStore]:
     """A store built as gateway/runtime.py builds one, with a ``deadline`` s guard."""
-    client = Redis.from_url(url)
-    guard = RedisGuard(deadline)
-    pipe = AutoPipeline(client, guard)
-    policy = StorePolicy(per_user_limit=2, reserve_deadline_ms=0, ledger_max_length=1000)
-    scripts = Scripts.register(client)
-    try:
-        await scripts.load(client)  # as Runtime.prepare() does
+    async with auto_pipeline(url, deadline) as pipe:
+        policy = StorePolicy(per_user_limit=2, reserve_deadline_ms=0, ledger_max_length=1000)
+        scripts = Scripts.register(pipe.redis)
+        await scripts.load(pipe.redis)  # as Runtime.prepare() does
         yield CampaignStore(pipe, scripts, CampaignKeys(CAMPAIGN), policy)
-    finally:
-        await pipe.close()
-        guard.close()
-        await client.aclose()
 
 
 async def state_of(redis: Redis, store: CampaignStore, reservation_id: str) -> str | None:

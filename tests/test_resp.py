@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,24 +15,14 @@ from redis.asyncio import Redis
 
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from limiter.errors import StorageError
-from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
-from tests.helpers import TlsFiles, wait_for
+from tests.helpers import TlsFiles, auto_pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-@contextlib.asynccontextmanager
-async def pipeline_of(url: str) -> AsyncIterator[AutoPipeline]:
-    client = Redis.from_url(url)
-    guard = RedisGuard(2.0)
-    pipe = AutoPipeline(client, guard)
-    try:
-        yield pipe
-    finally:
-        await pipe.close()
-        guard.close()
-        await client.aclose()
+def pipeline_of(url: str) -> contextlib.AbstractAsyncContextManager[AutoPipeline]:
+    return auto_pipeline(url, 2.0)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,15 @@ from limiter.records import (
 from limiter.reserving import Unclaimed, release_unclaimed, undo
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
-from tests.helpers import as_text, check_invariant, ledger, redis_snapshot, text, wait_for
+from tests.helpers import (
+    as_text,
+    auto_pipeline,
+    check_invariant,
+    ledger,
+    redis_snapshot,
+    text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,15 +96,8 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def open_rig(url: str) -> AsyncIterator[Rig]:
-    client = Redis.from_url(url)
-    guard = RedisGuard(1.0)
-    pipe = AutoPipeline(client, guard)
-    try:
-        yield Rig(client, Scripts.register(client), pipe)
-    finally:
-        await pipe.close()
-        guard.close()
-        await client.aclose()
+    async with auto_pipeline(url, 1.0) as pipe:
+        yield Rig(pipe.redis, Scripts.register(pipe.redis), pipe)
 
 
 @pytest.fixture
