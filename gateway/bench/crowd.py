@@ -71,6 +71,15 @@ class Tally:
             return self.quantiles[share]
         return percentile(self.all_latencies(), share)
 
+    def outcome_quantile(self, outcome: str, share: float) -> float | None:
+        """The same for the answers of one outcome; None when it cannot be known (a
+        generator that reports quantiles over all answers of several outcomes)."""
+        if outcome in self.latencies:
+            return percentile(self.latencies[outcome], share)
+        if self.quantiles is not None and len(self.outcomes) == 1:
+            return self.quantiles[share]
+        return None
+
 
 def percentile(values: list[float], share: float) -> float:
     if not values:

@@ -40,7 +40,7 @@ import yaml
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
+from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.wrk import available as wrk_available
 from gateway.bench.wrk import run_wrk
 from gateway.embedded_redis import EmbeddedRedis, free_port
@@ -97,8 +97,7 @@ class Run:
             "p90_ms": round(tally.quantile(0.9) * 1000, 3),
             "p99_ms": round(tally.quantile(0.99) * 1000, 3),
             "outcomes": {
-                code: _outcome(count, tally.latencies.get(code))
-                for code, count in sorted(tally.outcomes.items())
+                code: _outcome(tally, code, count) for code, count in sorted(tally.outcomes.items())
             },
             "redis_commands_per_request": round(self.redis_commands / max(tally.sent, 1), 4),
             "redis_round_trips_per_decision": self.round_trips,
@@ -108,16 +107,14 @@ class Run:
         }
 
 
-def _outcome(count: int, latencies: list[float] | None) -> dict[str, Any]:
-    """How many answers had this outcome, and (when every latency is known) how fast."""
-    if not latencies:
-        return {"count": count}
-    return {
-        "count": count,
-        "p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
-        "p90_ms": round(percentile(latencies, 0.9) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
-    }
+def _outcome(tally: Tally, code: str, count: int) -> dict[str, Any]:
+    """How many answers had this outcome, and (when it can be known) how fast."""
+    figures: dict[str, Any] = {"count": count}
+    for share, name in ((0.5, "p50_ms"), (0.9, "p90_ms"), (0.99, "p99_ms")):
+        seconds = tally.outcome_quantile(code, share)
+        if seconds is not None:
+            figures[name] = round(seconds * 1000, 3)
+    return figures
 
 
 # ------------------------------------------------------------------ processes
