@@ -13,6 +13,7 @@ have reached the backend, so the failure is reported, not retried.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from typing import NamedTuple
@@ -22,8 +23,13 @@ from urllib.parse import quote, urlsplit
 #: servers close idle keep-alive connections after a few seconds, and a request
 #: written just as the server closes fails.
 IDLE_SECONDS = 2.0
-#: A status line and headers longer than this are refused.
+#: A status line and headers longer than this are refused (trailers too).
 MAX_HEAD_BYTES = 64 * 1024
+#: Informational answers (1xx) allowed before the answer.
+MAX_INFORMATIONAL = 8
+_DIGITS3 = re.compile(r"[0-9]{3}")
+_DIGITS = re.compile(r"[0-9]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class HttpFailure(Exception):
@@ -63,6 +69,8 @@ class _Connection(asyncio.Protocol):
         self._length: int | None = None  # None: chunked or until the connection closes
         self._chunked = False
         self._chunk_left = -1
+        self._trailers = 0
+        self._informational = 0
         self._body = bytearray()
         self._reading_body = False
 
@@ -106,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self._answer = answer
         self._head_request = head_request
         self._status = 0
+        self._informational = 0
         self._keep_alive = False
         self._reading_body = False
         self.transport.write(request)
@@ -133,9 +142,9 @@ class _Connection(asyncio.Protocol):
     def _parse(self) -> None:
         while not self._reading_body:
             end = self._buffer.find(b"\r\n\r\n")
+            if end > MAX_HEAD_BYTES or (end < 0 and len(self._buffer) > MAX_HEAD_BYTES):
+                raise HttpFailure("the backend's answer has an oversized head")
             if end < 0:
-                if len(self._buffer) > MAX_HEAD_BYTES:
-                    raise HttpFailure("the backend's answer has an oversized head")
                 return
             head = bytes(self._buffer[:end])
             del self._buffer[: end + 4]
@@ -158,8 +167,8 @@ class _Connection(asyncio.Protocol):
     def _read_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        code, _, _ = rest.partition(" ")
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS3.fullmatch(code):
             raise HttpFailure(f"the backend's answer is not HTTP/1.x: {lines[0][:80]!r}")
         status = int(code)
         headers: list[tuple[str, str]] = []
@@ -169,8 +178,9 @@ class _Connection(asyncio.Protocol):
                 raise HttpFailure(f"the backend sent a malformed header line: {line[:80]!r}")
             headers.append((name, value.strip()))
         if 100 <= status < 200:
-            if status == 101:
-                raise HttpFailure("the backend switched protocols")
+            self._informational += 1
+            if status == 101 or self._informational > MAX_INFORMATIONAL:
+                raise HttpFailure(f"the backend answered {status} where an answer was due")
             return  # informational (100 Continue, 103 Early Hints): the answer follows
         self._status = status
         self._headers = headers
@@ -204,8 +214,11 @@ class _Connection(asyncio.Protocol):
                 raise HttpFailure(f"the backend's answer has transfer coding {codings!r}")
             self._chunked = True
             self._chunk_left = -1
+            self._trailers = 0
+            if lengths:  # framed twice: read as chunked, but do not trust the connection
+                self._keep_alive = False
         elif lengths:
-            if len(lengths) != 1 or not (value := lengths.pop()).isdigit():
+            if len(lengths) != 1 or not _DIGITS.fullmatch(value := lengths.pop()):
                 raise HttpFailure("the backend's answer has an invalid Content-Length")
             self._length = int(value)
             if self._length > self.max_body:
@@ -216,39 +229,53 @@ class _Connection(asyncio.Protocol):
     def _read_chunks(self) -> None:
         """Chunks (RFC 9112 7.1): ``_chunk_left`` is -1 before a size line, -2 in the
         trailers, else the bytes of the chunk still to come (then its CRLF)."""
-        while True:
-            if self._chunk_left == -2:  # trailers, up to an empty line; they are dropped
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    return
-                del self._buffer[: end + 2]
-                if end == 0:
-                    self._finish()
-                    return
+        while self._reading_body:
+            if self._chunk_left == -2:
+                progressed = self._read_trailer()
             elif self._chunk_left == -1:
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    if len(self._buffer) > 1024:
-                        raise HttpFailure("the backend sent an oversized chunk size line")
-                    return
-                size = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
-                try:
-                    self._chunk_left = int(size, 16)
-                except ValueError:
-                    raise HttpFailure(f"the backend sent a bad chunk size: {size[:20]!r}") from None
-                del self._buffer[: end + 2]
-                if self._chunk_left == 0:
-                    self._chunk_left = -2
-                elif len(self._body) + self._chunk_left > self.max_body:
-                    raise TooLarge(f"the backend answered more than {self.max_body} bytes")
+                progressed = self._read_chunk_size()
             else:
-                if len(self._buffer) < self._chunk_left + 2:
-                    return
-                if self._buffer[self._chunk_left : self._chunk_left + 2] != b"\r\n":
-                    raise HttpFailure("the backend sent a chunk longer than announced")
-                self._take(self._chunk_left)
-                del self._buffer[:2]
-                self._chunk_left = -1
+                progressed = self._read_chunk_data()
+            if not progressed:
+                return  # more bytes are needed
+
+    def _read_trailer(self) -> bool:
+        """One trailer line (dropped); the empty line ends the answer."""
+        end = self._buffer.find(b"\r\n")
+        if self._trailers + (end if end >= 0 else len(self._buffer)) > MAX_HEAD_BYTES:
+            raise HttpFailure("the backend sent oversized trailers")
+        if end < 0:
+            return False
+        self._trailers += end + 2
+        del self._buffer[: end + 2]
+        if end == 0:
+            self._finish()
+        return True
+
+    def _read_chunk_size(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end > 1024 or (end < 0 and len(self._buffer) > 1024):
+            raise HttpFailure("the backend sent an oversized chunk size line")
+        if end < 0:
+            return False
+        size = bytes(self._buffer[:end]).split(b";", 1)[0].strip()  # extensions dropped
+        if not _HEX.fullmatch(size):
+            raise HttpFailure(f"the backend sent a bad chunk size: {size[:20]!r}")
+        del self._buffer[: end + 2]
+        self._chunk_left = int(size, 16) or -2
+        if len(self._body) + max(self._chunk_left, 0) > self.max_body:
+            raise TooLarge(f"the backend answered more than {self.max_body} bytes")
+        return True
+
+    def _read_chunk_data(self) -> bool:
+        if len(self._buffer) < self._chunk_left + 2:
+            return False
+        if self._buffer[self._chunk_left : self._chunk_left + 2] != b"\r\n":
+            raise HttpFailure("the backend sent a chunk longer than announced")
+        self._take(self._chunk_left)
+        del self._buffer[:2]
+        self._chunk_left = -1
+        return True
 
 
 class Http1Client:
@@ -327,8 +354,10 @@ class Http1Client:
                 if waiter.done() and not waiter.cancelled():  # handed over as we timed out
                     self._hand_back(waiter.result())
                 raise
-            if freed is not None:
+            if freed is not None and not freed.closed:
                 return freed
+            # else a slot: that of a closed connection, or one the backend closed since
+            # it was handed over (nothing was sent on it for this request)
         else:
             self._open += 1  # a free slot is taken; a waiter woken with None inherits one
         try:

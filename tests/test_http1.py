@@ -252,8 +252,20 @@ async def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncIterato
             b"abcde",
         ),
         (b"HTTP/1.1 409 Conflict\r\nContent-Length: 0\r\n\r\n", 409, b""),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            200,
+            b"ok",
+        ),
     ],
-    ids=["http/1.0-until-close", "100-continue", "chunked-with-trailers", "empty-body"],
+    ids=[
+        "http/1.0-until-close",
+        "100-continue",
+        "chunked-with-trailers",
+        "empty-body",
+        "chunked-wins-over-length",
+    ],
 )
 async def test_answers_framed_every_legal_way_are_read(
     answer: bytes, status: int, body: bytes
@@ -284,7 +296,20 @@ async def test_answers_framed_every_legal_way_are_read(
         ),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", "more than 1024 bytes"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "lost|closed"),
-        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "answered 101"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 9, "answered 100"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "not HTTP/1.x"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "invalid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n", "oversized head"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n", "bad chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            + b"X-T: "
+            + b"t" * 70_000
+            + b"\r\n",
+            "oversized trailers",
+        ),
         (b"", "closed the connection before answering|lost"),
     ],
     ids=[
@@ -299,6 +324,13 @@ async def test_answers_framed_every_legal_way_are_read(
         "declared-too-large",
         "truncated-body",
         "upgrade",
+        "endless-1xx",
+        "four-digit-status",
+        "non-ascii-digit-length",
+        "oversized-head-in-one-read",
+        "negative-chunk-size",
+        "hex-prefixed-chunk-size",
+        "oversized-trailers",
         "no-answer",
     ],
 )
@@ -343,3 +375,13 @@ async def test_https_backends_are_verified_against_the_trusted_authorities(
         async with client_of(url) as client:
             answer = await call(client, "/orders")
             assert (answer.status, answer.body) == (201, b"POST /orders")
+
+
+async def test_a_waiter_handed_a_connection_the_backend_then_closed_opens_a_new_one() -> None:
+    # keep-alive answers, but the server closes after each: a waiter handed the
+    # released connection finds it closed by the time it runs, and must not use it
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answer, then_close=True) as url, client_of(url, 1) as client:
+        answers = await asyncio.gather(*(call(client, f"/orders?i={i}") for i in range(6)))
+        assert [a.body for a in answers] == [b"ok"] * 6
+        assert client._open <= 1
