@@ -101,9 +101,14 @@ class StallClock:
         return stall
 
     def stop(self) -> None:
+        """Stop ticking; waits still pending fail now (nothing would expire them)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        watched, self._watched = self._watched, []
+        for _, _, future, expire in watched:
+            if not future.done():
+                expire()
 
 
 class CircuitBreaker:

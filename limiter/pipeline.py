@@ -101,6 +101,7 @@ class AutoPipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Idle connections: one per pipeline in flight at most.
         self._free: list[RespConnection] = []
+        self._closed = False
         #: Pipelines sent and commands carried, for metrics and benchmarks.
         self.round_trips = 0
         self.commands = 0
@@ -203,7 +204,9 @@ class AutoPipeline:
         except BaseException:
             connection.close()  # half read: never used again
             raise
-        if not connection.closed:  # else it broke after the replies were read: dropped
+        if self._closed:
+            connection.close()
+        elif not connection.closed:  # else it broke after the replies were read: dropped
             self._free.append(connection)
         return [_shaped(args[0], reply) for args, reply in zip(commands, replies, strict=True)]
 
@@ -233,8 +236,10 @@ class AutoPipeline:
             queued.future.set_result(reply)
 
     async def close(self) -> None:
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # a flush their endings scheduled may start another
+        self._closed = True
         for connection in self._free:
             connection.close()
         self._free.clear()

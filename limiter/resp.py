@@ -19,16 +19,35 @@ from typing import Any
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 
 
 class _Refusal(Exception):
     """An error reply, as hiredis builds it; turned into redis-py's exception."""
 
 
-def _refusal(reply: _Refusal) -> ResponseError:
+#: Error replies that say the connection, not the command, is unusable (redis-py raises
+#: them as ConnectionError): the round trip fails as a whole, and the breaker counts it.
+_CONNECTION_REFUSALS: dict[str, type[RedisConnectionError]] = {
+    "LOADING": BusyLoadingError,
+    "NOAUTH": AuthenticationError,
+    "WRONGPASS": AuthenticationError,
+    "ERR max number of clients reached": RedisConnectionError,
+}
+
+
+def _refusal(reply: _Refusal) -> RedisError:
     message = str(reply)
+    for prefix, kind in _CONNECTION_REFUSALS.items():
+        if message.startswith(prefix):
+            return kind(message)
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
@@ -62,7 +81,13 @@ class RespConnection(asyncio.Protocol):
                 if not self._waiting:
                     raise hiredis.ProtocolError("a reply nobody asked for")
                 count, replies, future = self._waiting[0]
-                replies.append(_refusal(reply) if isinstance(reply, _Refusal) else reply)
+                if isinstance(reply, _Refusal):
+                    reply = _refusal(reply)
+                    if isinstance(reply, RedisConnectionError):
+                        self._fail(reply)
+                        self.close()
+                        return
+                replies.append(reply)
                 if len(replies) == count:
                     self._waiting.popleft()
                     if not future.done():
@@ -108,7 +133,11 @@ async def open_like(redis: Redis) -> RespConnection:
             )
     except OSError as exc:
         raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
-    await _introduce(connection, kwargs)
+    try:
+        await _introduce(connection, kwargs)
+    except BaseException:  # refused, or abandoned at the guard's deadline: never kept
+        connection.close()
+        raise
     return connection
 
 
@@ -128,14 +157,24 @@ async def _introduce(connection: RespConnection, kwargs: dict[str, Any]) -> None
     packed = b"".join(hiredis.pack_command(command) for command in commands)  # type: ignore[arg-type]
     for reply in await connection.round_trip(packed, len(commands)):
         if isinstance(reply, Exception):
-            connection.close()
             raise RedisConnectionError(f"redis refused the connection's setup: {reply}")
 
 
 def _tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
+    """TLS as redis-py's SSLConnection would set it up from the same settings."""
+    context = ssl.create_default_context(
+        cafile=kwargs.get("ssl_ca_certs"),
+        capath=kwargs.get("ssl_ca_path"),
+        cadata=kwargs.get("ssl_ca_data"),
+    )
     if kwargs.get("ssl_certfile"):
-        context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
+        context.load_cert_chain(
+            kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"), kwargs.get("ssl_password")
+        )
+    if kwargs.get("ssl_min_version") is not None:
+        context.minimum_version = kwargs["ssl_min_version"]
+    if kwargs.get("ssl_ciphers"):
+        context.set_ciphers(kwargs["ssl_ciphers"])
     requirement = kwargs.get("ssl_cert_reqs", "required")
     if requirement in ("none", ssl.CERT_NONE):
         context.check_hostname = False

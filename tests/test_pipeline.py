@@ -291,3 +291,13 @@ async def test_a_decision_abandoned_by_a_stop_answers_its_waiters_and_is_undone_
         assert seen == [("a", "reserved")]
     finally:
         guard.close()
+
+
+async def test_closing_the_guard_fails_the_waits_it_would_have_expired() -> None:
+    guard = RedisGuard(30.0)
+    pending: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(guard.wait(pending, "forever"))
+    await asyncio.sleep(0)
+    guard.close()
+    with pytest.raises(StorageError, match="did not answer forever"):
+        await asyncio.wait_for(waiting, 5)

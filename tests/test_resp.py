@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +29,10 @@ def pipeline_of(url: str) -> contextlib.AbstractAsyncContextManager[AutoPipeline
 @pytest.fixture(scope="module")
 def guarded_server() -> Iterator[EmbeddedRedis]:
     """A private Redis with a password and an ACL user."""
-    with EmbeddedRedis() as server, SyncRedis.from_url(server.url) as admin:
-        admin.execute_command("ACL", "SETUSER", "shop", "on", ">secret", "~*", "+@all")
-        admin.config_set("requirepass", "topsecret")
+    with EmbeddedRedis() as server:
+        with SyncRedis.from_url(server.url) as admin:
+            admin.execute_command("ACL", "SETUSER", "shop", "on", ">secret", "~*", "+@all")
+            admin.config_set("requirepass", "topsecret")
         yield server
 
 
@@ -154,3 +156,43 @@ async def test_a_connection_redis_closed_while_idle_is_not_used_again(
                 )
         await wait_for(lambda: all(c.closed for c in pipe._free))
         assert await pipe.call("PING", what="ping") is True  # on a new connection, no failure
+
+
+async def test_missing_credentials_are_a_connection_failure_the_breaker_counts(
+    guarded_server: EmbeddedRedis,
+) -> None:
+    # NOAUTH says the connection, not the command, is refused (redis-py raises it as a
+    # ConnectionError): the round trip fails and the breaker opens after its threshold.
+    async with pipeline_of(f"redis://127.0.0.1:{guarded_server.port}/0") as pipe:
+        breaker = pipe.guard.breaker
+        for _ in range(breaker.threshold):
+            with pytest.raises(StorageError, match="Authentication required"):
+                await pipe.call("GET", "k", what="read")
+        assert breaker.is_open
+        with pytest.raises(StorageError, match="circuit open"):
+            await pipe.call("GET", "k", what="read")
+
+
+async def test_a_connection_abandoned_while_authenticating_is_closed(
+    guarded_server: EmbeddedRedis,
+) -> None:
+    url = f"redis://shop:secret@127.0.0.1:{guarded_server.port}/4"
+    checker = Redis.from_url(f"redis://:topsecret@127.0.0.1:{guarded_server.port}/0")
+    assert guarded_server.process is not None
+    try:
+        async with auto_pipeline(url, 0.2) as pipe:
+            guarded_server.process.send_signal(signal.SIGSTOP)  # AUTH is sent, never answered
+            try:
+                for _ in range(3):
+                    with pytest.raises(StorageError, match="did not answer"):
+                        await pipe.call("PING", what="ping")
+            finally:
+                guarded_server.process.send_signal(signal.SIGCONT)
+
+            async def only_the_checker_is_left() -> bool:
+                return len(await checker.client_list()) == 1
+
+            await wait_for(only_the_checker_is_left)
+            assert await pipe.call("PING", what="ping") is True
+    finally:
+        await checker.aclose()
