@@ -6,8 +6,11 @@ and response objects, timers, traces, its writer); a forward needs one write of
 pre-encoded bytes and a parser for one answer. The pool never refuses: past
 ``max_connections`` a request waits for a connection, within its own deadline.
 
-A request is never sent twice: a POST that failed on a reused connection may still
-have reached the backend, so the failure is reported, not retried.
+A request is sent again only when the backend closed a reused keep-alive connection
+as the request went out, without a byte in reply (it closed an idle connection and
+never read the request); X-Reservation-Id is the backend's idempotency key should it
+have run it after all. A request that timed out keeps its connection's slot while
+the backend may still be running it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
@@ -40,6 +44,10 @@ class TooLarge(HttpFailure):
     """The answer's body is longer than allowed."""
 
 
+class NotSent(TimeoutError):
+    """No connection came free in time: the request was not sent."""
+
+
 class Answer(NamedTuple):
     status: int
     headers: list[tuple[str, str]]
@@ -59,6 +67,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        #: Requests sent on it, and whether any byte came back for the last one.
+        self.exchanges = 0
+        self.heard = False
+        #: Called once when the connection is lost (see Http1Client._abandon).
+        self.on_gone: Callable[[], None] | None = None
         self._buffer = bytearray()
         self._answer: asyncio.Future[Answer] | None = None
         self._head_request = False
@@ -78,12 +91,18 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return not self.closed and self._keep_alive and not self._buffer
 
+    @property
+    def stale(self) -> bool:
+        """Closed while its latest request, not its first, waited with nothing heard."""
+        return self.closed and self.exchanges > 1 and not self.heard
+
     # --- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # TCP or TLS: a Transport
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self._answer is None or self._answer.done():
             self.close()  # an answer nobody asked for: the connection cannot be trusted
             return
@@ -105,6 +124,9 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         reason = f": {exc}" if exc else ""
         self._fail(HttpFailure(f"the connection to the backend was lost{reason}"))
+        gone, self.on_gone = self.on_gone, None
+        if gone is not None:
+            gone()
 
     # --- one exchange
 
@@ -112,6 +134,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._answer = answer
+        self.exchanges += 1
+        self.heard = False
         self._head_request = head_request
         self._status = 0
         self._informational = 0
@@ -316,24 +340,74 @@ class Http1Client:
         return _encoded("".join(lines)) + body
 
     async def send(self, method: str, request: bytes, within: float) -> Answer:
-        """Send encoded ``request``; raises HttpFailure, or TimeoutError after ``within`` s."""
+        """Send encoded ``request``; raises HttpFailure, NotSent, or TimeoutError when no
+        answer came within ``within`` seconds.
+
+        A request is sent only with at least half of ``within`` left: one that waited
+        for a connection longer than that fails unsent, rather than go out with no
+        time to be answered (and be run by the backend for a buyer told it failed).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        connection = self._idle_connection(loop.time())
-        if connection is None:
-            async with asyncio.timeout_at(deadline):
-                connection = await self._new_or_freed(deadline)
+        send_by = deadline - within / 2
+        connection = await self._connection(send_by)
+        try:
+            return await self._exchange(connection, method, request, deadline, within)
+        except HttpFailure:
+            if not connection.stale or loop.time() >= send_by:
+                raise
+        # The backend closed a reused connection just as the request went out, and sent
+        # nothing back: it almost surely never read it. Once more, on a new connection
+        # (should it have run it after all, X-Reservation-Id tells the backend it is the
+        # same order).
+        connection = await self._connection(send_by, fresh=True)
+        return await self._exchange(connection, method, request, deadline, within)
+
+    async def _connection(self, send_by: float, *, fresh: bool = False) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection = None if fresh else self._idle_connection(loop.time())
+        if connection is not None:
+            return connection
+        waited = loop.time()
+        try:
+            async with asyncio.timeout_at(send_by):
+                return await self._new_or_freed()
+        except TimeoutError:
+            raise NotSent(
+                f"no connection to {self.host_header} within {loop.time() - waited:.3g}s "
+                f"({self.max_connections} in use or opening)"
+            ) from None
+
+    async def _exchange(
+        self, connection: _Connection, method: str, request: bytes, deadline: float, grace: float
+    ) -> Answer:
+        loop = asyncio.get_running_loop()
         answer = connection.exchange(request, method == "HEAD")
         timer = loop.call_at(deadline, _time_out, answer)
         try:
             result = await answer
+        except TimeoutError:
+            self._abandon(connection, grace)
+            raise
         except BaseException:
             connection.close()  # a late answer must never be read as the next one's
+            self._release(connection)
             raise
         finally:
             timer.cancel()
-            self._release(connection)
+        self._release(connection)
         return result
+
+    def _abandon(self, connection: _Connection, grace: float) -> None:
+        """A request that timed out may still be running at the backend: its connection
+        keeps its slot, so that ``max_connections`` bounds the backend's load, until the
+        backend answers (the late answer is dropped) or closes it, or ``grace`` seconds
+        pass; then it is closed and the slot freed."""
+        if connection.closed:
+            self._hand_back(None)
+            return
+        connection.on_gone = lambda: self._hand_back(None)
+        asyncio.get_running_loop().call_later(grace, connection.close)
 
     def _idle_connection(self, now: float) -> _Connection | None:
         while self._idle:
@@ -344,7 +418,7 @@ class Http1Client:
             self._open -= 1
         return None
 
-    async def _new_or_freed(self, deadline: float) -> _Connection:
+    async def _new_or_freed(self) -> _Connection:
         if self._open >= self.max_connections:
             waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)

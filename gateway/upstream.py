@@ -14,7 +14,7 @@ from prometheus_client import Counter
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamError
 from gateway.headers import GATEWAY_HEADERS, HOP_BY_HOP
-from gateway.http1 import Http1Client, HttpFailure
+from gateway.http1 import Http1Client, HttpFailure, NotSent
 from gateway.metrics import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
 #: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
@@ -131,6 +131,11 @@ class Upstream:
                 request.method, request.path_qs, list(headers.items()), request.body
             )
             answer = await client.send(request.method, encoded, self.settings.timeout)
+        except NotSent as exc:
+            self._measure(started, "timeout")
+            raise UpstreamError(
+                f"{self.name}: {exc}; the order was not sent", timed_out=True
+            ) from exc
         except TimeoutError as exc:
             self._measure(started, "timeout")
             raise UpstreamError(

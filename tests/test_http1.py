@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.embedded_redis import free_port
-from gateway.http1 import Answer, Http1Client, HttpFailure, TooLarge
+from gateway.http1 import Answer, Http1Client, HttpFailure, NotSent, TooLarge
 from tests.helpers import TlsFiles
 
 MAX_BODY = 1024
@@ -198,9 +199,13 @@ async def test_no_backend_is_a_failure_not_a_hang() -> None:
 # --- answers only a raw server sends
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
-async def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncIterator[str]:
-    """A server that answers every request with ``answer``, byte for byte."""
+async def tcp_server(handle: Handler) -> AsyncIterator[str]:
+    """A server on loopback running ``handle`` for each connection; every connection is
+    closed and every handler finished when the block ends."""
     serving: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -208,32 +213,42 @@ async def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncIterato
         assert task is not None
         serving.add(task)
         try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                writer.write(answer)
-                await writer.drain()
-                if then_close:
-                    break
+            await handle(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
         for task in serving:
             task.cancel()
         await asyncio.gather(*serving, return_exceptions=True)
         await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+
+
+def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncContextManager[str]:
+    """A server that answers every request with ``answer``, byte for byte."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+            if then_close:
+                return
+
+    return tcp_server(handle)
 
 
 @pytest.mark.parametrize(
@@ -385,3 +400,55 @@ async def test_a_waiter_handed_a_connection_the_backend_then_closed_opens_a_new_
         answers = await asyncio.gather(*(call(client, f"/orders?i={i}") for i in range(6)))
         assert [a.body for a in answers] == [b"ok"] * 6
         assert client._open <= 1
+
+
+async def test_a_request_that_cannot_get_a_connection_in_time_is_not_sent(
+    backend: tuple[Backend, str],
+) -> None:
+    shop, url = backend
+    async with client_of(url, max_connections=1) as client:
+        busy = asyncio.create_task(call(client, "/slow?s=0.5"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(NotSent, match=r"no connection .* \(1 in use or opening\)"):
+            await call(client, "/orders", within=0.4)  # waited 0.2 s: half its budget
+        assert (await busy).status == 201
+    assert [r.path for r in shop.seen] == ["/slow"]  # the second never reached it
+
+
+async def test_a_timed_out_request_keeps_its_slot_while_the_backend_runs_it(
+    backend: tuple[Backend, str],
+) -> None:
+    shop, url = backend
+    async with client_of(url, max_connections=1) as client:
+        with pytest.raises(TimeoutError):
+            await call(client, "/slow?s=0.3", within=0.1)
+        answer = await call(client, "/orders", within=2.0)  # waits for the slot
+        assert answer.status == 201
+    assert shop.most_busy == 1  # the backend never ran two at once
+
+
+@contextlib.asynccontextmanager
+async def closes_reused_connections() -> AsyncIterator[tuple[str, list[int]]]:
+    """Answers the first request on each connection; closes on the second without a
+    word, as a server closing an idle keep-alive connection does."""
+    received: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = 0
+        while number < 2:
+            await read_request(reader)
+            number += 1
+            received.append(number)
+            if number == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    async with tcp_server(handle) as url:
+        yield url, received
+
+
+async def test_a_request_on_a_reused_connection_the_backend_closed_unanswered_goes_again() -> None:
+    async with closes_reused_connections() as (url, received), client_of(url) as client:
+        assert (await call(client, "/first", body=b"")).body == b"ok"
+        assert (await call(client, "/second", body=b"")).body == b"ok"  # sent again, anew
+    assert received == [1, 2, 1]  # the dropped second, then the second on a new connection

@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from typing import Any
 
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from tests.helpers import Gateway, Shop, accept, check_invariant, problem_of, wait_for
+from gateway.embedded_redis import EmbeddedRedis
+from tests.helpers import (
+    Gateway,
+    Shop,
+    accept,
+    check_invariant,
+    open_gateway,
+    problem_of,
+    settings_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -190,6 +201,29 @@ async def test_backend_failure_releases_the_reservation(
     # the quota came back: the same user may try again
     shop.respond = _accept_once
     assert (await gateway.buy("alice")).status == 200
+
+
+async def test_a_buyer_who_finds_every_backend_connection_busy_is_released_unsent(
+    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+) -> None:
+    settings_data["upstreams"] = {"shop": {"url": shop.url, "timeout": 0.6, "max_connections": 1}}
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return web.json_response({"ok": True}, status=201)
+
+    shop.respond = slow
+    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+        first = asyncio.ensure_future(gw.buy("alice"))
+        await wait_for(lambda: len(shop.seen) == 1)
+        response = await gw.buy("bob")  # the one connection is busy for 0.5 s
+        problem = await problem_of(response)
+        assert (response.status, problem["code"]) == (504, "upstream-timeout")
+        assert "the order was not sent" in problem["detail"]
+        assert (await first).status == 201
+    assert len(shop.seen) == 1  # bob's order never reached the backend
+    state = await check_invariant(redis, "phone-1111", per_user_limit=1)
+    assert (state["available"], state["reserved"], state["sold"]) == (9, 0, 1)
 
 
 async def _accept_once(request: web.Request) -> web.StreamResponse:
