@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.errors import ConfigError
 from gateway.headers import NOT_CONFIGURABLE
-from gateway.schema import Invalid, Problems, build, spec
+from gateway.schema import FromEnvironment, Invalid, Problems, build, spec, typed
 from limiter.keys import CAMPAIGN_ID
 
 #: Paths the gateway port answers itself; no campaign may take them.
@@ -108,6 +108,7 @@ def redis_url(value: Any) -> str | None:
 
 
 def positive(value: Any) -> float:
+    value = typed(float, value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"must be a number, got {value!r}")
     if not 0 < value < math.inf:
@@ -458,12 +459,16 @@ _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand(value: Any, path: str, environ: Mapping[str, str], problems: Problems) -> Any:
-    """Replace ``${VAR}`` (and ``${VAR:-default}``) in string values; ``$$`` is a dollar."""
+    """Replace ``${VAR}`` (and ``${VAR:-default}``) in string values; ``$$`` is a dollar.
+    What came from the environment is FromEnvironment text (see there)."""
     if isinstance(value, str):
+        expanded = False
 
         def substitute(match: re.Match[str]) -> str:
+            nonlocal expanded
             if match.group(0) == "$$":
                 return "$"
+            expanded = True
             name, default = match.group(1), match.group(2)
             if environ.get(name):
                 return environ[name]
@@ -474,7 +479,8 @@ def _expand(value: Any, path: str, environ: Mapping[str, str], problems: Problem
             problems.add(path, f"environment variable {name} is not set")
             return ""
 
-        return _VARIABLE.sub(substitute, value)
+        text = _VARIABLE.sub(substitute, value)
+        return FromEnvironment(text) if expanded else text
     if isinstance(value, dict):
         return {
             k: _expand(v, f"{path}.{k}" if path else str(k), environ, problems)

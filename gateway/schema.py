@@ -124,7 +124,32 @@ def convert(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[
     return _scalar(kind, value, path, problems, meta)
 
 
+class FromEnvironment(str):
+    """Text that ``${VAR}`` expansion produced. The environment holds only strings, so
+    a number or true/false field reads such text as its value (``stock: ${STOCK}``)."""
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def typed(kind: Any, value: Any) -> Any:
+    """``value`` as a ``kind`` (int, float or bool) when it is environment text that
+    spells one; anything else unchanged (and refused by the field as it is)."""
+    if not isinstance(value, FromEnvironment):
+        return value
+    text = value.strip()
+    if kind is bool:
+        return {"true": True, "false": False}.get(text.lower(), value)
+    if kind is int and _INTEGER.fullmatch(text):
+        return int(text)
+    if kind is float and _DECIMAL.fullmatch(text):
+        return float(text)
+    return value
+
+
 def _scalar(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[str, Any]) -> Any:
+    value = typed(kind, value)
     if kind is bool:
         if not isinstance(value, bool):
             problems.add(path, f"must be true or false, got {_describe(value)}")
@@ -194,6 +219,7 @@ def _join(path: str, name: str) -> str:
 def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    shown = repr(value)
+    kind = "str" if isinstance(value, str) else type(value).__name__  # FromEnvironment too
+    shown = repr(str(value)) if isinstance(value, str) else repr(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return f"{type(value).__name__} {shown}"
+    return f"{kind} {shown}"

@@ -284,10 +284,21 @@ def test_expansion(value: str, environ: dict[str, str], expected: str) -> None:
     assert expanded(value, environ) == expected
 
 
-def test_env_value_is_not_parsed_as_yaml_even_where_a_number_is_due() -> None:
-    text = BASE.replace("stock: 10", "stock: ${STOCK}")
-    error = parse_error(text, {"STOCK": "5"})
-    assert error.problems == [("campaigns[0].stock", "must be an integer, got str '5'")]
+def test_env_text_is_read_as_a_number_or_boolean_only_where_the_field_wants_one() -> None:
+    text = (
+        BASE.replace("stock: 10", "stock: ${STOCK}")
+        + "access_log: {enabled: '${LOG}'}\n"
+        + "admin: {token: '${TOKEN}'}\n"
+    )
+    settings = parse_settings(text, "inline.yaml", {"STOCK": " 5 ", "LOG": "False", "TOKEN": "007"})
+    assert settings.campaigns[0].stock == 5
+    assert settings.access_log.enabled is False
+    assert settings.admin is not None
+    assert settings.admin.token == "007"  # a string field keeps the text
+    # never parsed as YAML: text that does not spell the field's type is refused as text
+    for stock, shown in (("5x", "'5x'"), ("[5]", "'[5]'"), ("5.0", "'5.0'"), ("yes", "'yes'")):
+        error = parse_error(BASE.replace("stock: 10", "stock: ${STOCK}"), {"STOCK": stock})
+        assert error.problems == [("campaigns[0].stock", f"must be an integer, got str {shown}")]
 
 
 def test_expansion_reaches_lists_and_nested_mappings() -> None:
