@@ -48,6 +48,16 @@ async def opened(url: str, deadline: float) -> AsyncIterator[CampaignStore]:
         yield CampaignStore(pipe, scripts, CampaignKeys(CAMPAIGN), policy)
 
 
+@contextlib.asynccontextmanager
+async def batching(
+    url: str, deadline: float
+) -> AsyncIterator[tuple[CampaignStore, TickBatcher[Attempt, Decision]]]:
+    """A store with stock 10 and a reserve batcher on it, as a gateway process has."""
+    async with opened(url, deadline) as store:
+        await store.init(10)
+        yield store, reserve_batcher(store, "tester", asyncio.ensure_future)
+
+
 async def state_of(redis: Redis, store: CampaignStore, reservation_id: str) -> str | None:
     return as_text(await redis.hgetall(store.keys.reservation(reservation_id))).get("state")
 
@@ -141,9 +151,7 @@ async def test_the_stall_clock_survives_a_deadline_that_fired_during_a_stall(
 async def test_close_waits_for_the_release_of_unclaimed_winners(
     redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
-    async with opened(redis_server.url, 1.0) as store:
-        await store.init(10)
-        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+    async with batching(redis_server.url, 1.0) as (store, batcher):
         one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1)
         waiter = asyncio.create_task(batcher.submit(one))
         await asyncio.sleep(0)
@@ -167,9 +175,7 @@ async def test_a_reserve_redis_decides_after_the_gateway_gave_up_is_released(
 ) -> None:
     process = redis_server.process
     assert process is not None
-    async with opened(redis_server.url, 0.5) as store:
-        await store.init(10)
-        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+    async with batching(redis_server.url, 0.5) as (store, batcher):
         one = Attempt(new_reservation_id(CAMPAIGN), "alice", 1)
         process.send_signal(signal.SIGSTOP)
         try:
@@ -236,9 +242,7 @@ async def test_close_gives_up_on_an_undo_redis_keeps_refusing(
     """The undo of an unclaimed winner retries for minutes; stopping waits only its grace."""
     process = redis_server.process
     assert process is not None
-    async with opened(redis_server.url, 0.2) as store:
-        await store.init(10)
-        batcher = reserve_batcher(store, "tester", asyncio.ensure_future)
+    async with batching(redis_server.url, 0.2) as (store, batcher):
         release_unclaimed = batcher.unclaimed
         assert release_unclaimed is not None
 

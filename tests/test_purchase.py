@@ -206,17 +206,17 @@ async def test_backend_failure_releases_the_reservation(
 async def test_a_buyer_who_finds_every_backend_connection_busy_is_released_unsent(
     redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
 ) -> None:
-    settings_data["upstreams"] = {"shop": {"url": shop.url, "timeout": 0.6, "max_connections": 1}}
+    settings_data["upstreams"] = {"shop": {"url": shop.url, "timeout": 1.2, "max_connections": 1}}
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         return web.json_response({"ok": True}, status=201)
 
     shop.respond = slow
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         first = asyncio.ensure_future(gw.buy("alice"))
         await wait_for(lambda: len(shop.seen) == 1)
-        response = await gw.buy("bob")  # the one connection is busy for 0.5 s
+        response = await gw.buy("bob")  # the one connection is busy for 1 s
         problem = await problem_of(response)
         assert (response.status, problem["code"]) == (504, "upstream-timeout")
         assert "the order was not sent" in problem["detail"]

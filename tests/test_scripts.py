@@ -153,6 +153,15 @@ async def reserved_with_order(store: CampaignStore, user: str, order: bytes = b"
     return decision.reservation_id
 
 
+async def alice_reserved(
+    rig: Rig, mode: str, reserve_deadline_ms: int
+) -> tuple[CampaignStore, str]:
+    """A store with stock 10 in which alice holds a reservation with its order."""
+    store = rig.store(mode=mode, reserve_deadline_ms=reserve_deadline_ms)
+    await store.init(10)
+    return store, await reserved_with_order(store, "alice")
+
+
 async def until_due(store: CampaignStore, reservation_id: str) -> None:
     async def is_due() -> bool:
         return await store.due() == [reservation_id]
@@ -1257,9 +1266,7 @@ async def test_a_queued_order_is_handed_over_once_and_only_while_reserved(
 async def test_an_undo_leaves_a_handed_over_order_to_its_delivery(rig: Rig, redis: Redis) -> None:
     """A retry was told 202 (replayed) and handed the order over before the first
     request's undo arrived: the undo must not give back what is being delivered."""
-    store = rig.store(mode="queue", reserve_deadline_ms=60_000)
-    await store.init(10)
-    rid = await reserved_with_order(store, "alice")
+    store, rid = await alice_reserved(rig, "queue", 60_000)
     assert await store.hand_over(rid) is True
     await undo(store, [rid], "gateway")
     assert (await record(redis, store, rid))["state"] == "reserved"
@@ -1268,9 +1275,7 @@ async def test_an_undo_leaves_a_handed_over_order_to_its_delivery(rig: Rig, redi
 
 
 async def test_the_sweeper_hands_over_an_order_whose_gateway_died(rig: Rig, redis: Redis) -> None:
-    store = rig.store(mode="queue", reserve_deadline_ms=50)
-    await store.init(10)
-    rid = await reserved_with_order(store, "alice")
+    store, rid = await alice_reserved(rig, "queue", 50)
     await until_due(store, rid)
     counts = await asyncio.gather(*(sweep(store, f"sweeper-{i}") for i in range(3)))
     assert sum(counts) == 1
@@ -1291,9 +1296,7 @@ async def test_a_late_undo_still_gives_back_what_a_sweeper_queued(
     """Its gateway was cut off past the deadline; the sweeper queued the kept order; the
     buyer was told 503 and nobody told it 202: the undo, late, still gives it back (a
     delivery under way then finds it released)."""
-    store = rig.store(mode=mode, reserve_deadline_ms=50)
-    await store.init(10)
-    rid = await reserved_with_order(store, "alice")
+    store, rid = await alice_reserved(rig, mode, 50)
     await until_due(store, rid)
     assert await sweep(store, "sweeper") == 1
     await undo(store, [rid], "gateway")
