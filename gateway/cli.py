@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gateway.bench.harness import SCENARIOS
 from gateway.config import Settings, load_settings
-from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from gateway.embedded.server import EmbeddedRedis, EmbeddedRedisError
 from gateway.errors import ConfigError
 from limiter.errors import StorageError
 

@@ -21,7 +21,7 @@ from gateway.app import create_server
 from gateway.bench.backend import StubBackend, serve_backend
 from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
 from gateway.config import parse_settings
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from gateway.runtime import Runtime
 from gateway.terminal import Progress, table
 

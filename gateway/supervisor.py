@@ -157,7 +157,7 @@ def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) ->
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
-    from gateway.embedded_redis import die_with_parent
+    from gateway.embedded.server import die_with_parent
 
     die_with_parent()
     configure_logging(log_level)

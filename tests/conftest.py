@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Gateway, Shop, TlsFiles, open_gateway, settings_for
 
 

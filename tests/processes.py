@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from gateway.embedded_redis import free_port
+from gateway.embedded.server import free_port
 
 
 class GatewayProcess:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from limiter.buckets import BucketSpec, LeasedBucket
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.embedded.server import EmbeddedRedis, free_port
 from tests.helpers import ADMIN_TOKEN, AUTH, Shop, check_invariant, wait_for
 from tests.processes import GatewayProcess, pid_alive
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Shop, as_text, check_invariant, wait_for
 from tests.processes import GatewayProcess
 

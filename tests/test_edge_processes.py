@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from limiter.buckets import LEASE_TTL
 from tests.helpers import AUTH, Gateway, Shop, check_invariant
 from tests.processes import GatewayProcess

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Shop, as_text, check_invariant, open_gateway, settings_for, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

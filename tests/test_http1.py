@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.embedded_redis import free_port
+from gateway.embedded.server import free_port
 from gateway.http1 import Answer, Http1Client, HttpFailure, NotSent, TooLarge
 from tests.helpers import TlsFiles
 

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from gateway import dispatcher
 from gateway.config import Settings
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.embedded.server import EmbeddedRedis, free_port
 from gateway.sweeper import sweep
 from gateway.tools import reconcile
 from gateway.upstream import OutboundRequest

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from gateway.accesslog import AccessLog
 from gateway.config import AccessLogSettings, load_settings
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from gateway.errors import ConfigError
 from gateway.reload import reload_file
 from gateway.server import _reload_on_sighup

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import limiter.guard
 import limiter.pipeline
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from limiter.batching import TickBatcher
 from limiter.errors import StorageError
 from limiter.guard import RedisGuard

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import (
     Gateway,
     Shop,
@@ -233,7 +233,7 @@ async def _accept_once(request: web.Request) -> web.StreamResponse:
 async def test_refused_connection_releases(
     redis: Redis, redis_server: object, settings_data: dict[str, object]
 ) -> None:
-    from gateway.embedded_redis import free_port
+    from gateway.embedded.server import free_port
     from tests.helpers import open_gateway, settings_for
 
     settings_data["upstreams"] = {"shop": {"url": f"http://127.0.0.1:{free_port()}", "timeout": 1}}

@@ -14,7 +14,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.embedded.server import EmbeddedRedis, free_port
 from limiter.errors import StorageError
 from limiter.pipeline import AutoPipeline
 from tests.helpers import TlsFiles, auto_pipeline, wait_for

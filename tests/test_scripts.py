@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.embedded.server import EmbeddedRedis, free_port
 from gateway.sweeper import sweep
 from limiter.audit import audit
 from limiter.batching import TickBatcher

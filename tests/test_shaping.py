@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 from gateway.errors import ConfigError
 from limiter.buckets import LEASE_TTL
 from tests.helpers import (

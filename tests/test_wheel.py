@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded.server import EmbeddedRedis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

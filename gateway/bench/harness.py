@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.wrk import available as wrk_available
 from gateway.bench.wrk import run_wrk
-from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.embedded.server import EmbeddedRedis, free_port
 from gateway.terminal import Progress
 
 CAMPAIGN = "bench"
