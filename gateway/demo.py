@@ -17,13 +17,13 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from gateway.app import create_server
 from gateway.bench.backend import StubBackend, serve_backend
 from gateway.bench.crowd import Crowd, Tally, percentile, run_crowd
 from gateway.config import parse_settings
+from gateway.core.runtime import Runtime
+from gateway.edge.server import create_server
 from gateway.embedded.server import EmbeddedRedis
-from gateway.runtime import Runtime
-from gateway.terminal import Progress, table
+from gateway.operations.terminal import Progress, table
 
 CAMPAIGN = "demo-phone"
 

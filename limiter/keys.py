@@ -11,10 +11,10 @@ import os
 import re
 from dataclasses import dataclass
 
-#: Campaign ids are also the hash tag and the prefix of reservation ids.
-CAMPAIGN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+from gateway.config.values import CAMPAIGN_ID
+
 #: Reservation ids are ``<campaign id>.<token>``.
-RESERVATION_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.([0-9a-f]{20})$")
+RESERVATION_ID = re.compile(rf"^({CAMPAIGN_ID.pattern.strip('^$')})\.([0-9a-f]{{20}})$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from redis.asyncio import Redis
 
-from gateway.admin import create_admin_app
-from gateway.app import edge_handler
 from gateway.config import Settings, parse_settings
-from gateway.runtime import Runtime
+from gateway.core.runtime import Runtime
+from gateway.edge.server import edge_handler
+from gateway.operations.admin import create_admin_app
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
-from gateway.config import Route, Settings, duration, load_settings, parse_settings
-from gateway.errors import ConfigError
-from gateway.schema import Invalid
+from gateway.config import ConfigError, Route, Settings, load_settings, parse_settings
+from gateway.config.schema import Invalid
+from gateway.config.values import duration
+from gateway.process import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"

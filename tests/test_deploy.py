@@ -22,10 +22,10 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway import metrics
-from gateway.metrics import CampaignFigures, RedisFigures
-from gateway.server import DRAIN_SECONDS
-from gateway.supervisor import STOP_GRACE
+from gateway import stats as metrics
+from gateway.core.publisher import CampaignFigures, RedisFigures
+from gateway.process.serve import DRAIN_SECONDS
+from gateway.process.supervisor import STOP_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -58,7 +58,7 @@ _GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 @cache
 def exported() -> dict[str, frozenset[str]]:
     """Every sample name flashgate exports, with its label names: read from the metric
-    objects of gateway.metrics and from what RedisFigures yields."""
+    objects of gateway.stats and from what RedisFigures yields."""
     found: dict[str, frozenset[str]] = {}
     for value in vars(metrics).values():
         if not isinstance(value, MetricWrapperBase):

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.embedded.server import free_port
-from gateway.http1 import Answer, Http1Client, HttpFailure, NotSent, TooLarge
+from gateway.forwarding.http1 import Answer, Http1Client, HttpFailure, NotSent, TooLarge
 from tests.helpers import TlsFiles
 
 MAX_BODY = 1024

@@ -26,12 +26,12 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from gateway import dispatcher
 from gateway.config import Settings
+from gateway.core.sweeper import sweep
 from gateway.embedded.server import EmbeddedRedis, free_port
-from gateway.sweeper import sweep
-from gateway.tools import reconcile
-from gateway.upstream import OutboundRequest
+from gateway.forwarding import delivery as dispatcher
+from gateway.forwarding.upstream import OutboundRequest
+from gateway.operations.reconcile import reconcile
 from limiter.audit import Audit
 from limiter.connection import connect
 from limiter.errors import StorageError
@@ -1214,7 +1214,7 @@ async def tool_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Re
         made.append(client)
         return client
 
-    monkeypatch.setattr("gateway.tools.connect", tracked)
+    monkeypatch.setattr("gateway.operations.reconcile.connect", tracked)
     yield made
     for client in made:
         await client.connection_pool.disconnect()

@@ -23,13 +23,12 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from gateway.accesslog import AccessLog
-from gateway.config import AccessLogSettings, load_settings
+from gateway.config import AccessLogSettings, ConfigError, load_settings
+from gateway.core.accesslog import AccessLog
+from gateway.core.reload import reload_file
 from gateway.embedded.server import EmbeddedRedis
-from gateway.errors import ConfigError
-from gateway.reload import reload_file
-from gateway.server import _reload_on_sighup
-from gateway.supervisor import EARLY_RELOAD, RESPAWNED_ENV
+from gateway.process.serve import _reload_on_sighup
+from gateway.process.supervisor import EARLY_RELOAD, RESPAWNED_ENV
 from tests.helpers import (
     AUTH,
     Gateway,
@@ -230,7 +229,7 @@ def test_a_dead_workers_gauges_leave_with_it(tmp_path: Path) -> None:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     worker = (
-        "from gateway.metrics import CIRCUIT_OPEN, LOOP_STALL_SECONDS\n"
+        "from gateway.stats import CIRCUIT_OPEN, LOOP_STALL_SECONDS\n"
         "CIRCUIT_OPEN.set(1)\nLOOP_STALL_SECONDS.set(2.5)\n"
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}

@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from gateway.core.sweeper import sweep
 from gateway.embedded.server import EmbeddedRedis, free_port
-from gateway.sweeper import sweep
 from limiter.audit import audit
 from limiter.batching import TickBatcher
 from limiter.errors import CampaignMissing, StorageError

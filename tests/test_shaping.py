@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
+from gateway.config import ConfigError
 from gateway.embedded.server import EmbeddedRedis
-from gateway.errors import ConfigError
 from limiter.buckets import LEASE_TTL
 from tests.helpers import (
     AUTH,
@@ -129,8 +129,8 @@ async def client_bucket_keys(redis: Redis) -> set[str]:
 def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     """No periodic script calls after start-up (heartbeat, sweeper), so that INFO
     commandstats counts only what the requests under test do. Use with ``settled``."""
-    monkeypatch.setattr("gateway.runtime.HEARTBEAT_SECONDS", 3600.0)
-    monkeypatch.setattr("gateway.runtime.SWEEP_INTERVAL", 3600.0)
+    monkeypatch.setattr("gateway.core.runtime.HEARTBEAT_SECONDS", 3600.0)
+    monkeypatch.setattr("gateway.core.runtime.SWEEP_INTERVAL", 3600.0)
 
 
 async def settled(redis: Redis) -> None:

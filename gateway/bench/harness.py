@@ -44,7 +44,7 @@ from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.wrk import available as wrk_available
 from gateway.bench.wrk import run_wrk
 from gateway.embedded.server import EmbeddedRedis, free_port
-from gateway.terminal import Progress
+from gateway.operations.terminal import Progress
 
 CAMPAIGN = "bench"
 PATH = "/seckill/bench"

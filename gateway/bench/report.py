@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.terminal import table
+from gateway.operations.terminal import table
 
 
 def render(report: dict[str, Any]) -> str:

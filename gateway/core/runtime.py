@@ -12,17 +12,17 @@ from collections.abc import AsyncIterator, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
-from gateway.accesslog import AccessLog
-from gateway.campaigns import Campaign, Registry
+from gateway.admission.identity import Identity, identity_for
+from gateway.admission.shaping import Shaper
 from gateway.config import CampaignSettings, Settings
-from gateway.dispatcher import Dispatcher, ensure_group
-from gateway.identity import Identity, identity_for
-from gateway.metrics import Publisher
-from gateway.shaping import Shaper
-from gateway.stockwatch import StockWatch
-from gateway.supervisor import RESPAWNED_ENV
-from gateway.sweeper import run_sweeper
-from gateway.upstream import Upstream
+from gateway.core.accesslog import AccessLog
+from gateway.core.campaigns import Campaign, Registry
+from gateway.core.publisher import Publisher
+from gateway.core.stockwatch import StockWatch
+from gateway.core.sweeper import run_sweeper
+from gateway.forwarding.delivery import Dispatcher, ensure_group
+from gateway.forwarding.upstream import Upstream
+from gateway.process.supervisor import RESPAWNED_ENV
 from limiter.connection import connect
 from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard

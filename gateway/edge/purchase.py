@@ -17,21 +17,20 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
 
-from gateway.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
-from gateway.campaigns import Campaign
-from gateway.clientip import forwarded_for
-from gateway.errors import UpstreamError
-from gateway.metrics import DECISION_SECONDS
+from gateway.admission.clientip import forwarded_for
+from gateway.core.campaigns import Campaign
+from gateway.edge.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
+from gateway.forwarding.settle import accepted, give_back, replayed_headers, settle_accepted
+from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
 from gateway.problems import Code, Problem
-from gateway.settle import accepted, give_back, replayed_headers, settle_accepted
-from gateway.upstream import OutboundRequest, UpstreamReply
+from gateway.stats import DECISION_SECONDS
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
 from limiter.logs import Throttled
 from limiter.records import Attempt, Decision, Reservation, ReserveStatus, State
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 throttled = Throttled(log)

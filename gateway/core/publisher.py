@@ -1,12 +1,12 @@
-"""Prometheus metrics, exposed at ``GET /metrics`` on the admin port.
+"""Publishing metrics: the hot-path counts of one process into the Prometheus
+families (gateway/stats.py) every second, and the figures that belong to a campaign
+(stock, reservations by state, the queue) read from Redis when Prometheus scrapes,
+never guessed per process.
 
-Counters on the hot path are plain integers, published every second (a request
-answered from the local sold-out flag costs a dict increment, not a locked write
-to a shared file). Figures that belong to a campaign (stock, reservations by
-state, the queue) are read from Redis when Prometheus scrapes, never guessed per
-process. With ``--workers N`` prometheus-client's multiprocess mode adds up every
-worker's counters, whichever worker Prometheus reaches. No label carries a user,
-an address or a reservation id: series are bounded by campaigns x codes.
+Counters on the hot path are plain integers (a request answered from the local
+sold-out flag costs a dict increment, not a locked write to a shared file). With
+``--workers N`` prometheus-client's multiprocess mode adds up every worker's
+counters, whichever worker Prometheus reaches.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -24,82 +23,26 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
-    Histogram,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from gateway.stats import (
+    CIRCUIT_OPEN,
+    CIRCUIT_OPENINGS,
+    DELIVERIES,
+    LIMIT_REFUSALS,
+    LOOP_STALL_SECONDS,
+    REDIS_ERRORS,
+    REDIS_SECONDS,
+    REQUESTS,
+    VERSION,
+)
+
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
-
-try:
-    VERSION = metadata.version("flashgate")
-except metadata.PackageNotFoundError:  # a source tree that was never installed
-    VERSION = "unknown"
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-REQUESTS = Counter(
-    "flashgate_requests_total",
-    "Purchase requests answered, by campaign and outcome (a problem code, ok, queued, "
-    "replayed or upstream-refused).",
-    ["campaign", "code"],
-)
-DECISION_SECONDS = Histogram(
-    "flashgate_decision_seconds",
-    "Time from a purchase request's arrival to Redis's decision.",
-    ["campaign"],
-    buckets=LATENCY_BUCKETS,
-)
-UPSTREAM_SECONDS = Histogram(
-    "flashgate_upstream_seconds",
-    "Time the order backend took to answer.",
-    ["upstream"],
-    buckets=LATENCY_BUCKETS,
-)
-UPSTREAM_RESPONSES = Counter(
-    "flashgate_upstream_responses_total",
-    "Answers of the order backend by status class (2xx, 4xx, 5xx, error, timeout).",
-    ["upstream", "class"],
-)
-REDIS_SECONDS = Histogram(
-    "flashgate_redis_seconds",
-    "Redis round trips (one auto-pipeline each).",
-    buckets=LATENCY_BUCKETS,
-)
-REDIS_ERRORS = Counter(
-    "flashgate_redis_errors_total",
-    "Redis calls that failed or missed their deadline, by operation.",
-    ["operation"],
-)
-LIMIT_REFUSALS = Counter(
-    "flashgate_limit_refusals_total",
-    "Requests a limit refused (mode enforce) or would have refused (mode shadow).",
-    ["campaign", "limit", "mode"],
-)
-DELIVERIES = Counter(
-    "flashgate_deliveries_total",
-    "Queue-mode delivery attempts by result (accepted, refused, failed, dead-lettered).",
-    ["campaign", "result"],
-)
-RELOADS = Counter("flashgate_config_reloads_total", "Configuration reloads by result.", ["result"])
-CIRCUIT_OPEN = Gauge(
-    "flashgate_redis_circuit_open",
-    "1 while the Redis circuit breaker of a process is open.",
-    multiprocess_mode="livemax",
-)
-CIRCUIT_OPENINGS = Counter(
-    "flashgate_redis_circuit_openings_total",
-    "Times the Redis circuit breaker of a process opened.",
-)
-LOOP_STALL_SECONDS = Gauge(
-    "flashgate_event_loop_stall_seconds",
-    "Longest event-loop stall in the last second (the process was too busy to run).",
-    multiprocess_mode="livemax",
-)
+    from gateway.core.runtime import Runtime
 
 
 @dataclass

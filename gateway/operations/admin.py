@@ -16,15 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.campaigns import Campaign
-from gateway.config import CampaignSettings, load_settings
-from gateway.errors import ConfigError
-from gateway.health import health_handlers
-from gateway.metrics import RedisFigures, exposition, read_redis_figures
+from gateway.config import CampaignSettings, ConfigError, load_settings
+from gateway.core.campaigns import Campaign
+from gateway.core.health import health_handlers
+from gateway.core.publisher import RedisFigures, exposition, read_redis_figures
+from gateway.core.reload import reload_file, restart_only
+from gateway.core.runtime import Runtime
 from gateway.problems import Code, Problem
-from gateway.reload import reload_file, restart_only
-from gateway.runtime import Runtime
-from gateway.supervisor import SUPERVISOR_ENV
+from gateway.process.supervisor import SUPERVISOR_ENV
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
 from limiter.records import (

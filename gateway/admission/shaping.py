@@ -18,7 +18,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from gateway.clientip import client_ip, rate_key
+from gateway.admission.clientip import client_ip, rate_key
 from gateway.config import CampaignSettings, GatewaySettings
 from gateway.problems import Code, Problem
 from limiter.buckets import (

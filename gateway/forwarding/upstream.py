@@ -12,16 +12,23 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import Counter
 
 from gateway.config import UpstreamSettings
-from gateway.errors import UpstreamError
+from gateway.forwarding.http1 import Http1Client, HttpFailure, NotSent
 from gateway.headers import GATEWAY_HEADERS, HOP_BY_HOP
-from gateway.http1 import Http1Client, HttpFailure, NotSent
-from gateway.metrics import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
+from gateway.stats import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
 #: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
 #: the backend without them, and the backend knows the buyer by X-User-Id.
 NOT_STORED = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: A backend answer larger than this is treated as a failure.
 MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """The order backend could not be reached or failed to answer in time."""
+
+    def __init__(self, detail: str, *, timed_out: bool) -> None:
+        super().__init__(detail)
+        self.timed_out = timed_out
 
 
 class OutboundRequest(NamedTuple):

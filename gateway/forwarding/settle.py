@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
-from gateway.campaigns import Campaign
-from gateway.upstream import UpstreamReply
+from gateway.core.campaigns import Campaign
+from gateway.forwarding.upstream import UpstreamReply
 from limiter.errors import StorageError
 from limiter.records import CommitStatus, ReleaseStatus, Reply, State, Transition
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.runtime import Runtime
+from gateway.core.runtime import Runtime
 
 #: Readiness fails when Redis has not answered the counters poll for this long.
 REDIS_SILENCE = 2.0

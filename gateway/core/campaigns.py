@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from gateway.admission.shaping import Shaper
 from gateway.config import CampaignSettings
+from gateway.forwarding.upstream import Upstream
 from gateway.problems import CannedProblem, Code, Problem
-from gateway.shaping import Shaper
-from gateway.upstream import Upstream
 from limiter.batching import TickBatcher
 from limiter.records import Attempt, Decision
 from limiter.store import CampaignStore

@@ -14,13 +14,13 @@ from functools import partial
 
 from aiohttp import web
 
-from gateway.clientip import client_ip
-from gateway.health import Handler, health_handlers
+from gateway.admission.clientip import client_ip
+from gateway.core.health import Handler, health_handlers
+from gateway.core.runtime import Runtime
+from gateway.edge.purchase import Answer, purchase
+from gateway.edge.reservations import PREFIX as STATUS_PREFIX
+from gateway.edge.reservations import reservation_status
 from gateway.problems import Code, Problem, problem
-from gateway.purchase import Answer, purchase
-from gateway.runtime import Runtime
-from gateway.status import PREFIX as STATUS_PREFIX
-from gateway.status import reservation_status
 from limiter.logs import Throttled
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def _metrics_dir() -> Iterator[None]:
 def _supervise(
     config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool
 ) -> int:
-    from gateway.cli import UNAVAILABLE
+    from gateway.process.cli import UNAVAILABLE
 
     worker_args = (config_path, redis_url, log_level, dispatch)
     stopping = False
@@ -155,9 +155,9 @@ def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) ->
     # signal until now) is remembered; serving reloads once its own handler is in place.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: EARLY_RELOAD.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    from gateway.cli import configure_logging, serve_forever
     from gateway.config import load_settings
     from gateway.embedded.server import die_with_parent
+    from gateway.process.cli import configure_logging, serve_forever
 
     die_with_parent()
     configure_logging(log_level)

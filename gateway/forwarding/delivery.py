@@ -34,16 +34,15 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.campaigns import Campaign
-from gateway.errors import UpstreamError
-from gateway.settle import accepted, commit_accepted, keep_reply, release_refused
-from gateway.upstream import OutboundRequest, UpstreamReply
+from gateway.core.campaigns import Campaign
+from gateway.forwarding.settle import accepted, commit_accepted, keep_reply, release_refused
+from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
 from limiter.errors import StorageError
 from limiter.logs import Throttled
 from limiter.records import State
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 _trouble = Throttled(log)

@@ -15,15 +15,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.campaigns import Registry
-from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError
-from gateway.identity import identity_for
-from gateway.metrics import RELOADS
-from gateway.upstream import Upstream
+from gateway.admission.identity import identity_for
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.core.campaigns import Registry
+from gateway.forwarding.upstream import Upstream
+from gateway.stats import RELOADS
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

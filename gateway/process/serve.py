@@ -10,13 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import create_admin_app
-from gateway.app import create_server
-from gateway.config import Settings
-from gateway.errors import ConfigError
-from gateway.reload import reload_file
-from gateway.runtime import Runtime
-from gateway.supervisor import EARLY_RELOAD
+from gateway.config import ConfigError, Settings
+from gateway.core.reload import reload_file
+from gateway.core.runtime import Runtime
+from gateway.edge.server import create_server
+from gateway.operations.admin import create_admin_app
+from gateway.process.supervisor import EARLY_RELOAD
 
 log = logging.getLogger(__name__)
 

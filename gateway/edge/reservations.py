@@ -14,7 +14,7 @@ from limiter.keys import campaign_of
 from limiter.records import Reservation
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.core.runtime import Runtime
 
 PREFIX = "/reservations/"
 

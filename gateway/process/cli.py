@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from gateway.bench.harness import SCENARIOS
-from gateway.config import Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded.server import EmbeddedRedis, EmbeddedRedisError
-from gateway.errors import ConfigError
 from limiter.errors import StorageError
 
 log = logging.getLogger("flashgate")
@@ -230,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with redis_for(settings) as url:
         if args.workers == 1:
             return serve_forever(settings, url, dispatch=dispatch, config_path=args.config)
-        from gateway.supervisor import run_workers
+        from gateway.process.supervisor import run_workers
 
         return run_workers(args.config, url, args.workers, args.log_level, dispatch)
 
@@ -239,14 +238,14 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "dispatch")
     _install_uvloop()
-    from gateway.server import dispatch_only
+    from gateway.process.serve import dispatch_only
 
     asyncio.run(dispatch_only(settings, url, args.config))
     return OK
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from gateway.tools import UnknownCampaign, audits_json, reconcile, render_audits
+    from gateway.operations.reconcile import UnknownCampaign, audits_json, reconcile, render_audits
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "reconcile")
@@ -267,7 +266,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.tools import render_status, status
+    from gateway.operations.reconcile import render_status, status
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "status")
@@ -298,7 +297,7 @@ def serve_forever(
 ) -> int:
     """Serve until stopped; the exit code (UNAVAILABLE when a port is taken)."""
     _install_uvloop()
-    from gateway.server import CannotListen, serve
+    from gateway.process.serve import CannotListen, serve
 
     try:
         asyncio.run(

@@ -1,4 +1,4 @@
-"""Errors of the gateway side (the Redis side has limiter.errors)."""
+"""The error a configuration that cannot be used raises."""
 
 from __future__ import annotations
 
@@ -18,11 +18,3 @@ class ConfigError(Exception):
             f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}"
             for path, reason in self.problems
         ]
-
-
-class UpstreamError(Exception):
-    """The order backend could not be reached or failed to answer in time."""
-
-    def __init__(self, detail: str, *, timed_out: bool) -> None:
-        super().__init__(detail)
-        self.timed_out = timed_out

@@ -11,8 +11,8 @@ from dataclasses import asdict
 from typing import Any
 
 from gateway.config import Settings
-from gateway.runtime import campaign_store
-from gateway.terminal import Progress, table
+from gateway.core.runtime import campaign_store
+from gateway.operations.terminal import Progress, table
 from limiter.audit import Audit, audit
 from limiter.connection import connect
 from limiter.errors import CampaignMissing

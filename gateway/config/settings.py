@@ -1,0 +1,227 @@
+"""The settings: frozen dataclasses whose annotations and ``spec`` metadata say what
+each field accepts (see schema.py). Built only by loading.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from ipaddress import IPv4Network, IPv6Network
+from types import MappingProxyType
+from typing import Any, Literal
+
+from gateway.config.schema import spec
+from gateway.config.values import (
+    CAMPAIGN_ID,
+    HEADER_NAME,
+    Route,
+    duration,
+    header_map,
+    http_url,
+    instant,
+    networks,
+    positive,
+    redis_url,
+    route,
+    secret,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    #: None: start an embedded redis-server.
+    url: str | None = spec(None, parse=redis_url)
+    #: Deadline of every Redis call; a slower answer counts as a failure (fail closed).
+    timeout: float = spec(0.25, parse=duration)
+    #: redis-py's pool per process (pub/sub, script loads, stream groups); the request
+    #: path's auto-pipeline keeps up to 4 connections of its own besides.
+    max_connections: int = spec(16, min=1, max=10_000)
+    key_prefix: str = spec("fg", pattern=r"[A-Za-z0-9_.-]{1,32}")
+    #: Before a decision counts, this many replicas must have its writes (WAIT): a
+    #: failover then cannot lose a sale that a backend was told about. 0: do not wait.
+    wait_for_replicas: int = spec(0, min=0, max=10)
+    replica_timeout: float = spec(0.1, parse=duration)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = spec(8080, min=0, max=65535)
+    max_body_bytes: int = spec(64 * 1024, min=1, max=16 * 1024 * 1024)
+    #: A buyer's body must arrive within this (a slow sender must not hold a connection).
+    body_timeout: float = spec(10.0, parse=duration)
+    #: Peers whose X-Forwarded-For is believed (load balancers); nobody else's is.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = spec((), parse=networks)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: str = spec(pattern=r"\S+")
+    host: str = "127.0.0.1"
+    port: int = spec(9090, min=0, max=65535)
+    #: /metrics answers without the token unless this is true (it carries no personal data).
+    metrics_need_token: bool = False
+
+
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """A signed identity: ``Authorization: Bearer <JWT>``, verified with expiry."""
+
+    algorithms: tuple[JwtAlgorithm, ...] = ("HS256",)
+    #: Shared secret (HS*) ...
+    secret: str | None = spec(None, parse=lambda v: secret(v, 32))
+    #: ... or a PEM public key (RS*, ES*); use ${VAR} to take either from the environment.
+    public_key: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    #: The claim that names the user.
+    claim: str = spec("sub", pattern=r"\S+")
+    #: Clock skew tolerated on exp/nbf/iat.
+    leeway: float = spec(0.0, min=0, max=300)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    #: Trusted header carrying the user id: safe only behind an authenticating proxy.
+    header: str = spec("X-User-Id", pattern=HEADER_NAME)
+    #: When set, the user comes from a verified JWT and the header is ignored.
+    jwt: JwtSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = spec(parse=http_url)
+    timeout: float = spec(2.0, parse=duration)
+    max_connections: int = spec(256, min=1, max=100_000)
+    #: Sent with every request to this backend, replacing a client's copies: typically
+    #: the gateway's own credential, the only one a queued or redelivered order carries.
+    headers: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={"parse": header_map}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = True
+    #: "-" (stderr), "stdout", or a file to append to.
+    path: str = spec("-", pattern=r".+")
+    #: Also log refusals answered from memory (sold out, outside the window): at a flash
+    #: sale's peak that is nearly every request, and logging costs more than answering.
+    local_refusals: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    #: Entries kept per campaign (approximately: Redis trims whole stream nodes).
+    max_length: int = spec(100_000, min=100, max=100_000_000)
+
+
+Mode = Literal["enforce", "shadow"]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSettings:
+    """A token bucket: ``rate`` tokens per ``per``, holding ``burst`` when full."""
+
+    rate: float = spec(parse=positive)
+    per: float = spec(1.0, parse=duration)
+    #: Tokens the bucket holds when full (default: one period's worth).
+    burst: int | None = spec(None, min=1, max=10**9)
+    #: shadow: never refuse, count what would have been refused.
+    mode: Mode = "enforce"
+
+    @property
+    def per_second(self) -> float:
+        return self.rate / self.per
+
+    @property
+    def capacity(self) -> int:
+        return self.burst or max(1, math.ceil(self.rate))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings(BucketSettings):
+    """A campaign-wide token bucket shared by every gateway through Redis."""
+
+    #: Share of the rate one process may admit on its own while Redis is unreachable
+    #: (default: 1 / the processes last seen alive).
+    local_share: float | None = spec(None, parse=positive, max=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRateLimitSettings(BucketSettings):
+    """A token bucket per client (user or IP), shared by every gateway through Redis."""
+
+    key: Literal["user", "ip"] = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """At most ``ratio`` x available requests reach the deduction stage per ``window``."""
+
+    ratio: float = spec(parse=positive)
+    window: float = spec(1.0, parse=duration)
+    mode: Mode = "enforce"
+
+
+def _ratio(value: Any) -> Mapping[str, Any]:
+    return {"ratio": value}
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSettings:
+    id: str = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
+    route: Route = spec(parse=route)
+    upstream: str = spec()
+    stock: int = spec(min=0, max=10**12)
+    per_user_limit: int = spec(1, min=1, max=10**9)
+    max_quantity: int = spec(1, min=1, max=10**9)
+    #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
+    forward: Literal["sync", "queue"] = "sync"
+    #: A reservation still unsettled this long after it was made (its gateway died, or
+    #: lost Redis, before the backend's answer, or before queueing it) is delivered
+    #: again from its kept order.
+    forward_deadline: float = spec(30.0, parse=duration)
+    #: commit: the backend's 2xx is the sale; hold: it reserves until confirmed (paid).
+    on_success: Literal["commit", "hold"] = "commit"
+    #: A held reservation not confirmed within this goes back to stock, quota included.
+    hold_seconds: float = spec(900.0, parse=duration)
+    #: Queue mode: at most this many deliveries in flight to the backend, all gateways together.
+    max_inflight: int = spec(16, min=1, max=100_000)
+    #: Queue mode: failed deliveries before an order is dead-lettered and its stock released.
+    max_attempts: int = spec(5, min=1, max=1000)
+    #: Queue mode: the first retry waits this long, doubling up to max_retry_backoff.
+    retry_backoff: float = spec(0.5, parse=duration)
+    max_retry_backoff: float = spec(30.0, parse=duration)
+    #: The sale window; before it 403 not-started, after it 403 ended.
+    starts_at: datetime | None = spec(None, parse=instant)
+    ends_at: datetime | None = spec(None, parse=instant)
+    rate_limit: RateLimitSettings | None = None
+    client_rate_limit: ClientRateLimitSettings | None = None
+    #: A number (the ratio) or {ratio, window, mode}.
+    admission_ratio: AdmissionSettings | None = spec(None, shorthand=_ratio)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    campaigns: tuple[CampaignSettings, ...] = ()
+    upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: MappingProxyType({}))
+    redis: RedisSettings = RedisSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    admin: AdminSettings | None = None
+    identity: IdentitySettings = IdentitySettings()
+    ledger: LedgerSettings = LedgerSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
+
+    def campaign(self, campaign_id: str) -> CampaignSettings | None:
+        return next((c for c in self.campaigns if c.id == campaign_id), None)

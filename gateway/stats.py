@@ -1,0 +1,79 @@
+"""The Prometheus metric families of flashgate, declared in one place.
+
+Declarations only: who observes them is spread over the layers (the backend's
+timings in forwarding, the decision time at the edge, reloads in core), and the
+publisher moves hot-path counts into them once a second. No label carries a user,
+an address or a reservation id: series are bounded by campaigns x codes.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from prometheus_client import Counter, Gauge, Histogram
+
+try:
+    VERSION = metadata.version("flashgate")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "unknown"
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+REQUESTS = Counter(
+    "flashgate_requests_total",
+    "Purchase requests answered, by campaign and outcome (a problem code, ok, queued, "
+    "replayed or upstream-refused).",
+    ["campaign", "code"],
+)
+DECISION_SECONDS = Histogram(
+    "flashgate_decision_seconds",
+    "Time from a purchase request's arrival to Redis's decision.",
+    ["campaign"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_SECONDS = Histogram(
+    "flashgate_upstream_seconds",
+    "Time the order backend took to answer.",
+    ["upstream"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_RESPONSES = Counter(
+    "flashgate_upstream_responses_total",
+    "Answers of the order backend by status class (2xx, 4xx, 5xx, error, timeout).",
+    ["upstream", "class"],
+)
+REDIS_SECONDS = Histogram(
+    "flashgate_redis_seconds",
+    "Redis round trips (one auto-pipeline each).",
+    buckets=LATENCY_BUCKETS,
+)
+REDIS_ERRORS = Counter(
+    "flashgate_redis_errors_total",
+    "Redis calls that failed or missed their deadline, by operation.",
+    ["operation"],
+)
+LIMIT_REFUSALS = Counter(
+    "flashgate_limit_refusals_total",
+    "Requests a limit refused (mode enforce) or would have refused (mode shadow).",
+    ["campaign", "limit", "mode"],
+)
+DELIVERIES = Counter(
+    "flashgate_deliveries_total",
+    "Queue-mode delivery attempts by result (accepted, refused, failed, dead-lettered).",
+    ["campaign", "result"],
+)
+RELOADS = Counter("flashgate_config_reloads_total", "Configuration reloads by result.", ["result"])
+CIRCUIT_OPEN = Gauge(
+    "flashgate_redis_circuit_open",
+    "1 while the Redis circuit breaker of a process is open.",
+    multiprocess_mode="livemax",
+)
+CIRCUIT_OPENINGS = Counter(
+    "flashgate_redis_circuit_openings_total",
+    "Times the Redis circuit breaker of a process opened.",
+)
+LOOP_STALL_SECONDS = Gauge(
+    "flashgate_event_loop_stall_seconds",
+    "Longest event-loop stall in the last second (the process was too busy to run).",
+    multiprocess_mode="livemax",
+)
