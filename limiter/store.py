@@ -263,6 +263,32 @@ class CampaignStore:
         )
         return int(reply) == 1
 
+    async def delivery_slot(self, how: str, holder: str, max_inflight: int, ttl_ms: int) -> int:
+        """Take, give back or linger one of the backend's delivery slots (see
+        delivery_slot.lua): 1 done, 0 every slot busy, -1 this holder has one already."""
+        reply = await self.pipe.script(
+            self.scripts.delivery_slot,
+            [self.keys.delivery_slots],
+            [how, holder, max_inflight, ttl_ms],
+            f"{how} a delivery slot",
+        )
+        return int(reply)
+
+    async def keep_order(self, group: str, consumer: str, message_id: bytes) -> None:
+        """Reset a queued order's idle time: its consumer is still working on it."""
+        await self.pipe.call(
+            "XCLAIM", self.keys.orders, group, consumer, 0, message_id, what="keep an order"
+        )
+
+    async def drop_order(self, group: str, message_id: bytes) -> None:
+        """Done with an order: out of the group's pending list and out of the stream, so
+        the stream's length is the queue's depth."""
+        orders = self.keys.orders
+        await asyncio.gather(
+            self.pipe.call("XACK", orders, group, message_id, what="ack an order"),
+            self.pipe.call("XDEL", orders, message_id, what="drop an order"),
+        )
+
     async def bound_reservation(self, idempotency_field: str) -> str | None:
         """The reservation an Idempotency-Key names while it is held or committed (a
         release unbinds it), or None."""

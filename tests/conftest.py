@@ -97,3 +97,56 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     ):
         subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
     return files
+
+
+# --- Redis Sentinel and Cluster topologies (real servers, see gateway/embedded/topology.py) ---
+
+from collections.abc import Callable  # noqa: E402
+
+from gateway.embedded.topology import ClusterTopology, SentinelTopology  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    """One primary, two replicas, three Sentinels, shared: a test must leave it healthy, so a
+    test that kills a node uses ``fresh_sentinel``."""
+    with SentinelTopology() as topology:
+        yield topology
+
+
+@pytest.fixture(scope="session")
+def cluster_topology() -> Iterator[ClusterTopology]:
+    """Three primaries with two replicas each, shared: a test that moves a slot moves it back,
+    and one that kills a node uses ``fresh_cluster``."""
+    with ClusterTopology() as topology:
+        yield topology
+
+
+@pytest.fixture
+def fresh_sentinel() -> Iterator[Callable[..., SentinelTopology]]:
+    """``fresh_sentinel(**options)``: a started topology of this test's own, closed after it."""
+    started: list[SentinelTopology] = []
+
+    def start(**options: Any) -> SentinelTopology:
+        topology = SentinelTopology(**options)
+        started.append(topology)
+        return topology.start()
+
+    yield start
+    for topology in started:
+        topology.close()
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[Callable[..., ClusterTopology]]:
+    """``fresh_cluster(**options)``: a started cluster of this test's own, closed after it."""
+    started: list[ClusterTopology] = []
+
+    def start(**options: Any) -> ClusterTopology:
+        topology = ClusterTopology(**options)
+        started.append(topology)
+        return topology.start()
+
+    yield start
+    for topology in started:
+        topology.close()

@@ -20,6 +20,7 @@ from gateway.config import Settings, parse_settings
 from gateway.core.runtime import Runtime
 from gateway.edge.server import edge_handler
 from gateway.operations.admin import create_admin_app
+from gateway.process.serve import admin_parts, edge_parts
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
 
@@ -114,13 +115,19 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def open_gateway(
-    settings: Settings, redis_url: str, *, config_path: str | None = None
+    settings: Settings,
+    redis_url: str,
+    *,
+    config_path: str | None = None,
+    respawned: bool = False,
 ) -> AsyncIterator[Gateway]:
-    async with Runtime.open(settings, redis_url, config_path=config_path) as runtime:
+    async with Runtime.open(
+        settings, redis_url, config_path=config_path, respawned=respawned
+    ) as runtime:
         edge: TestClient[web.BaseRequest, None] = TestClient(
-            RawTestServer(edge_handler(runtime), host="127.0.0.1")
+            RawTestServer(edge_handler(edge_parts(runtime)), host="127.0.0.1")
         )
-        admin = TestClient(TestServer(create_admin_app(runtime), host="127.0.0.1"))
+        admin = TestClient(TestServer(create_admin_app(admin_parts(runtime)), host="127.0.0.1"))
         await edge.start_server()
         await admin.start_server()
         try:

@@ -22,6 +22,7 @@ from gateway.config import ConfigError, Route, Settings, load_settings, parse_se
 from gateway.config.schema import Invalid
 from gateway.config.values import duration
 from gateway.process import cli
+from gateway.process.env import INVALID
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -159,7 +160,7 @@ def test_check_json_reports_each_bad_file(
     code = cli.main(["check", "-c", str(file), "--json"])
 
     out = capsys.readouterr().out
-    assert code == cli.INVALID == 2
+    assert code == INVALID == 2
     document = json.loads(out)
     assert document["file"] == str(file)
     assert document["valid"] is False

@@ -53,7 +53,7 @@ async def test_a_sale_waits_for_a_replica_and_fails_closed_without_one(
     settings_data["redis"] = {"wait_for_replicas": 1, "replica_timeout": "100ms", "timeout": "1s"}
     await wait_for(lambda: _replicated(primary_client), within=10)
     async with open_gateway(settings_for(settings_data), primary.url) as gateway:
-        await wait_for(lambda: gateway.runtime.ready, within=15)
+        await wait_for(lambda: gateway.runtime.readiness.initialised_all, within=15)
         assert (await gateway.buy("alice")).status == 201
         # the sale is on the replica: a promoted replica would know it
         replica_client = Redis.from_url(replica.url)
@@ -68,7 +68,7 @@ async def test_a_sale_waits_for_a_replica_and_fails_closed_without_one(
 
         replica.start()
         await wait_for(lambda: _replicated(primary_client), within=15)
-        await wait_for(lambda: gateway.runtime.ready, within=15)
+        await wait_for(lambda: gateway.runtime.readiness.initialised_all, within=15)
 
         async def settled() -> bool:
             figures = as_text(await primary_client.hgetall("fg:{phone-1111}:state"))

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.embedded.server import free_port
-from gateway.forwarding.http1 import Answer, Http1Client, HttpFailure, NotSent, TooLarge
+from gateway.forwarding.http1 import Http1Client, HttpFailure, NotSent, RawReply, TooLarge
 from tests.helpers import TlsFiles
 
 MAX_BODY = 1024
@@ -91,7 +91,7 @@ async def call(
     body: bytes = b"{}",
     headers: list[tuple[str, str]] | None = None,
     within: float = 2.0,
-) -> Answer:
+) -> RawReply:
     encoded = client.encode(method, path, headers or [("X-User-Id", "u1")], body)
     return await client.send(method, encoded, within)
 

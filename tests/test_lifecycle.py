@@ -71,7 +71,7 @@ def campaign_of(settings_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def store_of(gateway: Gateway) -> CampaignStore:
-    return gateway.runtime.registry.by_id[CAMPAIGN].store
+    return gateway.runtime.snapshot.campaigns[CAMPAIGN].store
 
 
 def record_key(rid: str) -> str:
@@ -715,7 +715,7 @@ async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_fo
     undo then leaves it to its delivery."""
     campaign_of(settings_data).update(forward="queue", stock=3)
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
-        store = gw.runtime.registry.by_id[CAMPAIGN].store
+        store = gw.runtime.snapshot.campaigns[CAMPAIGN].store
         rid = await reserved_for_a_503(store, "alice", "k-1")
         await asyncio.sleep(0.3)
         assert shop.seen == []  # not handed over: nobody delivers it
@@ -735,7 +735,7 @@ async def test_a_retry_whose_hand_over_redis_did_not_confirm_is_not_told_given_b
     outcome is unknown and how to learn it, never that the units were given back."""
     campaign_of(settings_data).update(forward="queue", stock=3)
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
-        store = gw.runtime.registry.by_id[CAMPAIGN].store
+        store = gw.runtime.snapshot.campaigns[CAMPAIGN].store
         rid = await reserved_for_a_503(store, "alice", "k-1")
         hand_over = store.hand_over
 
@@ -1024,7 +1024,7 @@ async def test_a_fault_of_the_dispatcher_neither_counts_nor_holds_a_delivery_slo
 ) -> None:
     campaign_of(settings_data).update(forward="queue", retry_backoff="1s", max_attempts=1)
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
-        backend = gw.runtime.upstreams["shop"]
+        backend = gw.runtime.snapshot.upstreams["shop"]
         await backend.close()  # sending now fails in this process, not at the backend
         response = await gw.buy("alice")
         rid = (await response.json())["reservation_id"]

@@ -25,10 +25,8 @@ from redis.asyncio import Redis
 
 from gateway.config import AccessLogSettings, ConfigError, load_settings
 from gateway.core.accesslog import AccessLog
-from gateway.core.reload import reload_file
 from gateway.embedded.server import EmbeddedRedis
-from gateway.process.serve import _reload_on_sighup
-from gateway.process.supervisor import EARLY_RELOAD, RESPAWNED_ENV
+from gateway.process.serve import EARLY_RELOAD, _reload_on_sighup
 from tests.helpers import (
     AUTH,
     Gateway,
@@ -200,18 +198,16 @@ async def test_a_respawned_worker_never_recreates_vanished_counters(
     settings_data: dict[str, Any],
     redis_server: EmbeddedRedis,
     redis: Redis,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis lost its data and a worker died: the supervisor's replacement must not put
     the file's full stock on sale again; it waits for the counters (503 meanwhile)."""
-    monkeypatch.setenv(RESPAWNED_ENV, "1")
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with open_gateway(settings_for(settings_data), redis_server.url, respawned=True) as gw:
         ready = await gw.admin.get("/readyz")
         assert (ready.status, (await ready.json())["campaigns_waiting"]) == (503, ["phone-1111"])
         assert (await problem_of(await gw.buy("alice")))["code"] == "unavailable"
         assert await redis.exists("fg:{phone-1111}:state") == 0
         # the operator restores the campaign (here: as its first gateways had created it)
-        await gw.runtime.registry.by_id["phone-1111"].store.init(7, "operator")
+        await gw.runtime.snapshot.campaigns["phone-1111"].store.init(7, "operator")
 
         async def ready_again() -> bool:
             return (await gw.admin.get("/readyz")).status == 200
@@ -512,7 +508,7 @@ async def test_a_sighup_that_came_while_starting_reloads_once_serving(
             _reload_on_sighup(gw.runtime)
 
             def reloaded() -> bool:
-                return gw.runtime.registry.by_id["phone-1111"].settings.per_user_limit == 3
+                return gw.runtime.snapshot.campaigns["phone-1111"].settings.per_user_limit == 3
 
             await wait_for(reloaded, within=5)
             assert not EARLY_RELOAD.is_set()
@@ -554,7 +550,7 @@ async def test_a_reload_during_a_delivery_backoff_delivers_on_the_new_backend(
         assert (await gw.admin.post("/reload", headers=AUTH)).status == 200
 
         async def settled() -> bool:
-            record = await gw.runtime.registry.by_id["phone-1111"].store.reservation(rid)
+            record = await gw.runtime.snapshot.campaigns["phone-1111"].store.reservation(rid)
             return record is not None and record.state.value == "committed"
 
         await wait_for(settled, within=10)
@@ -574,18 +570,18 @@ async def test_reloads_run_one_after_another_and_the_last_files_outcome_stays(
             {"id": "tv-2222", "route": "POST /seckill/tv-2222", "upstream": "shop", "stock": 5}
         )
         _write(path, added)
-        first = asyncio.ensure_future(reload_file(gw.runtime, str(path)))
+        first = asyncio.ensure_future(gw.runtime.reloader.reload())
         await asyncio.sleep(0)  # the first is applying (it waits on Redis) ...
         broken = json.loads(json.dumps(added))
         broken["campaigns"][0]["stock"] = -5
         _write(path, broken)  # ... when a second SIGHUP reads a refused file
-        outcomes = await asyncio.gather(
-            first, reload_file(gw.runtime, str(path)), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(first, gw.runtime.reloader.reload(), return_exceptions=True)
         assert not isinstance(outcomes[0], BaseException)
         assert isinstance(outcomes[1], ConfigError)
-        assert "campaigns[0].stock" in (gw.runtime.reload_error or "")  # not wiped by the first
-        assert "tv-2222" in gw.runtime.registry.by_id
+        assert "campaigns[0].stock" in (
+            gw.runtime.readiness.reload_error or ""
+        )  # not wiped by the first
+        assert "tv-2222" in gw.runtime.snapshot.campaigns
 
 
 @pytest.mark.integration

@@ -249,7 +249,7 @@ async def test_a_fault_of_the_gateway_while_forwarding_releases(
 ) -> None:
     # A backend pool closed under the request (as a reload retires one) is the
     # gateway's own fault: the buyer gets a 500, and the units are back first.
-    await gateway.runtime.upstreams["shop"].close()
+    await gateway.runtime.snapshot.upstreams["shop"].close()
     response = await gateway.buy("alice")
     assert (response.status, (await problem_of(response))["code"]) == (500, "internal")
     state = await check_invariant(redis, "phone-1111", per_user_limit=1)
@@ -426,7 +426,7 @@ async def test_stock_returned_by_another_process_clears_the_flag(
     for i in range(10):
         await gateway.buy(f"user-{i}")
     assert (await gateway.buy("late")).status == 409
-    store = gateway.runtime.registry.by_id["phone-1111"].store
+    store = gateway.runtime.snapshot.campaigns["phone-1111"].store
     await store.adjust(delta=1, actor="elsewhere")
     # make sure this process's own flag update is not what clears it
     gateway.runtime.watch.mark_sold_out("phone-1111")

@@ -74,7 +74,8 @@ def test_wheel_contains_every_script(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("limiter/lua/")) == LUA
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "flashgate = gateway.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "flashgate = gateway.process.cli:main" in scripts
 
 
 def test_wheel_works_in_a_fresh_virtualenv(wheel: Path, tmp_path: Path) -> None:

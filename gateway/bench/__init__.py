@@ -1,0 +1,6 @@
+"""``flashgate bench``: flash sales on this machine, flashgate against baselines run
+in the same script, reported as ratios. Imported by the CLI only, and lazily: this
+module stays small so that ``flashgate run`` does not load the harness."""
+
+#: What ``--scenario`` may name; all of them by default.
+SCENARIOS = ("oversubscribed", "sold-out", "round-trips", "latency", "workers", "access-log")

@@ -40,6 +40,7 @@ import yaml
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from gateway.bench import SCENARIOS
 from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.wrk import available as wrk_available
 from gateway.bench.wrk import run_wrk
@@ -51,7 +52,6 @@ PATH = "/seckill/bench"
 TOKEN = "bench-admin-token-not-secret"
 #: The latency comparison at ``--latency-rate``.
 FIXED_RATE = "latency at a fixed rate"
-SCENARIOS = ("oversubscribed", "sold-out", "round-trips", "latency", "workers", "access-log")
 
 
 @dataclass(frozen=True)

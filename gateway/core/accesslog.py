@@ -113,6 +113,12 @@ class AccessLog:
         finally:
             self.close()
 
+    def reconfigure(self, settings: AccessLogSettings) -> None:
+        """New settings (a reload): what was collected goes where the old ones said."""
+        if settings != self.settings:
+            self.close()
+            self.settings = settings
+
     def close(self) -> None:
         self.flush()
         self._close_stream()

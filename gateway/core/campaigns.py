@@ -1,22 +1,21 @@
-"""The running campaigns of a process, and the registry the router reads.
-
-App state is frozen once aiohttp starts, so the runtime holds a registry object
-and swaps in a new one on reload; a request keeps the snapshot it started with.
-"""
+"""A running campaign: its settings and the objects that serve it, built together
+and replaced together on reload."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from gateway.admission.shaping import Shaper
-from gateway.config import CampaignSettings
+from gateway.config import CampaignSettings, Settings
+from gateway.forwarding.settle import Settlement
 from gateway.forwarding.upstream import Upstream
 from gateway.problems import CannedProblem, Code, Problem
 from limiter.batching import TickBatcher
+from limiter.keys import CampaignKeys
+from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, Decision
-from limiter.store import CampaignStore
+from limiter.scripts import Scripts
+from limiter.store import CampaignStore, StorePolicy
 
 
 @dataclass(eq=False, slots=True)
@@ -25,8 +24,10 @@ class Campaign:
     store: CampaignStore
     #: reserve attempts of one event-loop tick -> one reserve.lua call
     batcher: TickBatcher[Attempt, Decision]
+    #: its backend, as configured when this object was built
     upstream: Upstream
     shaper: Shaper
+    settle: Settlement
     sold_out: CannedProblem = field(init=False)
 
     def __post_init__(self) -> None:
@@ -39,20 +40,16 @@ class Campaign:
         return self.settings.id
 
 
-@dataclass(frozen=True, slots=True)
-class Registry:
-    by_id: Mapping[str, Campaign] = field(default_factory=lambda: MappingProxyType({}))
-    #: path -> method -> campaign
-    routes: Mapping[str, Mapping[str, Campaign]] = field(
-        default_factory=lambda: MappingProxyType({})
+def store_for(
+    settings: Settings, campaign: CampaignSettings, pipe: AutoPipeline, scripts: Scripts
+) -> CampaignStore:
+    """The Redis side of one campaign (also what the operator tools use)."""
+    policy = StorePolicy(
+        per_user_limit=campaign.per_user_limit,
+        # sync: the backend's answer settles it; queue: the 202 hands the order over
+        reserve_deadline_ms=round(campaign.forward_deadline * 1000),
+        ledger_max_length=settings.ledger.max_length,
+        mode=campaign.forward,
     )
-
-    @classmethod
-    def of(cls, campaigns: Iterable[Campaign]) -> Registry:
-        by_id: dict[str, Campaign] = {}
-        routes: dict[str, dict[str, Campaign]] = {}
-        for campaign in campaigns:
-            by_id[campaign.id] = campaign
-            route = campaign.settings.route
-            routes.setdefault(route.path, {})[route.method] = campaign
-        return cls(MappingProxyType(by_id), MappingProxyType(routes))
+    keys = CampaignKeys(campaign.id, settings.redis.key_prefix)
+    return CampaignStore(pipe, scripts, keys, policy)

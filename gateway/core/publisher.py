@@ -16,7 +16,6 @@ import os
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from gateway.core.campaigns import Campaign
+from gateway.core.snapshot import SnapshotHolder
 from gateway.stats import (
     CIRCUIT_OPEN,
     CIRCUIT_OPENINGS,
@@ -40,9 +41,8 @@ from gateway.stats import (
     REQUESTS,
     VERSION,
 )
-
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
+from limiter.guard import RedisGuard
+from limiter.pipeline import AutoPipeline
 
 
 @dataclass
@@ -165,20 +165,41 @@ class Publisher:
     """Moves one process's counts into the Prometheus metrics (every second, and
     before each scrape)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        live: SnapshotHolder,
+        guard: RedisGuard,
+        pipe: AutoPipeline,
+        deliveries: Tally[tuple[str, str]] | None,
+    ) -> None:
+        self.live = live
+        self.guard = guard
+        self.pipe = pipe
+        #: The dispatcher's delivery results by (campaign, result), when it runs here.
+        self.deliveries = deliveries
         self.hot = HotCounters()
         self._seen: dict[tuple[object, ...], int] = {}
 
     def flush(self) -> None:
-        rt = self.runtime
         self.hot.flush()
-        for what, count in list(rt.guard.errors.items()):
+        guard = self.guard
+        for what, count in list(guard.errors.items()):
             self._add(REDIS_ERRORS, ("redis", what), count, what)
+        self._limit_refusals()
+        for (campaign_id, result), count in list((self.deliveries or {}).items()):
+            self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
+        self._add(CIRCUIT_OPENINGS, ("openings",), guard.breaker.openings)
+        timings, self.pipe.timings = self.pipe.timings, []
+        for seconds in timings:
+            REDIS_SECONDS.observe(seconds)
+        CIRCUIT_OPEN.set(1 if guard.breaker.is_open else 0)
+        LOOP_STALL_SECONDS.set(guard.stalls.take_max_stall())
+
+    def _limit_refusals(self) -> None:
         # A reload replaces the shapers, whose counts start again from zero: they are
         # told apart by identity, and a retired one's entries go (its id may be reused).
         current: set[int] = set()
-        for campaign in rt.registry.by_id.values():
+        for campaign in self.live.current.campaigns.values():
             shaper = campaign.shaper
             for counts, mode in ((shaper.refused, "enforce"), (shaper.shadowed, "shadow")):
                 current.add(id(counts))
@@ -186,15 +207,6 @@ class Publisher:
                     self._add(LIMIT_REFUSALS, (id(counts), limit), count, campaign.id, limit, mode)
         for key in [k for k in self._seen if isinstance(k[0], int) and k[0] not in current]:
             del self._seen[key]
-        if rt.dispatcher is not None:
-            for (campaign_id, result), count in list(rt.dispatcher.results.items()):
-                self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
-        self._add(CIRCUIT_OPENINGS, ("openings",), rt.guard.breaker.openings)
-        timings, rt.pipe.timings = rt.pipe.timings, []
-        for seconds in timings:
-            REDIS_SECONDS.observe(seconds)
-        CIRCUIT_OPEN.set(1 if rt.guard.breaker.is_open else 0)
-        LOOP_STALL_SECONDS.set(rt.guard.stalls.take_max_stall())
 
     def _add(self, counter: Counter, key: tuple[object, ...], total: int, *labels: str) -> None:
         """Add what ``total`` (a cumulative count) grew by since the last flush."""
@@ -204,10 +216,11 @@ class Publisher:
             (counter.labels(*labels) if labels else counter).inc(grown)
 
 
-async def read_redis_figures(runtime: Runtime, figures: RedisFigures) -> None:
-    """Fill ``figures`` from Redis: counters, reservations by state, queue, dead letters."""
-    campaigns = list(runtime.registry.by_id.values())
-    pipe = runtime.pipe
+async def read_redis_figures(
+    pipe: AutoPipeline, campaigns: Iterable[Campaign], processes: int
+) -> RedisFigures:
+    """The figures Redis holds: counters, reservations by state, queue, dead letters."""
+    campaigns = list(campaigns)
     replies = await asyncio.gather(
         *(
             reply
@@ -226,6 +239,8 @@ async def read_redis_figures(runtime: Runtime, figures: RedisFigures) -> None:
         counters = {k: v for k, v in values.items() if not k.startswith("n:")}
         by_state = {k[2:]: v for k, v in values.items() if k.startswith("n:")}
         read.append(CampaignFigures(campaign.id, counters, by_state, int(queued), int(dead)))
+    figures = RedisFigures()
     figures.campaigns = read
-    figures.processes = runtime.processes
+    figures.processes = processes
     figures.read = True
+    return figures

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from gateway.admission.identity import identity_for
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.core.campaigns import Registry
-from gateway.forwarding.upstream import Upstream
+from gateway.core.health import Readiness
+from gateway.core.snapshot import SnapshotHolder
 from gateway.stats import RELOADS
-
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,81 +54,54 @@ def restart_only(old: Settings, new: Settings) -> list[tuple[str, str]]:
     return [(path, "changing it needs a restart") for path, (a, b) in fixed.items() if a != b]
 
 
-async def reload_file(runtime: Runtime, path: str) -> Reloaded:
-    """Load ``path`` and apply it; raises ConfigError (the running config stays).
+class Reloader:
+    """Reloads of one process, one at a time: a second SIGHUP while the first still
+    prepares its campaigns waits, so the last file read is the one whose outcome stays
+    (and is shown on /readyz)."""
 
-    One reload at a time: a second SIGHUP while the first still prepares its campaigns
-    waits, so the last file read is the one whose outcome stays (and is shown)."""
-    async with runtime.reloading:
-        return await _reload_file(runtime, path)
+    def __init__(
+        self,
+        live: SnapshotHolder,
+        apply: Callable[[Settings], Awaitable[Reloaded]],
+        readiness: Readiness,
+        path: str | None,
+    ) -> None:
+        self.live = live
+        self.apply = apply
+        self.readiness = readiness
+        #: The file a reload reads (None: settings given in code, nothing to reload).
+        self.path = path
+        self._lock = asyncio.Lock()
 
-
-async def _reload_file(runtime: Runtime, path: str) -> Reloaded:
-    try:
+    def check(self, path: str) -> Settings:
+        """The settings in ``path`` if a reload could apply them; raises ConfigError."""
         new = load_settings(path)
-        problems = restart_only(runtime.settings, new)
+        problems = restart_only(self.live.current.settings, new)
         if problems:
             raise ConfigError(path, problems)
-        result = await apply(runtime, new)
-    except ConfigError as exc:
-        RELOADS.labels("failure").inc()
-        runtime.reload_error = "; ".join(exc.lines())
-        log.error("reload refused, the running configuration stays:\n%s", exc)
-        raise
-    RELOADS.labels("success").inc()
-    runtime.reload_error = None
-    log.info(
-        "reloaded %s: %s",
-        path,
-        "; ".join(f"{what} {', '.join(ids) or 'none'}" for what, ids in result.summary().items()),
-    )
-    return result
+        return new
 
+    async def reload(self) -> Reloaded:
+        """Load the file and apply it; raises ConfigError (the running config stays)."""
+        if self.path is None:
+            raise ConfigError("<settings>", [("", "this gateway was not started from a file")])
+        async with self._lock:
+            return await self._reload(self.path)
 
-async def apply(runtime: Runtime, new: Settings) -> Reloaded:
-    old_campaigns = set(runtime.registry.by_id)
-    retired = await _swap_upstreams(runtime, new)
-    runtime.settings = new
-    runtime.identity = identity_for(new.identity)
-    runtime.max_body = new.gateway.max_body_bytes
-    runtime.body_timeout = new.gateway.body_timeout
-    runtime.guard.timeout = new.redis.timeout
-    runtime.pipe.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
-    if new.access_log != runtime.access.settings:
-        runtime.access.close()
-        runtime.access.settings = new.access_log
-    # Every campaign object is rebuilt (cheap); requests in flight keep the old ones.
-    runtime.publisher.flush()  # the old campaigns' counts, before they are replaced
-    runtime.registry = Registry.of(runtime.build_campaign(c) for c in new.campaigns)
-    runtime.initialised &= set(runtime.registry.by_id)
-    await runtime.prepare_or_retry()
-    if retired:
-        runtime.spawn(_close_later(retired, grace=max(u.settings.timeout for u in retired) + 1))
-    new_campaigns = set(runtime.registry.by_id)
-    return Reloaded(
-        added=sorted(new_campaigns - old_campaigns),
-        removed=sorted(old_campaigns - new_campaigns),
-        kept=sorted(new_campaigns & old_campaigns),
-    )
-
-
-async def _swap_upstreams(runtime: Runtime, new: Settings) -> list[Upstream]:
-    """Open changed and new backends; return the ones to close once their requests end."""
-    upstreams: dict[str, Upstream] = {}
-    for name, settings in new.upstreams.items():
-        current = runtime.upstreams.get(name)
-        if current is not None and current.settings == settings:
-            upstreams[name] = current
-        else:
-            upstreams[name] = Upstream(name, settings)
-            await upstreams[name].open()
-    kept = {id(u) for u in upstreams.values()}
-    retired = [u for u in runtime.upstreams.values() if id(u) not in kept]
-    runtime.upstreams = upstreams
-    return retired
-
-
-async def _close_later(upstreams: list[Upstream], grace: float) -> None:
-    await asyncio.sleep(grace)
-    for upstream in upstreams:
-        await upstream.close()
+    async def _reload(self, path: str) -> Reloaded:
+        try:
+            result = await self.apply(self.check(path))
+        except ConfigError as exc:
+            RELOADS.labels("failure").inc()
+            self.readiness.reload_error = "; ".join(exc.lines())
+            log.error("reload refused, the running configuration stays:\n%s", exc)
+            raise
+        RELOADS.labels("success").inc()
+        self.readiness.reload_error = None
+        summary = result.summary().items()
+        log.info(
+            "reloaded %s: %s",
+            path,
+            "; ".join(f"{what} {', '.join(ids) or 'none'}" for what, ids in summary),
+        )
+        return result

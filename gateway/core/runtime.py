@@ -1,5 +1,11 @@
-"""Everything one gateway process holds while it runs, opened and closed together:
-the Redis pool and scripts, the campaigns, the backends, the background tasks."""
+"""The composition root of one gateway process: it opens the Redis clients and the
+backends, builds the snapshot and every component from its narrow parts, runs the
+background loops, and closes it all together.
+
+Nothing but this module and the process layer knows the Runtime: components get the
+store, the upstream, the holder, the spawn callable they need. A reload builds a new
+snapshot here (``apply``) and swaps it in one assignment.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,25 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from functools import partial
 from typing import Any
 
-from gateway.admission.identity import Identity, identity_for
+from gateway.admission.identity import identity_for
 from gateway.admission.shaping import Shaper
-from gateway.config import CampaignSettings, Settings
+from gateway.config import CampaignSettings, Settings, UpstreamSettings
 from gateway.core.accesslog import AccessLog
-from gateway.core.campaigns import Campaign, Registry
+from gateway.core.campaigns import Campaign, store_for
+from gateway.core.health import Readiness
+from gateway.core.heartbeat import Heartbeat
 from gateway.core.publisher import Publisher
+from gateway.core.reload import Reloaded, Reloader
+from gateway.core.snapshot import Snapshot, SnapshotHolder
 from gateway.core.stockwatch import StockWatch
 from gateway.core.sweeper import run_sweeper
 from gateway.forwarding.delivery import Dispatcher, ensure_group
+from gateway.forwarding.settle import Settlement
 from gateway.forwarding.upstream import Upstream
-from gateway.process.supervisor import RESPAWNED_ENV
 from limiter.connection import connect
 from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard
@@ -31,29 +41,13 @@ from limiter.logs import Throttled
 from limiter.pipeline import AutoPipeline
 from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
-from limiter.store import CampaignStore, StorePolicy
+from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
 throttled = Throttled(log, every=60.0)
 
 SWEEP_INTERVAL = 1.0
 PREPARE_RETRY = 1.0
-HEARTBEAT_SECONDS = 1.0
-HEARTBEAT_TTL_MS = 5000
-
-
-def campaign_store(
-    settings: Settings, campaign: CampaignSettings, pipe: AutoPipeline, scripts: Scripts
-) -> CampaignStore:
-    policy = StorePolicy(
-        per_user_limit=campaign.per_user_limit,
-        # sync: the backend's answer settles it; queue: the 202 hands the order over
-        reserve_deadline_ms=round(campaign.forward_deadline * 1000),
-        ledger_max_length=settings.ledger.max_length,
-        mode=campaign.forward,
-    )
-    keys = CampaignKeys(campaign.id, settings.redis.key_prefix)
-    return CampaignStore(pipe, scripts, keys, policy)
 
 
 class Runtime:
@@ -64,30 +58,17 @@ class Runtime:
         *,
         dispatch: bool = True,
         config_path: str | None = None,
+        respawned: bool = False,
     ) -> None:
-        self.settings = settings
-        self.redis_url = redis_url
         #: Campaigns this process must find in Redis, never create: a worker the
         #: supervisor started in place of a dead one, whose siblings created them. Should
         #: Redis have lost them meanwhile, recreating would put the full stock on sale again.
-        self.must_exist = (
-            {c.id for c in settings.campaigns} if os.environ.get(RESPAWNED_ENV) else set()
-        )
-        #: The file a reload reads (None: settings given in code, nothing to reload).
-        self.config_path = config_path
+        self.must_exist = {c.id for c in settings.campaigns} if respawned else set()
         self.redis = connect(
             redis_url,
             max_connections=settings.redis.max_connections,
             timeout=settings.redis.timeout,
         )
-        #: The dispatcher's blocking reads get connections of their own.
-        self.dispatcher: Dispatcher | None = None
-        if dispatch:
-            # no retries: a blocking read that fails must come back, not start again
-            blocking = connect(
-                redis_url, max_connections=64, timeout=settings.redis.timeout, retries=0
-            )
-            self.dispatcher = Dispatcher(self, blocking)
         self.scripts = Scripts.register(self.redis)
         self.guard = RedisGuard(settings.redis.timeout)
         self.pipe = AutoPipeline(
@@ -97,24 +78,38 @@ class Runtime:
             replica_timeout_ms=round(settings.redis.replica_timeout * 1000),
         )
         self.watch = StockWatch(self.redis, self.pipe)
-        self.upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
-        self.identity: Identity = identity_for(settings.identity)
-        self.max_body = settings.gateway.max_body_bytes
-        self.body_timeout = settings.gateway.body_timeout
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
-        self.publisher = Publisher(self)
+        self.heartbeat = Heartbeat(
+            self.pipe,
+            self.scripts,
+            processes_key(settings.redis.key_prefix),
+            self.actor,
+            on_count=self._share,
+        )
+        upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
+        self.live = SnapshotHolder(self._snapshot(settings, upstreams))
+        self.readiness = Readiness(self.live, self.watch, self.guard.breaker)
+        self.reloader = Reloader(self.live, self.apply, self.readiness, config_path)
+        #: The dispatcher's blocking reads get connections of their own.
+        self.dispatcher: Dispatcher | None = None
+        if dispatch:
+            # no retries: a blocking read that fails must come back, not start again
+            blocking = connect(
+                redis_url, max_connections=64, timeout=settings.redis.timeout, retries=0
+            )
+            self.dispatcher = Dispatcher(
+                self.live.campaigns,
+                blocking,
+                consumer=self.actor,
+                redis_timeout=settings.redis.timeout,
+            )
+        self.publisher = Publisher(
+            self.live,
+            self.guard,
+            self.pipe,
+            self.dispatcher.results if self.dispatcher else None,
+        )
         self.access = AccessLog(settings.access_log)
-        #: Gateway processes sharing this Redis, as last counted.
-        self.processes = 1
-        self.registry = Registry.of(self.build_campaign(c) for c in settings.campaigns)
-        #: Why the last reload was refused (None after a good one).
-        self.reload_error: str | None = None
-        #: Held while a reload applies: reloads run one after another.
-        self.reloading = asyncio.Lock()
-        #: Set on SIGTERM: readiness fails while requests in flight finish.
-        self.draining = False
-        #: Campaigns whose counters are known to exist in Redis.
-        self.initialised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._preparing: asyncio.Task[None] | None = None
@@ -128,8 +123,11 @@ class Runtime:
         *,
         dispatch: bool = True,
         config_path: str | None = None,
+        respawned: bool = False,
     ) -> AsyncIterator[Runtime]:
-        runtime = cls(settings, redis_url, dispatch=dispatch, config_path=config_path)
+        runtime = cls(
+            settings, redis_url, dispatch=dispatch, config_path=config_path, respawned=respawned
+        )
         await runtime.start()
         try:
             yield runtime
@@ -137,39 +135,85 @@ class Runtime:
             await runtime.stop()
 
     @property
-    def ready(self) -> bool:
-        return self.initialised >= self.registry.by_id.keys()
+    def snapshot(self) -> Snapshot:
+        return self.live.current
 
-    def build_campaign(self, settings: CampaignSettings) -> Campaign:
-        store = campaign_store(self.settings, settings, self.pipe, self.scripts)
-        keys = store.keys
-        batcher = reserve_batcher(store, self.actor, self.spawn)
-        shaper = Shaper(
+    # --- building a snapshot
+
+    def _snapshot(self, settings: Settings, upstreams: Mapping[str, Upstream]) -> Snapshot:
+        return Snapshot.of(
             settings,
-            self.settings.gateway,
+            (self._campaign(settings, c, upstreams[c.upstream]) for c in settings.campaigns),
+            upstreams,
+            identity_for(settings.identity),
+        )
+
+    def _campaign(
+        self, settings: Settings, campaign: CampaignSettings, upstream: Upstream
+    ) -> Campaign:
+        store = store_for(settings, campaign, self.pipe, self.scripts)
+        shaper = Shaper(
+            campaign,
+            settings.gateway,
             self.pipe,
             self.scripts,
-            keys,
-            on_sold_out=partial(self.watch.mark_sold_out, settings.id),
+            store.keys,
+            on_sold_out=partial(self.watch.mark_sold_out, campaign.id),
         )
-        shaper.share(self.processes)  # a reload's new shaper falls back to its share at once
-        return Campaign(settings, store, batcher, self.upstreams[settings.upstream], shaper)
+        shaper.share(self.heartbeat.processes)  # a reload's new shaper has its share at once
+        return Campaign(
+            campaign,
+            store,
+            reserve_batcher(store, self.actor, self.spawn),
+            upstream,
+            shaper,
+            Settlement(store, campaign, self.actor, self.spawn),
+        )
+
+    async def apply(self, new: Settings) -> Reloaded:
+        """Swap in a snapshot built from ``new``: new and changed backends open, changed
+        campaigns get new objects (requests in flight keep the old ones), missing
+        counters are created; retired backends close once their requests are done."""
+        old = self.live.current
+        upstreams, retired = await _reuse_or_open(old.upstreams, new.upstreams)
+        self.guard.timeout = new.redis.timeout
+        self.pipe.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
+        self.access.reconfigure(new.access_log)
+        self.publisher.flush()  # the old campaigns' counts, before they are replaced
+        self.live.current = self._snapshot(new, upstreams)
+        self.readiness.initialised &= set(self.live.current.campaigns)
+        await self.prepare_or_retry()
+        if retired:
+            grace = max(u.settings.timeout for u in retired) + 1
+            self.spawn(_close_later(retired, grace))
+        before, after = set(old.campaigns), set(self.live.current.campaigns)
+        return Reloaded(
+            added=sorted(after - before),
+            removed=sorted(before - after),
+            kept=sorted(after & before),
+        )
+
+    def _share(self, processes: int) -> None:
+        for campaign in self.live.current.campaigns.values():
+            campaign.shaper.share(processes)
 
     def stores(self) -> Iterable[CampaignStore]:
-        return [c.store for c in self.registry.by_id.values()]
+        return [c.store for c in self.live.current.campaigns.values()]
 
     def campaign_keys(self) -> Iterable[CampaignKeys]:
-        return [c.store.keys for c in self.registry.by_id.values()]
+        return [c.store.keys for c in self.live.current.campaigns.values()]
+
+    # --- running
 
     async def start(self) -> None:
-        for upstream in self.upstreams.values():
+        for upstream in self.live.current.upstreams.values():
             await upstream.open()
         await self.prepare_or_retry()
         self._loops += [
             self.spawn(self.watch.run_poll(self.campaign_keys)),
             self.spawn(self.watch.run_listener(self.campaign_keys)),
             self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
-            self.spawn(self._heartbeat()),
+            self.spawn(self.heartbeat.run()),
             self.spawn(self._publish_metrics()),
             self.spawn(self.access.run()),
         ]
@@ -181,8 +225,8 @@ class Runtime:
         ones) and order queues."""
         await self.guard.run(lambda: self.scripts.load(self.redis), "load scripts")
         absent: list[str] = []
-        for campaign in self.registry.by_id.values():
-            if campaign.id in self.initialised:
+        for campaign in self.live.current.campaigns.values():
+            if campaign.id in self.readiness.initialised:
                 continue
             if campaign.id in self.must_exist:
                 try:
@@ -192,26 +236,28 @@ class Runtime:
                     continue
             create = partial(ensure_group, self.redis, campaign.store.keys.orders)
             await self.guard.run(create, "create the order queue")
-            created, figures = await campaign.store.init(
-                campaign.settings.stock, f"config@{self.actor}"
-            )
-            if created:
-                log.info("campaign %s created with stock %d", campaign.id, figures.stock_total)
-            elif figures.stock_total != campaign.settings.stock:
-                log.info(
-                    "campaign %s already in Redis: kept its stock (total %d, available %d), "
-                    "not the file's %d",
-                    campaign.id,
-                    figures.stock_total,
-                    figures.available,
-                    campaign.settings.stock,
-                )
-            self.initialised.add(campaign.id)
+            await self._create_counters(campaign)
+            self.readiness.initialised.add(campaign.id)
         await self.watch.poll(self.campaign_keys())
         if absent:
             raise StorageError(
                 f"campaign(s) {', '.join(absent)} have no counters in Redis, and this restarted "
                 "worker does not recreate them (did Redis lose its data? see docs/operations.md)"
+            )
+
+    async def _create_counters(self, campaign: Campaign) -> None:
+        stock = campaign.settings.stock
+        created, figures = await campaign.store.init(stock, f"config@{self.actor}")
+        if created:
+            log.info("campaign %s created with stock %d", campaign.id, figures.stock_total)
+        elif figures.stock_total != stock:
+            log.info(
+                "campaign %s already in Redis: kept its stock (total %d, available %d), "
+                "not the file's %d",
+                campaign.id,
+                figures.stock_total,
+                figures.available,
+                stock,
             )
 
     async def prepare_or_retry(self) -> None:
@@ -225,28 +271,13 @@ class Runtime:
                 self._loops.append(self._preparing)
 
     async def _prepare_until_done(self) -> None:
-        while not self.ready:
+        while not self.readiness.initialised_all:
             await asyncio.sleep(PREPARE_RETRY)
             try:
                 await self.prepare()
             except StorageError as exc:
                 log.debug("redis still not usable: %s", exc)
         log.info("redis usable again; all campaigns initialised")
-
-    async def _heartbeat(self) -> None:
-        """Count live processes, so limits can fall back to a fair local share."""
-        key = processes_key(self.settings.redis.key_prefix)
-        while True:
-            try:
-                alive = await self.pipe.script(
-                    self.scripts.heartbeat, [key], [self.actor, HEARTBEAT_TTL_MS], "heartbeat"
-                )
-                self.processes = int(alive)
-                for campaign in self.registry.by_id.values():
-                    campaign.shaper.share(self.processes)
-            except StorageError as exc:
-                log.debug("heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -280,7 +311,8 @@ class Runtime:
         self.stop_background()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + grace
-        await asyncio.gather(*(c.batcher.close(grace) for c in self.registry.by_id.values()))
+        campaigns = self.live.current.campaigns.values()
+        await asyncio.gather(*(c.batcher.close(grace) for c in campaigns))
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=max(0.0, give_up - loop.time()))
@@ -289,7 +321,7 @@ class Runtime:
                 task.cancel()
         if self._tasks:  # a task that ignores its cancellation must not hang the exit
             await asyncio.wait(list(self._tasks), timeout=1.0)
-        for upstream in self.upstreams.values():
+        for upstream in self.live.current.upstreams.values():
             await upstream.close()
         await self.pipe.close()
         self.guard.close()
@@ -297,3 +329,26 @@ class Runtime:
         for client in clients:
             await client.aclose()
             await client.connection_pool.disconnect()
+
+
+async def _reuse_or_open(
+    current: Mapping[str, Upstream], wanted: Mapping[str, UpstreamSettings]
+) -> tuple[dict[str, Upstream], list[Upstream]]:
+    """Backends for ``wanted``: unchanged ones kept, new and changed ones opened; and
+    the ones to close once their requests end."""
+    upstreams: dict[str, Upstream] = {}
+    for name, settings in wanted.items():
+        kept = current.get(name)
+        if kept is not None and kept.settings == settings:
+            upstreams[name] = kept
+        else:
+            upstreams[name] = Upstream(name, settings)
+            await upstreams[name].open()
+    in_use = {id(u) for u in upstreams.values()}
+    return upstreams, [u for u in current.values() if id(u) not in in_use]
+
+
+async def _close_later(upstreams: list[Upstream], grace: float) -> None:
+    await asyncio.sleep(grace)
+    for upstream in upstreams:
+        await upstream.close()

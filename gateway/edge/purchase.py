@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from aiohttp import web
 
 from gateway.admission.clientip import forwarded_for
+from gateway.config import GatewaySettings
 from gateway.core.campaigns import Campaign
+from gateway.core.snapshot import Snapshot
 from gateway.edge.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
-from gateway.forwarding.settle import accepted, give_back, replayed_headers, settle_accepted
+from gateway.edge.context import Edge
+from gateway.forwarding.settle import accepted, replayed_headers
 from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
 from gateway.problems import Code, Problem
 from gateway.stats import DECISION_SECONDS
@@ -28,9 +31,6 @@ from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
 from limiter.logs import Throttled
 from limiter.records import Attempt, Decision, Reservation, ReserveStatus, State
-
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 throttled = Throttled(log)
@@ -57,35 +57,38 @@ class Answer(NamedTuple):
     local: bool = False
 
 
-async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseRequest) -> Answer:
+async def purchase(
+    edge: Edge, snapshot: Snapshot, campaign: Campaign, request: web.BaseRequest
+) -> Answer:
     outside = campaign.shaper.window()
     if outside is not None:
         return Answer(outside.code.value, outside.response(), local=True)
-    if campaign.id in runtime.watch.sold_out:
+    if campaign.id in edge.watch.sold_out:
         if IDEMPOTENCY_HEADER not in request.headers:
             return Answer(SOLD_OUT, campaign.sold_out.response(), local=True)
-        return await _retry_after_sold_out(runtime, campaign, request)
+        return await _retry_after_sold_out(snapshot, campaign, request)
     started = time.perf_counter()
     user = ""
+    gateway = snapshot.settings.gateway
     try:
-        user = runtime.identity(request)
+        user = snapshot.identity(request)
         key = idempotency_key(request)
         order = await read_order(
-            request, campaign.settings.max_quantity, runtime.max_body, runtime.body_timeout
+            request, campaign.settings.max_quantity, gateway.max_body_bytes, gateway.body_timeout
         )
         await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
         # The order goes to Redis with the decision: a winner's is kept on its record in
         # the same atomic step, so no crash can lose it.
-        outbound = _outbound(runtime, campaign, request, rid, user, order)
+        outbound = _outbound(gateway, campaign, request, rid, user, order)
         field = idempotency_field(user, key) if key else ""
         attempt = Attempt(rid, user, order.quantity, field, outbound.encode())
         decision = await campaign.batcher.submit(attempt)
         DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
         if decision.status is ReserveStatus.RESERVED and campaign.settings.forward == "sync":
-            code, response = await _forward(runtime, campaign, rid, outbound)
+            code, response = await _forward(edge, campaign, rid, outbound)
         else:
-            code, response = await _outcome(runtime, campaign, attempt, decision)
+            code, response = await _outcome(edge, campaign, attempt, decision)
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
@@ -101,7 +104,7 @@ async def purchase(runtime: Runtime, campaign: Campaign, request: web.BaseReques
 
 
 async def _retry_after_sold_out(
-    runtime: Runtime, campaign: Campaign, request: web.BaseRequest
+    snapshot: Snapshot, campaign: Campaign, request: web.BaseRequest
 ) -> Answer:
     """Sold out, but a request with an Idempotency-Key may be a winner's retry, owed its
     outcome: one read of the key (never the reserve script, never a deduction); a key
@@ -109,7 +112,7 @@ async def _retry_after_sold_out(
     user = ""
     response: web.StreamResponse
     try:
-        user = runtime.identity(request)
+        user = snapshot.identity(request)
         field = idempotency_field(user, idempotency_key(request))
         rid = await campaign.store.bound_reservation(field)
         if rid is None:
@@ -135,7 +138,7 @@ def _unavailable(detail: str) -> Decided:
 
 
 def _outbound(
-    runtime: Runtime,
+    gateway: GatewaySettings,
     campaign: Campaign,
     request: web.BaseRequest,
     rid: str,
@@ -147,16 +150,14 @@ def _outbound(
         "X-Campaign-Id": campaign.id,
         "X-User-Id": user,
         "X-Quantity": str(order.quantity),
-        "X-Forwarded-For": forwarded_for(request, runtime.settings.gateway.trusted_proxies),
+        "X-Forwarded-For": forwarded_for(request, gateway.trusted_proxies),
         "X-Forwarded-Proto": request.scheme,
         "X-Forwarded-Host": request.host,
     }
     return OutboundRequest.of(request.method, request.path_qs, request.headers, order.body, extra)
 
 
-async def _outcome(
-    runtime: Runtime, campaign: Campaign, attempt: Attempt, decision: Decision
-) -> Decided:
+async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: Decision) -> Decided:
     match decision.status:
         case ReserveStatus.RESERVED:
             rid = attempt.reservation_id
@@ -174,7 +175,7 @@ async def _outcome(
         case ReserveStatus.DUPLICATE:
             return "replayed", await _replay(campaign, decision.reservation_id)
         case ReserveStatus.SOLD_OUT:
-            runtime.watch.mark_sold_out(campaign.id)
+            edge.watch.mark_sold_out(campaign.id)
             return SOLD_OUT, campaign.sold_out.response()
         case ReserveStatus.INSUFFICIENT:
             raise Problem(
@@ -211,17 +212,15 @@ def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
     return web.json_response(document, status=202, headers=headers)
 
 
-async def _forward(
-    runtime: Runtime, campaign: Campaign, rid: str, outbound: OutboundRequest
-) -> Decided:
+async def _forward(edge: Edge, campaign: Campaign, rid: str, outbound: OutboundRequest) -> Decided:
     # The backend as configured now: a reload may have replaced the one this request
     # started with (and closes the old one soon).
-    upstream = runtime.registry.by_id.get(campaign.id, campaign).upstream
+    upstream = edge.live.current.campaigns.get(campaign.id, campaign).upstream
     try:
         reply = await upstream.send(outbound)
     except UpstreamError as exc:
         code = Code.UPSTREAM_TIMEOUT if exc.timed_out else Code.UPSTREAM_FAILED
-        await give_back(runtime, campaign, rid, code.value)
+        await campaign.settle.give_back(rid, code.value)
         raise Problem(
             code,
             f"{exc}; the reservation is released",
@@ -229,12 +228,12 @@ async def _forward(
             reservation_id=rid,
         ) from None
     except Exception:  # a fault of this process: the buyer's 500 must not keep the units
-        await give_back(runtime, campaign, rid, "the gateway failed to forward")
+        await campaign.settle.give_back(rid, "the gateway failed to forward")
         raise
     if accepted(reply.status):
-        await settle_accepted(runtime, campaign, rid, reply)
+        await campaign.settle.settle_accepted(rid, reply)
         return "ok", _relay(reply, rid)
-    await give_back(runtime, campaign, rid, f"upstream answered {reply.status}")
+    await campaign.settle.give_back(rid, f"upstream answered {reply.status}")
     if reply.status >= 500:
         raise Problem(
             Code.UPSTREAM_FAILED,

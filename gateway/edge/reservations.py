@@ -4,26 +4,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from gateway.core.snapshot import Snapshot
 from gateway.problems import Code, Problem
 from limiter.errors import StorageError
 from limiter.keys import campaign_of
 from limiter.records import Reservation
 
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
-
 PREFIX = "/reservations/"
 
 
-async def reservation_status(runtime: Runtime, request: web.BaseRequest) -> web.Response:
+async def reservation_status(snapshot: Snapshot, request: web.BaseRequest) -> web.Response:
     try:
-        user = runtime.identity(request)
+        user = snapshot.identity(request)
         rid = request.path.removeprefix(PREFIX)
-        campaign = runtime.registry.by_id.get(campaign_of(rid) or "")
+        campaign = snapshot.campaigns.get(campaign_of(rid) or "")
         record = await campaign.store.reservation(rid) if campaign else None
         if record is None or record.user_id != user:
             raise Problem(Code.NOT_FOUND, f"you have no reservation {rid}")

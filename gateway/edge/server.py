@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 
 from aiohttp import web
 
 from gateway.admission.clientip import client_ip
 from gateway.core.health import Handler, health_handlers
-from gateway.core.runtime import Runtime
+from gateway.edge.context import Edge
 from gateway.edge.purchase import Answer, purchase
-from gateway.edge.reservations import PREFIX as STATUS_PREFIX
+from gateway.edge.reservations import PREFIX as RESERVATIONS
 from gateway.edge.reservations import reservation_status
 from gateway.problems import Code, Problem, problem
 from limiter.logs import Throttled
@@ -28,31 +27,35 @@ log = logging.getLogger(__name__)
 _failures = Throttled(log)
 
 
-def create_server(runtime: Runtime) -> web.Server:
+def create_server(edge: Edge) -> web.Server:
     """The edge server; the body limit (gateway.max_body_bytes, reloadable) is enforced
-    while reading, and no access log is kept here (gateway.accesslog does that)."""
-    return web.Server(edge_handler(runtime), access_log=None)
+    while reading, and no access log is kept here (the access log does that)."""
+    return web.Server(edge_handler(edge), access_log=None)
 
 
-def edge_handler(runtime: Runtime) -> Handler:
-    own = health_handlers(runtime)
-    count = runtime.publisher.hot.request
+def edge_handler(edge: Edge) -> Handler:
+    own = health_handlers(edge.readiness)
+    count = edge.counts.request
+    access = edge.access
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        methods = runtime.registry.routes.get(request.path)
+    async def route(request: web.BaseRequest) -> web.StreamResponse:
+        snapshot = edge.live.current  # this request's, to its end
+        methods = snapshot.routes.get(request.path)
         if methods is None:
             handler = own.get(request.path)
-            if handler is None and request.path.startswith(STATUS_PREFIX):
-                handler = partial(reservation_status, runtime)
+            if handler is None and request.path.startswith(RESERVATIONS):
+                return await _guarded(
+                    lambda r: reservation_status(snapshot, r), request, ("GET", "HEAD")
+                )
             if handler is None:
                 return problem(Code.NOT_FOUND, f"no campaign at {request.path}")
-            return await _guarded(handler, request, allowed=("GET", "HEAD"))
+            return await _guarded(handler, request, ("GET", "HEAD"))
         campaign = methods.get(request.method)
         if campaign is None:
             return _method_not_allowed(request, tuple(methods))
         started = time.perf_counter()
         try:
-            answer = await purchase(runtime, campaign, request)
+            answer = await purchase(edge, snapshot, campaign, request)
         except Exception:
             _failures.log(
                 logging.ERROR, request.path, "purchase at %s failed", request.path, exc_info=True
@@ -60,7 +63,6 @@ def edge_handler(runtime: Runtime) -> Handler:
             failed = problem(Code.INTERNAL, "the gateway failed; the log has the details")
             answer = Answer(Code.INTERNAL.value, failed)
         count(campaign.id, answer.code)
-        access = runtime.access
         if access.wants(answer.local):
             access.record(
                 campaign=campaign.id,
@@ -69,11 +71,11 @@ def edge_handler(runtime: Runtime) -> Handler:
                 status=answer.response.status,
                 seconds=time.perf_counter() - started,
                 reservation_id=answer.response.headers.get("X-Reservation-Id", ""),
-                client=client_ip(request, runtime.settings.gateway.trusted_proxies),
+                client=client_ip(request, snapshot.settings.gateway.trusted_proxies),
             )
         return answer.response
 
-    return dispatch
+    return route
 
 
 async def _guarded(

@@ -158,6 +158,17 @@ class EmbeddedRedis:
         if process is not None and process.stderr:
             process.stderr.close()
 
+    def kill(self) -> None:
+        """SIGKILL, no shutdown: what a crash looks like to replicas, Sentinel and the cluster."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+
     def close(self) -> None:
         """Stop the server and remove its data directory if we made it."""
         self.stop()
@@ -180,6 +191,7 @@ def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # A server with requirepass answers, but refuses the PING: it is up all the same.
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False

@@ -27,22 +27,20 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.core.campaigns import Campaign
-from gateway.forwarding.settle import accepted, commit_accepted, keep_reply, release_refused
-from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
+from gateway.config import CampaignSettings
+from gateway.forwarding.settle import Settlement, accepted
+from gateway.forwarding.upstream import OutboundRequest, Upstream, UpstreamError, UpstreamReply
 from limiter.errors import StorageError
 from limiter.logs import Throttled
 from limiter.records import State
-
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
+from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
 _trouble = Throttled(log)
@@ -67,6 +65,25 @@ STOP_GRACE = 4.0
 NOT_A_DECISION = frozenset({401, 407})
 
 
+class Deliverable(Protocol):
+    """What the dispatcher needs of a campaign: its queue, its backend, its settling."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def settings(self) -> CampaignSettings: ...
+    @property
+    def store(self) -> CampaignStore: ...
+    @property
+    def upstream(self) -> Upstream: ...
+    @property
+    def settle(self) -> Settlement: ...
+
+
+#: The campaigns in force now (a reload replaces them), by id.
+Campaigns = Callable[[], Mapping[str, Deliverable]]
+
+
 class _Unsent(Exception):
     """The order never left (a fault in this process): no attempt is counted."""
 
@@ -81,12 +98,18 @@ async def ensure_group(redis: Redis, orders: str) -> None:
 
 
 class Dispatcher:
-    def __init__(self, runtime: Runtime, redis: Redis) -> None:
-        self.runtime = runtime
+    def __init__(
+        self, campaigns: Campaigns, redis: Redis, *, consumer: str, redis_timeout: float
+    ) -> None:
+        self.campaigns = campaigns
         #: A client of its own: blocking reads must not hold the request path's connections.
         self.redis = redis
+        #: This process's name in every consumer group.
+        self.consumer = consumer
+        #: Bounds the blocking reads beyond their block time (redis.timeout).
+        self.redis_timeout = redis_timeout
         #: campaign id -> (the campaign object served, its loop); a reload replaces both
-        self._loops: dict[str, tuple[Campaign, asyncio.Task[None]]] = {}
+        self._loops: dict[str, tuple[Deliverable, asyncio.Task[None]]] = {}
         #: Set to stop: a blocking read does not always notice a cancellation, so the
         #: loops also look at this, and their connections are closed under them.
         self.stopping = asyncio.Event()
@@ -101,7 +124,7 @@ class Dispatcher:
         """One loop per campaign, kept in step with the registry (reloads add and remove)."""
         try:
             while True:
-                campaigns = self.runtime.registry.by_id
+                campaigns = self.campaigns()
                 for cid, (served, task) in list(self._loops.items()):
                     if campaigns.get(cid) is not served or task.done():
                         task.cancel()
@@ -125,7 +148,7 @@ class Dispatcher:
         stays unacked and another dispatcher delivers it again."""
         if not self._deliveries:
             return
-        slowest = max(u.settings.timeout for u in self.runtime.upstreams.values())
+        slowest = max((c.upstream.settings.timeout for c in self.campaigns().values()), default=0)
         deliveries = list(self._deliveries)
         try:
             await asyncio.wait(deliveries, timeout=min(STOP_GRACE, slowest + 1))
@@ -136,7 +159,7 @@ class Dispatcher:
             if late:
                 await asyncio.wait(late, timeout=1.0)
 
-    async def _serve(self, campaign: Campaign) -> None:
+    async def _serve(self, campaign: Deliverable) -> None:
         limit = campaign.settings.max_inflight
         deliveries: set[asyncio.Task[None]] = set()  # this campaign's
         claimed_at = 0.0
@@ -167,31 +190,31 @@ class Dispatcher:
                 log.debug("dispatcher of %s: %s; retrying", campaign.id, exc)
                 await asyncio.sleep(0.5)
 
-    async def _ensure_group(self, campaign: Campaign) -> None:
+    async def _ensure_group(self, campaign: Deliverable) -> None:
         await ensure_group(self.redis, campaign.store.keys.orders)
 
-    async def _read(self, campaign: Campaign, count: int) -> list[Any]:
-        async with asyncio.timeout(READ_BLOCK_MS / 1000 + 5 * self.runtime.guard.timeout):
+    async def _read(self, campaign: Deliverable, count: int) -> list[Any]:
+        async with asyncio.timeout(READ_BLOCK_MS / 1000 + 5 * self.redis_timeout):
             reply: Any = await self.redis.xreadgroup(
                 GROUP,
-                self.runtime.actor,
+                self.consumer,
                 {campaign.store.keys.orders: ">"},
                 count=count,
                 block=READ_BLOCK_MS,
             )
         return [message for _, messages in reply or [] for message in messages]
 
-    async def _claim(self, campaign: Campaign, count: int) -> list[Any]:
+    async def _claim(self, campaign: Deliverable, count: int) -> list[Any]:
         s = campaign.settings
-        idle_ms = round(1000 * (self._timeout(campaign) + s.max_retry_backoff + 10))
-        async with asyncio.timeout(5 * self.runtime.guard.timeout):
+        idle_ms = round(1000 * (campaign.upstream.settings.timeout + s.max_retry_backoff + 10))
+        async with asyncio.timeout(5 * self.redis_timeout):
             reply = await self.redis.xautoclaim(
-                campaign.store.keys.orders, GROUP, self.runtime.actor, idle_ms, "0-0", count=count
+                campaign.store.keys.orders, GROUP, self.consumer, idle_ms, "0-0", count=count
             )
         return list(reply[1])
 
     async def _deliver(
-        self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
+        self, campaign: Deliverable, message_id: bytes, fields: dict[bytes, bytes]
     ) -> None:
         mark = (campaign.store.keys.orders, message_id)
         self._delivering.add(mark)
@@ -203,7 +226,7 @@ class Dispatcher:
             self._delivering.discard(mark)
 
     async def _deliver_one(
-        self, campaign: Campaign, message_id: bytes, fields: dict[bytes, bytes]
+        self, campaign: Deliverable, message_id: bytes, fields: dict[bytes, bytes]
     ) -> None:
         rid = fields[b"rid"].decode()
         payload = fields[b"payload"]
@@ -211,15 +234,13 @@ class Dispatcher:
             order = OutboundRequest.decode(payload)
         except (ValueError, KeyError):
             log.error("order %s of %s is unreadable; dead-lettering it", message_id, rid)
-            release = partial(
-                release_refused, self.runtime, campaign, rid, "unreadable order", payload
-            )
+            release = partial(campaign.settle.release_refused, rid, "unreadable order", payload)
             if await self._settle(rid, release):
                 await self._ack(campaign, message_id)
             return
         while not self.stopping.is_set():
             # a reload replaces the campaign and its backend: each attempt takes the current
-            current = self.runtime.registry.by_id.get(campaign.id)
+            current = self.campaigns().get(campaign.id)
             if current is None:
                 return  # removed by a reload: the order waits, unacked, for its return
             try:
@@ -231,7 +252,7 @@ class Dispatcher:
                 await asyncio.sleep(SETTLE_RETRY)
 
     async def _attempt(
-        self, campaign: Campaign, rid: str, order: OutboundRequest, payload: bytes
+        self, campaign: Deliverable, rid: str, order: OutboundRequest, payload: bytes
     ) -> bool:
         """One delivery; True when the order is settled (or was already) and can be acked."""
         record = await campaign.store.reservation(rid)
@@ -253,24 +274,20 @@ class Dispatcher:
             return False
         if reply is not None and accepted(reply.status):
             self.results[(campaign.id, "accepted")] += 1
-            return await self._settle(
-                rid, partial(commit_accepted, self.runtime, campaign, rid, reply)
-            )
+            return await self._settle(rid, partial(campaign.settle.commit_accepted, rid, reply))
         if reply is not None and reply.status < 500 and reply.status not in NOT_A_DECISION:
             self.results[(campaign.id, "refused")] += 1
             reason = f"upstream answered {reply.status}"
-            if not await self._settle(
-                rid, partial(release_refused, self.runtime, campaign, rid, reason)
-            ):
+            if not await self._settle(rid, partial(campaign.settle.release_refused, rid, reason)):
                 return False
-            await keep_reply(campaign, rid, reply)  # the buyer polls for the backend's reason
+            await campaign.settle.keep_reply(rid, reply)  # the buyer polls for the backend's reason
             return True
         self.results[(campaign.id, "failed")] += 1
         attempts = await campaign.store.count_attempt(rid)  # failed deliveries
         s = campaign.settings
         if attempts >= s.max_attempts and not self.stopping.is_set():
             reason = f"dead-lettered after {attempts} failed deliveries: {failure}"
-            release = partial(release_refused, self.runtime, campaign, rid, reason, payload)
+            release = partial(campaign.settle.release_refused, rid, reason, payload)
             if not await self._settle(rid, release):
                 return False
             self.results[(campaign.id, "dead-lettered")] += 1
@@ -295,7 +312,7 @@ class Dispatcher:
                 await asyncio.sleep(SETTLE_RETRY)
 
     async def _send(
-        self, campaign: Campaign, order: OutboundRequest
+        self, campaign: Deliverable, order: OutboundRequest
     ) -> tuple[UpstreamReply | None, str, bool]:
         """The backend's answer (None if it failed), why not, and whether it timed out."""
         try:
@@ -313,60 +330,33 @@ class Dispatcher:
             raise _Unsent from exc
         return reply, f"upstream answered {reply.status}", False
 
-    async def _take_slot(self, campaign: Campaign, rid: str) -> bool:
-        s = campaign.settings
-        ttl_ms = round(1000 * (self._timeout(campaign) + 5))
-        keys = [campaign.store.keys.delivery_slots]
+    async def _take_slot(self, campaign: Deliverable, rid: str) -> bool:
+        ttl_ms = round(1000 * (campaign.upstream.settings.timeout + 5))
         while True:
-            taken = await self.runtime.pipe.script(
-                self.runtime.scripts.delivery_slot,
-                keys,
-                ["take", rid, s.max_inflight, ttl_ms],
-                "take a delivery slot",
+            taken = await campaign.store.delivery_slot(
+                "take", rid, campaign.settings.max_inflight, ttl_ms
             )
-            if int(taken) != 0:
-                return int(taken) == 1
+            if taken != 0:
+                return taken == 1
             await asyncio.sleep(random.uniform(*SLOT_WAIT))
 
-    async def _give_slot(self, campaign: Campaign, rid: str, *, linger: bool = False) -> None:
+    async def _give_slot(self, campaign: Deliverable, rid: str, *, linger: bool = False) -> None:
         """Free the slot; after a timeout (``linger``) its place stays taken for one more
         timeout, as the backend may still be working on the request."""
-        timeout_ms = round(1000 * self._timeout(campaign))
+        timeout_ms = round(1000 * campaign.upstream.settings.timeout)
         with contextlib.suppress(StorageError):  # it frees itself after its ttl
-            await self.runtime.pipe.script(
-                self.runtime.scripts.delivery_slot,
-                [campaign.store.keys.delivery_slots],
-                ["linger" if linger else "give", rid, 0, timeout_ms],
-                "give a delivery slot back",
-            )
+            await campaign.store.delivery_slot("linger" if linger else "give", rid, 0, timeout_ms)
 
-    async def _keep(self, campaign: Campaign, message_id: bytes) -> None:
+    async def _keep(self, campaign: Deliverable, message_id: bytes) -> None:
         """While this process works on an order (sending, backing off, waiting for a
         slot), reset its idle time now and then, so that other dispatchers do not claim
         it as a dead one's."""
         while True:
             await asyncio.sleep(KEEP_EVERY)
             with contextlib.suppress(StorageError):
-                await self.runtime.pipe.call(
-                    "XCLAIM",
-                    campaign.store.keys.orders,
-                    GROUP,
-                    self.runtime.actor,
-                    0,
-                    message_id,
-                    what="keep an order",
-                )
+                await campaign.store.keep_order(GROUP, self.consumer, message_id)
 
-    def _timeout(self, campaign: Campaign) -> float:
-        """How long the campaign's backend is given to answer, seconds."""
-        return self.runtime.upstreams[campaign.settings.upstream].settings.timeout
-
-    async def _ack(self, campaign: Campaign, message_id: bytes) -> None:
-        """Done with an order: out of the group's pending list and out of the stream, so
-        the stream's length is the queue's depth."""
-        orders = campaign.store.keys.orders
-        with contextlib.suppress(StorageError):  # unacked, it is claimed and found settled
-            await asyncio.gather(
-                self.runtime.pipe.call("XACK", orders, GROUP, message_id, what="ack an order"),
-                self.runtime.pipe.call("XDEL", orders, message_id, what="drop an order"),
-            )
+    async def _ack(self, campaign: Deliverable, message_id: bytes) -> None:
+        """Done with an order (unacked, it would be claimed and found settled)."""
+        with contextlib.suppress(StorageError):
+            await campaign.store.drop_order(GROUP, message_id)

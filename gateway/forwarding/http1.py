@@ -48,7 +48,7 @@ class NotSent(TimeoutError):
     """No connection came free in time: the request was not sent."""
 
 
-class Answer(NamedTuple):
+class RawReply(NamedTuple):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -73,7 +73,7 @@ class _Connection(asyncio.Protocol):
         #: Called once when the connection is lost (see Http1Client._abandon).
         self.on_gone: Callable[[], None] | None = None
         self._buffer = bytearray()
-        self._answer: asyncio.Future[Answer] | None = None
+        self._answer: asyncio.Future[RawReply] | None = None
         self._head_request = False
         # Of the answer being read:
         self._status = 0
@@ -130,9 +130,9 @@ class _Connection(asyncio.Protocol):
 
     # --- one exchange
 
-    def exchange(self, request: bytes, head_request: bool) -> asyncio.Future[Answer]:
+    def exchange(self, request: bytes, head_request: bool) -> asyncio.Future[RawReply]:
         assert self.transport is not None
-        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._answer = answer
         self.exchanges += 1
         self.heard = False
@@ -155,7 +155,7 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def _finish(self) -> None:
-        answer = Answer(self._status, self._headers, bytes(self._body))
+        answer = RawReply(self._status, self._headers, bytes(self._body))
         self._body.clear()
         self._reading_body = False
         if self._answer is not None and not self._answer.done():
@@ -339,7 +339,7 @@ class Http1Client:
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         return _encoded("".join(lines)) + body
 
-    async def send(self, method: str, request: bytes, within: float) -> Answer:
+    async def send(self, method: str, request: bytes, within: float) -> RawReply:
         """Send encoded ``request``; raises HttpFailure, NotSent, or TimeoutError when no
         answer came within ``within`` seconds.
 
@@ -380,7 +380,7 @@ class Http1Client:
 
     async def _exchange(
         self, connection: _Connection, method: str, request: bytes, deadline: float, grace: float
-    ) -> Answer:
+    ) -> RawReply:
         loop = asyncio.get_running_loop()
         answer = connection.exchange(request, method == "HEAD")
         timer = loop.call_at(deadline, _time_out, answer)
@@ -485,6 +485,6 @@ class Http1Client:
         self._idle.clear()
 
 
-def _time_out(answer: asyncio.Future[Answer]) -> None:
+def _time_out(answer: asyncio.Future[RawReply]) -> None:
     if not answer.done():
         answer.set_exception(TimeoutError())

@@ -9,18 +9,15 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
-from gateway.core.campaigns import Campaign
+from gateway.config import CampaignSettings
 from gateway.forwarding.upstream import UpstreamReply
 from limiter.errors import StorageError
 from limiter.records import CommitStatus, ReleaseStatus, Reply, State, Transition
-
-if TYPE_CHECKING:
-    from gateway.core.runtime import Runtime
+from limiter.reserving import Spawn
+from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
 
@@ -50,114 +47,102 @@ def replayed_headers(reply: Reply) -> CIMultiDict[str]:
     return headers
 
 
-async def keep_reply(campaign: Campaign, rid: str, reply: UpstreamReply) -> None:
-    """Keep a refusal's answer on the record (queue mode: the buyer reads it later)."""
-    stored = stored_reply(reply)
-    if stored is not None:
-        with contextlib.suppress(StorageError):
-            await campaign.store.keep_reply(rid, stored)
+class Settlement:
+    """Settling one campaign's reservations by the backend's answer; ``spawn`` runs the
+    retries that outlive a request."""
 
+    def __init__(
+        self, store: CampaignStore, settings: CampaignSettings, actor: str, spawn: Spawn
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.actor = actor
+        self.spawn = spawn
 
-async def commit_accepted(
-    runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
-) -> None:
-    """Commit (or hold) a reservation the backend accepted; StorageError if Redis failed."""
-    await _commit(runtime, campaign, rid, stored_reply(reply))
+    async def keep_reply(self, rid: str, reply: UpstreamReply) -> None:
+        """Keep a refusal's answer on the record (queue mode: the buyer reads it later)."""
+        stored = stored_reply(reply)
+        if stored is not None:
+            with contextlib.suppress(StorageError):
+                await self.store.keep_reply(rid, stored)
 
-
-async def release_refused(
-    runtime: Runtime, campaign: Campaign, rid: str, reason: str, dead_letter: bytes = b""
-) -> None:
-    """Release a reservation the backend did not take; StorageError if Redis failed."""
-    result = await campaign.store.release(
-        rid,
-        leavable=(State.RESERVED,),
-        target=State.RELEASED,
-        reason=reason,
-        actor=runtime.actor,
-        dead_letter=dead_letter,
-    )
-    _unless_counters_missing(campaign, result, ReleaseStatus.NOT_FOUND)
-
-
-def _unless_counters_missing(campaign: Campaign, result: Transition, not_found: int) -> None:
-    """A record whose campaign has no counters (Redis lost them) cannot be settled yet:
-    like an unreachable Redis, so that the outcome is kept trying, never dropped."""
-    if result.status == not_found and result.state:
-        raise StorageError(
-            f"campaign {campaign.id} has no counters in Redis; its outcomes wait",
-            maybe_applied=False,
+    async def commit_accepted(self, rid: str, reply: UpstreamReply) -> None:
+        """Commit (or hold) a reservation the backend accepted; StorageError if Redis failed."""
+        s = self.settings
+        result = await self.store.commit(
+            rid,
+            target=State.HELD if s.on_success == "hold" else State.COMMITTED,
+            hold_ms=round(s.hold_seconds * 1000),
+            retake=True,
+            reply=stored_reply(reply),
+            actor=self.actor,
         )
+        self._unless_counters_missing(result, CommitStatus.NOT_FOUND)
+        if result.status is CommitStatus.RETAKEN:
+            log.warning("reservation %s had gone back to stock before its commit; taken again", rid)
+        elif result.status is CommitStatus.GONE:
+            log.error(
+                "reservation %s went back to stock (%s) before the backend accepted it and no "
+                "stock was left to take again: the backend holds an order flashgate did not count",
+                rid,
+                result.state,
+            )
 
+    async def release_refused(self, rid: str, reason: str, dead_letter: bytes = b"") -> None:
+        """Release a reservation the backend did not take; StorageError if Redis failed."""
+        result = await self.store.release(
+            rid,
+            leavable=(State.RESERVED,),
+            target=State.RELEASED,
+            reason=reason,
+            actor=self.actor,
+            dead_letter=dead_letter,
+        )
+        self._unless_counters_missing(result, ReleaseStatus.NOT_FOUND)
 
-async def settle_accepted(
-    runtime: Runtime, campaign: Campaign, rid: str, reply: UpstreamReply
-) -> None:
-    """Commit an accepted reservation; if Redis fails, keep trying in the background
-    (and failing that, its kept order lets a sweeper ask the backend again)."""
-    commit = partial(commit_accepted, runtime, campaign, rid, reply)
-    await _now_or_in_background(runtime, campaign, rid, "commit", commit)
+    def _unless_counters_missing(self, result: Transition, not_found: int) -> None:
+        """A record whose campaign has no counters (Redis lost them) cannot be settled yet:
+        like an unreachable Redis, so that the outcome is kept trying, never dropped."""
+        if result.status == not_found and result.state:
+            raise StorageError(
+                f"campaign {self.store.campaign_id} has no counters in Redis; its outcomes wait",
+                maybe_applied=False,
+            )
 
+    async def settle_accepted(self, rid: str, reply: UpstreamReply) -> None:
+        """Commit an accepted reservation; if Redis fails, keep trying in the background
+        (and failing that, its kept order lets a sweeper ask the backend again)."""
+        await self._now_or_in_background(rid, "commit", lambda: self.commit_accepted(rid, reply))
 
-async def give_back(runtime: Runtime, campaign: Campaign, rid: str, reason: str) -> None:
-    """Release a reservation the backend did not take; if Redis fails, keep trying in
-    the background."""
-    release = partial(release_refused, runtime, campaign, rid, reason)
-    await _now_or_in_background(runtime, campaign, rid, "release", release)
+    async def give_back(self, rid: str, reason: str) -> None:
+        """Release a reservation the backend did not take; if Redis fails, keep trying in
+        the background."""
+        await self._now_or_in_background(rid, "release", lambda: self.release_refused(rid, reason))
 
-
-async def _now_or_in_background(
-    runtime: Runtime,
-    campaign: Campaign,
-    rid: str,
-    what: str,
-    attempt: Callable[[], Awaitable[None]],
-) -> None:
-    try:
-        await attempt()
-    except StorageError as exc:
-        log.warning("%s of %s failed (%s); retrying in the background", what, rid, exc)
-        runtime.spawn(_retry_until_deadline(campaign, rid, what, attempt))
-
-
-async def _retry_until_deadline(
-    campaign: Campaign, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + campaign.settings.forward_deadline
-    delay = 0.05
-    while loop.time() < deadline:
-        await asyncio.sleep(delay)
+    async def _now_or_in_background(
+        self, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
+    ) -> None:
         try:
             await attempt()
-            return
-        except StorageError:
-            delay = min(delay * 2, 1.0)
-    log.error(
-        "%s of %s never reached Redis; at its deadline a sweeper asks the backend again",
-        what,
-        rid,
-    )
+        except StorageError as exc:
+            log.warning("%s of %s failed (%s); retrying in the background", what, rid, exc)
+            self.spawn(self._retry_until_deadline(rid, what, attempt))
 
-
-async def _commit(runtime: Runtime, campaign: Campaign, rid: str, reply: Reply | None) -> None:
-    s = campaign.settings
-    target = State.HELD if s.on_success == "hold" else State.COMMITTED
-    result = await campaign.store.commit(
-        rid,
-        target=target,
-        hold_ms=round(s.hold_seconds * 1000),
-        retake=True,
-        reply=reply,
-        actor=runtime.actor,
-    )
-    _unless_counters_missing(campaign, result, CommitStatus.NOT_FOUND)
-    if result.status is CommitStatus.RETAKEN:
-        log.warning("reservation %s had gone back to stock before its commit; taken again", rid)
-    elif result.status is CommitStatus.GONE:
+    async def _retry_until_deadline(
+        self, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.forward_deadline
+        delay = 0.05
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await attempt()
+                return
+            except StorageError:
+                delay = min(delay * 2, 1.0)
         log.error(
-            "reservation %s went back to stock (%s) before the backend accepted it and no stock "
-            "was left to take again: the backend holds an order flashgate did not count",
+            "%s of %s never reached Redis; at its deadline a sweeper asks the backend again",
+            what,
             rid,
-            result.state,
         )

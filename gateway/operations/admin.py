@@ -9,21 +9,21 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import re
-import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from gateway.config import CampaignSettings, ConfigError, load_settings
+from gateway.config import CampaignSettings, ConfigError
 from gateway.core.campaigns import Campaign
-from gateway.core.health import health_handlers
-from gateway.core.publisher import RedisFigures, exposition, read_redis_figures
-from gateway.core.reload import reload_file, restart_only
-from gateway.core.runtime import Runtime
+from gateway.core.health import Readiness, health_handlers
+from gateway.core.publisher import Publisher, RedisFigures, exposition, read_redis_figures
+from gateway.core.reload import Reloader
+from gateway.core.snapshot import SnapshotHolder
+from gateway.core.stockwatch import StockWatch
 from gateway.problems import Code, Problem
-from gateway.process.supervisor import SUPERVISOR_ENV
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
 from limiter.records import (
@@ -37,19 +37,36 @@ from limiter.records import (
 
 log = logging.getLogger(__name__)
 
-ADMIN_RUNTIME = web.AppKey("admin_runtime", Runtime)
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """What the admin API needs of its process."""
+
+    live: SnapshotHolder
+    watch: StockWatch
+    readiness: Readiness
+    reloader: Reloader
+    publisher: Publisher
+    #: this process's name, and how many gateway processes are alive
+    actor: str
+    processes: Callable[[], int]
+    #: Under ``--workers``: have every worker reload (None: this process is alone).
+    reload_all: Callable[[], None] | None = None
+
+
+ADMIN = web.AppKey("admin", Admin)
 ACTOR_HEADER = "X-Actor"
 _ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,63}$")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def create_admin_app(runtime: Runtime, *, metrics_need_token: bool = False) -> web.Application:
-    """The admin API; the token is read from the runtime's settings at each call, so a
+def create_admin_app(admin: Admin, *, metrics_need_token: bool = False) -> web.Application:
+    """The admin API; the token is read from the snapshot in force at each call, so a
     reload can rotate it."""
     public = PUBLIC_PATHS - ({"/metrics"} if metrics_need_token else set())
     app = web.Application(middlewares=[_problems, _authenticate(public)], client_max_size=64 * 1024)
-    app[ADMIN_RUNTIME] = runtime
-    for path, handler in health_handlers(runtime).items():
+    app[ADMIN] = admin
+    for path, handler in health_handlers(admin.readiness).items():
         app.router.add_get(path, handler)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/campaigns", list_campaigns)
@@ -88,7 +105,7 @@ def _authenticate(public: frozenset[str]) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path not in public:
-            admin = request.app[ADMIN_RUNTIME].settings.admin
+            admin = request.app[ADMIN].live.current.settings.admin
             expected = (admin.token if admin else "").encode()
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # surrogateescape: a header that is not UTF-8 compares (unequal), never raises
@@ -110,7 +127,7 @@ def _authenticate(public: frozenset[str]) -> Any:
 
 def _campaign(request: web.Request, campaign_id: str | None = None) -> Campaign:
     campaign_id = campaign_id or request.match_info["id"]
-    campaign = request.app[ADMIN_RUNTIME].registry.by_id.get(campaign_id)
+    campaign = request.app[ADMIN].live.current.campaigns.get(campaign_id)
     if campaign is None:
         raise Problem(Code.NOT_FOUND, f"no campaign {campaign_id!r}")
     return campaign
@@ -125,7 +142,7 @@ def _actor(request: web.Request) -> str:
     return f"admin:{given or request.remote or 'unknown'}"
 
 
-async def campaign_document(runtime: Runtime, campaign: Campaign) -> dict[str, Any]:
+async def campaign_document(admin: Admin, campaign: Campaign) -> dict[str, Any]:
     try:
         figures = await campaign.store.figures()
         decided = await campaign.store.decided()
@@ -133,18 +150,18 @@ async def campaign_document(runtime: Runtime, campaign: Campaign) -> dict[str, A
         raise Problem(
             Code.UNAVAILABLE, f"{exc}; the gateway creates it when Redis is reachable"
         ) from None
-    return {**_document(campaign, figures), "decided": decided, **_process_view(runtime, campaign)}
+    return {**_document(campaign, figures), "decided": decided, **_process_view(admin, campaign)}
 
 
-def _process_view(runtime: Runtime, campaign: Campaign) -> dict[str, Any]:
+def _process_view(admin: Admin, campaign: Campaign) -> dict[str, Any]:
     """What this process alone knows (with --workers, each worker its own)."""
     return {
         "process": {
-            "id": runtime.actor,
-            "local_sold_out": campaign.id in runtime.watch.sold_out,
+            "id": admin.actor,
+            "local_sold_out": campaign.id in admin.watch.sold_out,
             "shadowed": dict(campaign.shaper.shadowed),
             "refused": dict(campaign.shaper.refused),
-            "processes_alive": runtime.processes,
+            "processes_alive": admin.processes(),
         }
     }
 
@@ -180,14 +197,15 @@ def _document(campaign: Campaign, figures: Figures) -> dict[str, Any]:
 
 
 async def list_campaigns(request: web.Request) -> web.Response:
-    runtime = request.app[ADMIN_RUNTIME]
-    documents = [await campaign_document(runtime, c) for c in runtime.registry.by_id.values()]
+    admin = request.app[ADMIN]
+    campaigns = admin.live.current.campaigns.values()
+    documents = [await campaign_document(admin, c) for c in campaigns]
     return web.json_response({"campaigns": documents})
 
 
 async def show_campaign(request: web.Request) -> web.Response:
-    runtime = request.app[ADMIN_RUNTIME]
-    return web.json_response(await campaign_document(runtime, _campaign(request)))
+    admin = request.app[ADMIN]
+    return web.json_response(await campaign_document(admin, _campaign(request)))
 
 
 async def adjust_stock(request: web.Request) -> web.Response:
@@ -203,7 +221,7 @@ async def adjust_stock(request: web.Request) -> web.Response:
             f"available would go below zero (available is {result.figures.available})",
             available=result.figures.available,
         )
-    watch = request.app[ADMIN_RUNTIME].watch
+    watch = request.app[ADMIN].watch
     if result.figures.available > 0:
         watch.mark_restocked(campaign.id)
     else:
@@ -264,7 +282,7 @@ async def cancel_reservation(request: web.Request) -> web.Response:
         actor=_actor(request),
     )
     if result.status is ReleaseStatus.RELEASED:
-        request.app[ADMIN_RUNTIME].watch.mark_restocked(campaign.id)
+        request.app[ADMIN].watch.mark_restocked(campaign.id)
     updated = await campaign.store.reservation(record.id)
     document = (updated or record).public()
     return web.json_response({**document, "released_now": result.status is ReleaseStatus.RELEASED})
@@ -310,13 +328,14 @@ async def confirm_reservation(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition: every worker's counters, and figures read from Redis now."""
-    runtime = request.app[ADMIN_RUNTIME]
+    admin = request.app[ADMIN]
     figures = RedisFigures()
     try:
-        await read_redis_figures(runtime, figures)
+        campaigns = admin.live.current.campaigns.values()
+        figures = await read_redis_figures(admin.publisher.pipe, campaigns, admin.processes())
     except StorageError as exc:
         log.warning("metrics without Redis figures: %s", exc)
-    runtime.publisher.flush()
+    admin.publisher.flush()
     body, content_type = exposition(figures)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -325,21 +344,18 @@ async def reload_config(request: web.Request) -> web.Response:
     """Re-read the config file: 200 with what changed; 422 ``invalid-config`` naming
     every problem (the running config stays). Under ``--workers`` every worker reloads
     (202), and the file is also checked here so that a refusal is answered (422)."""
-    runtime = request.app[ADMIN_RUNTIME]
-    path = runtime.config_path
+    admin = request.app[ADMIN]
+    path = admin.reloader.path
     if path is None:
         raise Problem(Code.NOT_FOUND, "this gateway was not started from a file")
-    supervisor = os.environ.get(SUPERVISOR_ENV)
     try:
-        if supervisor and int(supervisor) == os.getppid():
+        if admin.reload_all is not None:
             # Every worker reloads, a refused file included: each then refuses it too,
             # logs why, counts it and shows it on /readyz, as after a SIGHUP.
-            os.kill(int(supervisor), signal.SIGHUP)
-            problems = restart_only(runtime.settings, load_settings(path))
-            if problems:
-                raise ConfigError(path, problems)
+            admin.reload_all()
+            admin.reloader.check(path)
             return web.json_response({"status": "reloading", "scope": "every worker"}, status=202)
-        result = await reload_file(runtime, path)
+        result = await admin.reloader.reload()
     except ConfigError as exc:
         raise Problem(
             Code.INVALID_CONFIG,

@@ -14,17 +14,21 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from gateway.bench.harness import SCENARIOS
+from gateway.bench import SCENARIOS
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded.server import EmbeddedRedis, EmbeddedRedisError
+from gateway.process.env import (
+    FAILED,
+    INVALID,
+    OK,
+    UNAVAILABLE,
+    WORKERS_ENV,
+    configure_logging,
+    install_uvloop,
+)
 from limiter.errors import StorageError
 
 log = logging.getLogger("flashgate")
-
-#: Exit codes.
-#: Exit codes: done; found a problem (drift); bad input; could not do the job (Redis
-#: unreachable, a port taken).
-OK, FAILED, INVALID, UNAVAILABLE = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,14 +54,6 @@ def _version() -> str:
         return importlib.metadata.version("flashgate")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
         return "unknown"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(command=cmd_bench)
 
     demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
-    from gateway.demo import add_arguments
+    from gateway.process.demo import add_arguments
 
     add_arguments(demo)
     demo.set_defaults(command=cmd_demo)
@@ -213,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             args.workers = default_workers()
         except (ValueError, argparse.ArgumentTypeError):
-            given = os.environ.get("FLASHGATE_WORKERS")
+            given = os.environ.get(WORKERS_ENV)
             print(
                 f"FLASHGATE_WORKERS must be a whole number of at least 1, got {given!r}",
                 file=sys.stderr,
@@ -228,6 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     dispatch = not args.no_dispatch
     with redis_for(settings) as url:
         if args.workers == 1:
+            from gateway.process.serve import serve_forever
+
             return serve_forever(settings, url, dispatch=dispatch, config_path=args.config)
         from gateway.process.supervisor import run_workers
 
@@ -237,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "dispatch")
-    _install_uvloop()
+    install_uvloop()
     from gateway.process.serve import dispatch_only
 
     asyncio.run(dispatch_only(settings, url, args.config))
@@ -245,7 +243,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from gateway.operations.reconcile import UnknownCampaign, audits_json, reconcile, render_audits
+    from gateway.operations.reconcile import audits_json, reconcile, render_audits
+    from gateway.operations.stores import UnknownCampaign
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "reconcile")
@@ -266,7 +265,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.operations.reconcile import render_status, status
+    from gateway.operations.status import render_status, status
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "status")
@@ -287,38 +286,10 @@ def _shared_redis(settings: Settings, config: str, command: str) -> str:
     return settings.redis.url
 
 
-def serve_forever(
-    settings: Settings,
-    redis_url: str,
-    *,
-    reuse_port: bool = False,
-    dispatch: bool = True,
-    config_path: str | None = None,
-) -> int:
-    """Serve until stopped; the exit code (UNAVAILABLE when a port is taken)."""
-    _install_uvloop()
-    from gateway.process.serve import CannotListen, serve
-
-    try:
-        asyncio.run(
-            serve(
-                settings,
-                redis_url,
-                reuse_port=reuse_port,
-                dispatch=dispatch,
-                config_path=config_path,
-            )
-        )
-    except CannotListen as exc:
-        logging.getLogger("gateway").error("%s", exc)
-        return UNAVAILABLE
-    return OK
-
-
 def default_workers() -> int:
     """$FLASHGATE_WORKERS, else the CPUs this process may run on, capped by a cgroup (v2)
     CPU quota: a container limited to 2 CPUs on a 64-core host gets 2 workers."""
-    given = os.environ.get("FLASHGATE_WORKERS")
+    given = os.environ.get(WORKERS_ENV)
     if given:
         return _positive_int(given)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -361,7 +332,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         latency_rate=args.latency_rate,
         progress=not args.json,
     )
-    _install_uvloop()
+    install_uvloop()
     report = asyncio.run(bench_url(args.url, options) if args.url else bench(options))
     print(json.dumps(report) if args.json else render(report))
     correct = all(
@@ -374,9 +345,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import print_report, run_demo
+    from gateway.process.demo import print_report, run_demo
 
-    _install_uvloop()
+    install_uvloop()
     report = asyncio.run(run_demo(args))
     print_report(report, args.json)
     return OK if report["verdict"]["correct"] else FAILED
@@ -391,14 +362,6 @@ def redis_for(settings: Settings) -> Iterator[str]:
     with EmbeddedRedis() as embedded:
         log.info("embedded redis-server (pid %s) at %s", embedded.pid, embedded.url)
         yield embedded.url
-
-
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 if __name__ == "__main__":

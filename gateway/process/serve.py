@@ -1,28 +1,74 @@
-"""Serving one process: the edge and admin sites, signals, and a draining shutdown."""
+"""Serving one process: the edge and admin sites, signals, and a draining shutdown;
+and the entry point of a worker under ``--workers``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 from typing import Any
 
 from aiohttp import web
 
-from gateway.config import ConfigError, Settings
-from gateway.core.reload import reload_file
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.core.runtime import Runtime
+from gateway.edge.context import Edge
 from gateway.edge.server import create_server
-from gateway.operations.admin import create_admin_app
-from gateway.process.supervisor import EARLY_RELOAD
+from gateway.embedded.server import die_with_parent
+from gateway.operations.admin import Admin, create_admin_app
+from gateway.process.env import (
+    OK,
+    RESPAWNED_ENV,
+    SUPERVISOR_ENV,
+    UNAVAILABLE,
+    configure_logging,
+    install_uvloop,
+)
 
 log = logging.getLogger(__name__)
 
+#: Set by a SIGHUP that reached a worker while it was still starting.
+EARLY_RELOAD = threading.Event()
 #: In-flight requests get this long to finish after SIGTERM.
 DRAIN_SECONDS = 10.0
 #: Pending connections the kernel keeps for us while a flash crowd arrives.
 BACKLOG = 4096
+
+
+def edge_parts(runtime: Runtime) -> Edge:
+    """The edge's view of a running process."""
+    return Edge(
+        runtime.live, runtime.watch, runtime.access, runtime.publisher.hot, runtime.readiness
+    )
+
+
+def admin_parts(runtime: Runtime, *, under_supervisor: bool = False) -> Admin:
+    """The admin API's view of a running process; ``under_supervisor``: a worker of
+    ``--workers``, whose reloads go through the supervisor to every worker."""
+    return Admin(
+        runtime.live,
+        runtime.watch,
+        runtime.readiness,
+        runtime.reloader,
+        runtime.publisher,
+        runtime.actor,
+        lambda: runtime.heartbeat.processes,
+        _reload_every_worker if under_supervisor else None,
+    )
+
+
+def _reload_every_worker() -> None:
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+def _supervised() -> bool:
+    """Whether this process is a worker of ``flashgate run --workers``."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    return bool(supervisor) and supervisor == str(os.getppid())
 
 
 async def serve(
@@ -35,14 +81,18 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and close; SIGHUP reloads the config."""
     stop = _stop_on_signals()
+    respawned = bool(os.environ.get(RESPAWNED_ENV))
     async with Runtime.open(
-        settings, redis_url, dispatch=dispatch, config_path=config_path
+        settings, redis_url, dispatch=dispatch, config_path=config_path, respawned=respawned
     ) as runtime:
         _reload_on_sighup(runtime)
-        edge = web.ServerRunner(create_server(runtime), **RUNNER)
+        edge = web.ServerRunner(create_server(edge_parts(runtime)), **RUNNER)
         runners = [await _start(edge, settings.gateway.host, settings.gateway.port, reuse_port)]
         if settings.admin is not None:
-            admin = create_admin_app(runtime, metrics_need_token=settings.admin.metrics_need_token)
+            admin = create_admin_app(
+                admin_parts(runtime, under_supervisor=_supervised()),
+                metrics_need_token=settings.admin.metrics_need_token,
+            )
             admin_runner = web.AppRunner(admin, access_log=None, **RUNNER)
             try:
                 runners.append(
@@ -57,7 +107,7 @@ async def serve(
             ", ".join(f"{name} on {url}" for name, url in zip(names, _urls(runners), strict=False)),
         )
         await stop.wait()
-        runtime.draining = True
+        runtime.readiness.draining = True
         log.info("stopping: draining in-flight requests (up to %gs)", DRAIN_SECONDS)
         for runner in runners:
             await runner.cleanup()
@@ -76,9 +126,9 @@ async def dispatch_only(settings: Settings, redis_url: str, config_path: str) ->
 
 def _reload_on_sighup(runtime: Runtime) -> None:
     async def reload() -> None:
-        if runtime.config_path is not None:
+        if runtime.reloader.path is not None:
             with contextlib.suppress(ConfigError):  # logged and counted; the old config stays
-                await reload_file(runtime, runtime.config_path)
+                await runtime.reloader.reload()
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: runtime.spawn(reload()))
     if EARLY_RELOAD.is_set():  # the file may have changed after this process read it
@@ -120,3 +170,48 @@ def _urls(runners: list[web.BaseRunner]) -> list[str]:
         for runner in runners
         if runner.addresses
     ]
+
+
+def serve_forever(
+    settings: Settings,
+    redis_url: str,
+    *,
+    reuse_port: bool = False,
+    dispatch: bool = True,
+    config_path: str | None = None,
+) -> int:
+    """Serve until stopped; the exit code (UNAVAILABLE when a port is taken)."""
+    install_uvloop()
+    try:
+        asyncio.run(
+            serve(
+                settings,
+                redis_url,
+                reuse_port=reuse_port,
+                dispatch=dispatch,
+                config_path=config_path,
+            )
+        )
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return UNAVAILABLE
+    return OK
+
+
+def run_worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
+    """One worker of ``--workers``: its own event loop and Redis pool, on the shared ports."""
+    # A reload forwarded while this worker still starts (held back by the blocked
+    # signal until now) is remembered; serving reloads once its own handler is in place.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: EARLY_RELOAD.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    die_with_parent()
+    configure_logging(log_level)
+    sys.exit(
+        serve_forever(
+            load_settings(config_path),
+            redis_url,
+            reuse_port=True,
+            dispatch=dispatch,
+            config_path=config_path,
+        )
+    )

@@ -15,9 +15,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from multiprocessing.context import SpawnProcess
@@ -25,19 +23,15 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-log = logging.getLogger(__name__)
+from gateway.process.env import RESPAWNED_ENV, SUPERVISOR_ENV, UNAVAILABLE
+from gateway.process.serve import run_worker
 
-#: Set by a SIGHUP that reached a worker while it was still starting.
-EARLY_RELOAD = threading.Event()
+log = logging.getLogger(__name__)
 
 #: A worker that dies sooner than this after starting counts as failing to start.
 QUICK_DEATH = 5.0
 #: That many quick deaths in a row and the supervisor gives up.
 MAX_QUICK_DEATHS = 3
-#: Set in workers to the supervisor's pid.
-SUPERVISOR_ENV = "FLASHGATE_SUPERVISOR_PID"
-#: Set for workers started in place of dead ones: see Runtime.must_exist.
-RESPAWNED_ENV = "FLASHGATE_RESPAWNED"
 #: How long stopping workers get to drain before they are killed.
 STOP_GRACE = 30.0
 
@@ -70,8 +64,6 @@ def _metrics_dir() -> Iterator[None]:
 def _supervise(
     config_path: str, redis_url: str, workers: int, log_level: str, dispatch: bool
 ) -> int:
-    from gateway.process.cli import UNAVAILABLE
-
     worker_args = (config_path, redis_url, log_level, dispatch)
     stopping = False
 
@@ -125,7 +117,7 @@ def _buried(index: int, process: SpawnProcess, lived: float) -> None:
 
 def _start_worker(index: int, args: tuple[str, str, str, bool]) -> SpawnProcess:
     process = multiprocessing.get_context("spawn").Process(
-        target=_worker, args=args, name=f"flashgate-worker-{index}"
+        target=run_worker, args=args, name=f"flashgate-worker-{index}"
     )
     # The worker starts with SIGHUP blocked (a mask survives fork and exec) and
     # unblocks it once its handler is in place: a reload forwarded meanwhile waits
@@ -147,26 +139,3 @@ def _reap(workers: Iterable[tuple[SpawnProcess, float]]) -> None:
             log.error("worker pid %s did not stop in time; killing it", process.pid)
             process.kill()
             process.join()
-
-
-def _worker(config_path: str, redis_url: str, log_level: str, dispatch: bool) -> None:
-    """One worker: its own event loop and Redis pool, on the shared ports."""
-    # A reload forwarded while this worker still starts (held back by the blocked
-    # signal until now) is remembered; serving reloads once its own handler is in place.
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: EARLY_RELOAD.set())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    from gateway.config import load_settings
-    from gateway.embedded.server import die_with_parent
-    from gateway.process.cli import configure_logging, serve_forever
-
-    die_with_parent()
-    configure_logging(log_level)
-    sys.exit(
-        serve_forever(
-            load_settings(config_path),
-            redis_url,
-            reuse_port=True,
-            dispatch=dispatch,
-            config_path=config_path,
-        )
-    )

@@ -24,12 +24,13 @@ from gateway.core.runtime import Runtime
 from gateway.edge.server import create_server
 from gateway.embedded.server import EmbeddedRedis
 from gateway.operations.terminal import Progress, table
+from gateway.process.serve import edge_parts
 
 CAMPAIGN = "demo-phone"
 
 
 @dataclass(frozen=True)
-class Verdict:
+class SaleVerdict:
     stock_total: int
     available: int
     reserved: int
@@ -70,7 +71,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         async with serve_backend(backend) as backend_url:
             settings = parse_settings(yaml.safe_dump(_config(args, backend_url)), "<demo>")
             async with Runtime.open(settings, redis.url) as runtime:
-                runner = web.ServerRunner(create_server(runtime))
+                runner = web.ServerRunner(create_server(edge_parts(runtime)))
                 await runner.setup()
                 await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
                 port = runner.addresses[0][1]
@@ -87,9 +88,9 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 progress = Progress(args.requests, "buyers", enabled=not args.json)
                 tally = await run_crowd(crowd, on_answer=progress.advance)
                 progress.close()
-                figures = await runtime.registry.by_id[CAMPAIGN].store.figures()
+                figures = await runtime.snapshot.campaigns[CAMPAIGN].store.figures()
                 await runner.cleanup()
-    verdict = Verdict(
+    verdict = SaleVerdict(
         stock_total=figures.stock_total,
         available=figures.available,
         reserved=figures.reserved,
@@ -123,7 +124,7 @@ def _config(args: argparse.Namespace, backend_url: str) -> dict[str, Any]:
     }
 
 
-def _report(args: argparse.Namespace, tally: Tally, verdict: Verdict) -> dict[str, Any]:
+def _report(args: argparse.Namespace, tally: Tally, verdict: SaleVerdict) -> dict[str, Any]:
     return {
         "requests": tally.sent,
         "buyers": args.buyers,

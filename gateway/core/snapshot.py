@@ -1,0 +1,64 @@
+"""What a reload changes, as one frozen value, and the holder that swaps it.
+
+aiohttp freezes app state at startup, so components hold the holder, never a value
+taken from it: a request reads ``holder.current`` once and keeps that snapshot to
+the end (its campaign, its backend, its identity rules), while a reload builds a
+whole new snapshot and swaps it in one assignment. A reload that fails leaves the
+old one in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from gateway.admission.identity import Identity
+from gateway.config import Settings
+from gateway.core.campaigns import Campaign
+from gateway.forwarding.upstream import Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    settings: Settings
+    campaigns: Mapping[str, Campaign]
+    #: path -> method -> campaign
+    routes: Mapping[str, Mapping[str, Campaign]]
+    upstreams: Mapping[str, Upstream]
+    identity: Identity
+
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        campaigns: Iterable[Campaign],
+        upstreams: Mapping[str, Upstream],
+        identity: Identity,
+    ) -> Snapshot:
+        by_id: dict[str, Campaign] = {}
+        routes: dict[str, dict[str, Campaign]] = {}
+        for campaign in campaigns:
+            by_id[campaign.id] = campaign
+            route = campaign.settings.route
+            routes.setdefault(route.path, {})[route.method] = campaign
+        return cls(
+            settings,
+            MappingProxyType(by_id),
+            MappingProxyType({path: MappingProxyType(m) for path, m in routes.items()}),
+            MappingProxyType(dict(upstreams)),
+            identity,
+        )
+
+
+class SnapshotHolder:
+    """The snapshot in force."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
+
+    def campaigns(self) -> Mapping[str, Campaign]:
+        """The campaigns in force now (a callable for loops that outlive a reload)."""
+        return self.current.campaigns

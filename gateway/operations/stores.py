@@ -1,0 +1,44 @@
+"""The campaigns' stores for operator commands that work on Redis directly, on a
+client of their own with a deadline fit for the command."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from gateway.config import Settings
+from gateway.core.campaigns import store_for
+from limiter.connection import connect
+from limiter.guard import RedisGuard
+from limiter.pipeline import AutoPipeline
+from limiter.scripts import Scripts
+from limiter.store import CampaignStore
+
+#: Operator tools may run big scripts (an audit reads every reservation).
+TOOL_TIMEOUT = 30.0
+#: ``status`` reads a few keys per campaign: a hung Redis should not keep it waiting.
+STATUS_TIMEOUT = 3.0
+
+
+class UnknownCampaign(LookupError):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def campaign_stores(
+    settings: Settings, redis_url: str, only: str | None = None, deadline: float = TOOL_TIMEOUT
+) -> AsyncIterator[list[CampaignStore]]:
+    campaigns = [c for c in settings.campaigns if only is None or c.id == only]
+    if only is not None and not campaigns:
+        raise UnknownCampaign(f"no campaign {only!r} in the config")
+    redis = connect(redis_url, max_connections=4, timeout=deadline)
+    guard = RedisGuard(deadline)
+    pipe = AutoPipeline(redis, guard)
+    scripts = Scripts.register(redis)
+    try:
+        yield [store_for(settings, c, pipe, scripts) for c in campaigns]
+    finally:
+        await pipe.close()
+        guard.close()
+        await redis.aclose()
+        await redis.connection_pool.disconnect()
