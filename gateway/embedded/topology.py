@@ -7,6 +7,10 @@ with each other, and stops every one of them by PID on the way out, also when st
 fails halfway. Timings are shortened (a node is down after about a second) so that a
 failover completes in a few seconds.
 
+Start and restart nodes from a thread that outlives the topology (the main thread, say, not
+an ``asyncio.to_thread`` worker): a server gets SIGTERM when the thread that started it
+ends, so that no redis-server outlives a killed test run.
+
 Imports only the stdlib, redis-py and ``gateway.embedded.server``.
 """
 
