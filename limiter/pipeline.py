@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from hiredis import pack_command
 from redis.asyncio import Redis
@@ -30,6 +30,7 @@ from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.logs import Throttled
 from limiter.resp import RespConnection, open_like
+from limiter.scripts import explain
 
 log = logging.getLogger(__name__)
 _faults = Throttled(log)
@@ -51,6 +52,11 @@ def _shaped(command: EncodableArg, reply: Any) -> Any:
     if command == "PING":
         return reply == b"PONG"
     return reply
+
+
+def _reloadable(queued: _Queued, reply: Any) -> bool:
+    """A script call Redis did not know the script for, not yet sent again."""
+    return isinstance(reply, NoScriptError) and queued.script is not None and not queued.retried
 
 
 class NotReplicated(RedisError):
@@ -168,8 +174,9 @@ class AutoPipeline:
             self.commands += len(batch)
             if len(self.timings) < MAX_TIMINGS:
                 self.timings.append(time.perf_counter() - started)
+            unloaded = await self._load_missing(batch, replies)
             for queued, reply in zip(batch, replies, strict=True):
-                await self._deliver(queued, reply)
+                self._deliver(queued, reply, unloaded)
         finally:
             self._inflight -= 1
             if self._queue and not self._scheduled:
@@ -218,20 +225,50 @@ class AutoPipeline:
                 return connection
         return None
 
-    async def _deliver(self, queued: _Queued, reply: Any) -> None:
+    async def _load_missing(
+        self, batch: list[_Queued], replies: list[Any]
+    ) -> dict[str, StorageError]:
+        """Load, in one round trip, each script Redis answered NOSCRIPT for (once per
+        script, however many of its calls the batch carried); the scripts that could
+        not be loaded, by sha, with why."""
+        missing: dict[str, str] = {}
+        for queued, reply in zip(batch, replies, strict=True):
+            if _reloadable(queued, reply) and queued.script is not None:
+                missing[queued.script.sha] = cast(str, queued.script.script)  # ours: text
+        if not missing:
+            return {}
+        loads: list[tuple[EncodableArg, ...]] = [
+            ("SCRIPT", "LOAD", text) for text in missing.values()
+        ]
+        try:
+            answers = await self.guard.run(
+                lambda: self._round_trip(loads, _Progress()), "load scripts"
+            )
+        except StorageError as exc:  # the commands were refused: they did nothing
+            failure = StorageError(str(exc), maybe_applied=False)
+            return dict.fromkeys(missing, failure)
+        return {
+            sha: StorageError(f"redis refused SCRIPT LOAD: {answer}", maybe_applied=False)
+            for sha, answer in zip(missing, answers, strict=True)
+            if isinstance(answer, RedisError)
+        }
+
+    def _deliver(self, queued: _Queued, reply: Any, unloaded: dict[str, StorageError]) -> None:
         if queued.future.done():
             return
-        script = queued.script
-        if isinstance(reply, NoScriptError) and script is not None and not queued.retried:
-            try:
-                await self.guard.run(lambda: self.redis.script_load(script.script), "load script")
-            except StorageError as exc:  # the command itself was refused: it did nothing
-                queued.future.set_exception(StorageError(str(exc), maybe_applied=False))
+        if _reloadable(queued, reply):
+            assert queued.script is not None
+            failure = unloaded.get(queued.script.sha)
+            if failure is not None:
+                queued.future.set_exception(failure)
                 return
             queued.retried = True
             self._enqueue(queued)
         elif isinstance(reply, RedisError):
-            queued.future.set_exception(StorageError(f"redis refused {queued.args[0]!r}: {reply}"))
+            refusal = explain(str(reply))
+            queued.future.set_exception(
+                StorageError(f"redis refused {queued.args[0]!r}: {refusal}")
+            )
         else:
             queued.future.set_result(reply)
 

@@ -129,7 +129,7 @@ async def client_bucket_keys(redis: Redis) -> set[str]:
 def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     """No periodic script calls after start-up (heartbeat, sweeper), so that INFO
     commandstats counts only what the requests under test do. Use with ``settled``."""
-    monkeypatch.setattr("gateway.core.runtime.HEARTBEAT_SECONDS", 3600.0)
+    monkeypatch.setattr("gateway.core.heartbeat.HEARTBEAT_SECONDS", 3600.0)
     monkeypatch.setattr("gateway.core.runtime.SWEEP_INTERVAL", 3600.0)
 
 
