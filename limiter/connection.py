@@ -4,9 +4,10 @@ redis-py's default asyncio pool raises MaxConnectionsError once its cap is
 reached; under a flash crowd that would turn into errors. A BlockingConnectionPool
 makes callers wait for a free connection instead; the guard's deadline (which does
 not count event-loop stalls) bounds that wait. It serves what is not on the
-request path (script loads, pub/sub, stream groups, the dispatcher's blocking
-reads): request-path commands go through the auto-pipeline, which opens its own
-few connections from the same settings (limiter/resp.py).
+request path (script loads at start, pub/sub, stream groups): request-path
+commands go through the auto-pipeline, which opens its own few connections from
+the same settings (limiter/resp.py), and the dispatcher's blocking reads get a
+pool of their own (a blocking read holds its connection for up to a second).
 """
 
 from __future__ import annotations
