@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Gateway, Shop, TlsFiles, open_gateway, settings_for
+from tests.scripts_rig import Rig, open_rig
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -97,6 +98,14 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     ):
         subprocess.run(["openssl", *command.split()], check=True, capture_output=True)
     return files
+
+
+@pytest.fixture
+async def rig(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[Rig]:
+    """The Lua script tests' rig (tests/scripts_rig.py). Depends on ``redis`` so that Redis
+    is empty (and its script cache too)."""
+    async with open_rig(redis_server.url) as built:
+        yield built
 
 
 # --- Redis Sentinel and Cluster topologies (real servers, see gateway/embedded/topology.py) ---
