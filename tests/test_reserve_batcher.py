@@ -60,6 +60,8 @@ async def test_a_reservation_whose_requester_went_away_is_released(
     one = attempt("alice", 2)
     waiter = asyncio.create_task(batcher.submit(one))
     if when == "before-flush":
+        # One loop turn, not a wait for background work: this case needs the moment
+        # between the attempt being queued and the batch being flushed.
         await asyncio.sleep(0)  # the waiter has queued its attempt; no script call yet
         assert not store.submitted.is_set()
     else:
@@ -99,7 +101,8 @@ async def test_the_release_of_an_unclaimed_winner_outlasts_a_redis_stall(
         work = release_unclaimed(store, ACTOR)(one, decision)
         assert work is not None
         releasing = asyncio.ensure_future(work)
-        await asyncio.sleep(1.5)  # the first try has timed out (1 s deadline)
+        # the first try has timed out (1 s deadline), and so has the next one
+        await wait_for(lambda: rig.pipe.guard.errors.get("release", 0) >= 2, within=10)
         assert not releasing.done()  # and it keeps trying
     finally:
         process.send_signal(signal.SIGCONT)
@@ -116,7 +119,7 @@ async def test_every_unclaimed_outcome_is_handed_over(rig: Rig, redis: Redis) ->
     batcher = reserve_batcher(store, releasing_winners(store, seen))
     winner, loser = attempt("alice"), attempt("bob")
     waiters = [asyncio.create_task(batcher.submit(a)) for a in (winner, loser)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn (not a wait): both attempts are queued, then cancelled
     for waiter in waiters:
         waiter.cancel()
 
