@@ -1,5 +1,5 @@
-"""The gateway's own HTTP/1.1 client (gateway/http1.py) against real servers on
-loopback: aiohttp for well-formed answers, a raw asyncio server for the rest."""
+"""The gateway's own HTTP/1.1 client (gateway/forwarding/http1.py) against real servers
+on loopback: aiohttp for well-formed answers, a raw asyncio server for the rest."""
 
 from __future__ import annotations
 
@@ -268,19 +268,23 @@ def raw_server(answer: bytes, *, then_close: bool = False) -> AsyncContextManage
             b"abcde",
         ),
         (b"HTTP/1.1 409 Conflict\r\nContent-Length: 0\r\n\r\n", 409, b""),
+        (b"HTTP/1.1 201\r\nContent-Length: 2\r\n\r\nok", 201, b"ok"),
         (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             200,
             b"ok",
         ),
+        (b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok"),
     ],
     ids=[
         "http/1.0-until-close",
         "100-continue",
         "chunked-with-trailers",
         "empty-body",
-        "chunked-wins-over-length",
+        "no-reason-phrase",
+        "103-early-hints",
+        "empty-line-before-the-status-line",
     ],
 )
 async def test_answers_framed_every_legal_way_are_read(
@@ -296,34 +300,49 @@ async def test_answers_framed_every_legal_way_are_read(
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
-        (b"SPDY/3 200 OK\r\n\r\n", "not HTTP/1.x"),
-        (b"HTTP/1.1 2OO OK\r\n\r\n", "not HTTP/1.x"),
-        (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "malformed header"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+        (b"SPDY/3 200 OK\r\n\r\n", "Expected HTTP/"),
+        (b"HTTP/1.1 2OO OK\r\n\r\n", "Invalid status code"),
+        (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "Invalid header token"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "Invalid character in Content-Length",
+        ),
         (
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            "invalid Content-Length",
+            "Duplicate Content-Length",
         ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "transfer coding"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "Invalid character in chunk size",
+        ),
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
-            "longer than announced",
+            "Expected LF after chunk data",
         ),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", "more than 1024 bytes"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "lost|closed"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "answered 101"),
         (b"HTTP/1.1 100 Continue\r\n\r\n" * 9, "answered 100"),
-        (b"HTTP/1.1 2000 OK\r\n\r\n", "not HTTP/1.x"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "invalid Content-Length"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "Invalid response status"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
+            "Invalid character in Content-Length",
+        ),
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n", "oversized head"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n", "bad chunk size"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n", "bad chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n",
+            "Invalid character in chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n",
+            "Invalid character in chunk size",
+        ),
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
             + b"X-T: "
             + b"t" * 70_000
-            + b"\r\n",
+            + b"\r\n\r\n",
             "oversized trailers",
         ),
         (b"", "closed the connection before answering|lost"),
@@ -358,6 +377,236 @@ async def test_a_broken_answer_is_a_failure_and_the_connection_is_dropped(
             await call(client, "/orders")
         assert client._idle == []  # nothing broken is kept
         assert client._open == 0
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\n"
+CHUNKED_HEAD = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+#: Answers a backend must never be believed on, each with the reason the client gives:
+#: llhttp's own words where llhttp refused it, ours where llhttp accepts it. None ends
+#: short: each is refused on its bytes, with the connection still open.
+MALFORMED_ANSWERS: dict[str, tuple[bytes, str]] = {
+    "bare-lf-in-a-value": (
+        OK_HEAD + b"X-A: a\nSet-Cookie: x\r\nContent-Length: 2\r\n\r\nok",
+        "Missing expected CR after header value",
+    ),
+    "bare-cr-in-a-value": (
+        OK_HEAD + b"X-A: a\rSet-Cookie: x\r\nContent-Length: 2\r\n\r\nok",
+        "Missing expected LF after header value",
+    ),
+    "bare-lf-line-endings": (
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        "Missing expected CR after response line",
+    ),
+    "nul-in-a-value": (
+        OK_HEAD + b"X-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid header value char",
+    ),
+    "control-char-in-a-value": (
+        OK_HEAD + b"X-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid header value char",
+    ),
+    "space-in-a-name": (
+        OK_HEAD + b"Bad Name: x\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid header token",
+    ),
+    "control-char-in-a-name": (
+        OK_HEAD + b"X\x01: y\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid header token",
+    ),
+    "space-before-the-colon": (
+        OK_HEAD + b"X-A : y\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid header token",
+    ),
+    "empty-name": (OK_HEAD + b": y\r\nContent-Length: 2\r\n\r\nok", "Invalid header token"),
+    "obs-fold": (
+        OK_HEAD + b"X-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+        "Unexpected whitespace after header value",
+    ),
+    "obs-fold-with-a-tab": (
+        OK_HEAD + b"X-A: a\r\n\tb\r\nContent-Length: 2\r\n\r\nok",
+        "Unexpected whitespace after header value",
+    ),
+    "four-digit-status": (
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+        "Invalid response status",
+    ),
+    "http/2-status-line": (b"HTTP/2 200\r\nContent-Length: 2\r\n\r\nok", "Expected dot"),
+    "misspelt-protocol": (b"HTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "Expected HTTP/"),
+    "http/1.2": (b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok", "Invalid HTTP version"),
+    "http/2.0": (b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "not HTTP/1.x"),
+    "http/0.9": (b"HTTP/0.9 200 OK\r\nContent-Length: 2\r\n\r\nok", "not HTTP/1.x"),
+    "status-below-100": (b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\nok", "status 99"),
+    "status-above-599": (b"HTTP/1.1 600 OK\r\nContent-Length: 2\r\n\r\nok", "status 600"),
+    "conflicting-lengths": (
+        OK_HEAD + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "Duplicate Content-Length",
+    ),
+    "repeated-length": (
+        OK_HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        "Duplicate Content-Length",
+    ),
+    "listed-lengths": (
+        OK_HEAD + b"Content-Length: 2, 2\r\n\r\nok",
+        "Invalid character in Content-Length",
+    ),
+    "negative-length": (
+        OK_HEAD + b"Content-Length: -2\r\n\r\nok",
+        "Invalid character in Content-Length",
+    ),
+    "hex-length": (
+        OK_HEAD + b"Content-Length: 0x2\r\n\r\nok",
+        "Invalid character in Content-Length",
+    ),
+    "empty-length": (OK_HEAD + b"Content-Length: \r\n\r\nok", "Empty Content-Length"),
+    "length-then-chunked": (
+        OK_HEAD + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        "can't be present with",
+    ),
+    "chunked-then-length": (
+        OK_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        "can't be present with",
+    ),
+    "chunked-twice": (
+        OK_HEAD + b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        "transfer coding",
+    ),
+    "chunked-not-last": (
+        OK_HEAD + b"Transfer-Encoding: chunked, gzip\r\n\r\nok",
+        "transfer coding",
+    ),
+    "non-hex-chunk-size": (CHUNKED_HEAD + b"zz\r\nok\r\n0\r\n\r\n", "Invalid character in chunk"),
+    "negative-chunk-size": (CHUNKED_HEAD + b"-2\r\nok\r\n0\r\n\r\n", "Invalid character in chunk"),
+    "hex-prefixed-chunk-size": (
+        CHUNKED_HEAD + b"0x2\r\nok\r\n0\r\n\r\n",
+        "Invalid character in chunk",
+    ),
+    "space-after-chunk-size": (
+        CHUNKED_HEAD + b"2 \r\nok\r\n0\r\n\r\n",
+        "Invalid character in chunk",
+    ),
+    "overflowing-chunk-size": (
+        CHUNKED_HEAD + b"1" + b"0" * 17 + b"\r\nok\r\n",
+        "Chunk size overflow",
+    ),
+    "bare-lf-after-chunk-size": (
+        CHUNKED_HEAD + b"2\nok\r\n0\r\n\r\n",
+        "Missing expected CR after chunk size",
+    ),
+    "chunk-longer-than-announced": (
+        CHUNKED_HEAD + b"2\r\nabc\r\n0\r\n\r\n",
+        "Expected LF after chunk data",
+    ),
+    "bare-lf-in-a-trailer": (
+        CHUNKED_HEAD + b"0\r\nX-T: a\nSet-Cookie: x\r\n\r\n",
+        "Missing expected CR after header value",
+    ),
+    "oversized-head": (
+        OK_HEAD + b"X-Big: " + b"x" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        "oversized head",
+    ),
+    "many-headers-oversized-head": (
+        OK_HEAD + b"X-Many: 0123456789\r\n" * 4000 + b"Content-Length: 2\r\n\r\nok",
+        "oversized head",
+    ),
+    "endless-head": (OK_HEAD + b"X-Big: " + b"x" * 200_000, "oversized head"),
+    "oversized-trailers": (
+        CHUNKED_HEAD + b"0\r\nX-T: " + b"t" * 70_000 + b"\r\n\r\n",
+        "oversized trailers",
+    ),
+    "endless-trailer": (CHUNKED_HEAD + b"0\r\nX-T: " + b"t" * 200_000, "oversized trailers"),
+    "switching-protocols": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+        "answered 101",
+    ),
+}
+
+
+def piecewise_server(answer: bytes, size: int) -> AsyncContextManager[str]:
+    """A server that answers every request with ``answer`` in writes of ``size`` bytes,
+    so that the client parses it across many reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            for start in range(0, len(answer), size):
+                writer.write(answer[start : start + size])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    return tcp_server(handle)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"), list(MALFORMED_ANSWERS.values()), ids=list(MALFORMED_ANSWERS)
+)
+@pytest.mark.parametrize("delivery", ["at-once", "in-pieces"])
+async def test_a_malformed_answer_is_refused_on_its_bytes(
+    answer: bytes, reason: str, delivery: str
+) -> None:
+    piece = 7 if len(answer) <= 1024 else 4096  # the big ones in pages, not in crumbs
+    server = raw_server(answer) if delivery == "at-once" else piecewise_server(answer, piece)
+    async with server as url, client_of(url) as client:
+        with pytest.raises(HttpFailure, match=reason):
+            await call(client, "/orders", within=5.0)  # a timeout here: not refused
+        assert client._idle == []  # nothing broken is kept
+        assert client._open == 0
+
+
+def exchanges_by_method() -> tuple[AsyncContextManager[str], list[str]]:
+    """A server answering HEAD with headers announcing a body it does not send (as HEAD
+    answers do), anything else with ``ok``, framed by length or, for a path ending in
+    /chunked, chunked; it records each request as "connection-number METHOD"."""
+    seen: list[str] = []
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        number, connections = connections, connections + 1
+        while True:
+            request_line = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+            method, path, _ = request_line.decode().split(" ")
+            seen.append(f"{number} {method}")
+            if path.endswith("/chunked"):
+                head, body = b"Transfer-Encoding: chunked\r\n\r\n", b"2\r\nok\r\n0\r\n\r\n"
+            else:
+                head, body = b"Content-Length: 2\r\n\r\n", b"ok"
+            writer.write(OK_HEAD + head + (b"" if method == "HEAD" else body))
+            await writer.drain()
+
+    return tcp_server(handle), seen
+
+
+async def test_a_head_answer_ends_at_its_head_and_keeps_its_connection() -> None:
+    server, seen = exchanges_by_method()
+    async with server as url, client_of(url) as client:
+        for path in ("/orders", "/chunked"):
+            head = await call(client, path, method="HEAD", body=b"")
+            assert (head.status, head.body) == (200, b"")
+            got = await call(client, path, method="GET", body=b"")
+            assert (got.status, got.body) == (200, b"ok")  # not read as the HEAD's body
+    assert seen == ["0 HEAD", "0 GET", "0 HEAD", "0 GET"]  # one connection throughout
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno", b"garbage"],
+    ids=["a-second-answer", "garbage"],
+)
+async def test_bytes_after_an_answer_leave_it_read_but_the_connection_unused(
+    after: bytes,
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + after
+    async with raw_server(answer) as url, client_of(url) as client:
+        for _ in range(2):
+            assert (await call(client, "/orders")).body == b"ok"
+            assert client._idle == []  # the next request goes on a new connection
+
+
+async def test_header_values_are_latin_1_without_surrounding_whitespace() -> None:
+    answer = OK_HEAD + b"X-A:  caf\xe9 \t\r\nX-B:\t\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(answer) as url, client_of(url) as client:
+        got = await call(client, "/orders")
+    assert got.headers == [("X-A", "caf\u00e9"), ("X-B", ""), ("Content-Length", "0")]
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:

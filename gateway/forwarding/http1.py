@@ -6,6 +6,15 @@ and response objects, timers, traces, its writer); a forward needs one write of
 pre-encoded bytes and a parser for one answer. The pool never refuses: past
 ``max_connections`` a request waits for a connection, within its own deadline.
 
+The answer's syntax and framing are llhttp's (through httptools, in its strict
+default: no lenient flag is set): status line, header fields, Content-Length,
+chunked, 1xx, 204/304, keep-alive. A malformed answer is the backend failing, an
+HttpFailure, before anything of it is relayed or kept. Ours are what llhttp leaves
+to its caller: the size limits (head, trailers, body), the end of a HEAD answer at
+its head and of an unframed one at the connection's end, and the refusals of what
+llhttp accepts but a forward must not (a version other than 1.0 and 1.1, a status
+outside 100-599, a transfer coding other than chunked, 101, endless 1xx).
+
 A request is sent again only when the backend closed a reused keep-alive connection
 as the request went out, without a byte in reply (it closed an idle connection and
 never read the request); X-Reservation-Id is the backend's idempotency key should it
@@ -16,12 +25,13 @@ the backend may still be running it.
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 from urllib.parse import quote, urlsplit
+
+import httptools
 
 #: A pooled connection idle for longer than this is closed rather than reused: many
 #: servers close idle keep-alive connections after a few seconds, and a request
@@ -31,9 +41,14 @@ IDLE_SECONDS = 2.0
 MAX_HEAD_BYTES = 64 * 1024
 #: Informational answers (1xx) allowed before the answer.
 MAX_INFORMATIONAL = 8
-_DIGITS3 = re.compile(r"[0-9]{3}")
-_DIGITS = re.compile(r"[0-9]+")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+#: What a chunk's size line may take, extensions included, beyond its data.
+MAX_CHUNK_LINE = 1024
+#: The bytes of a status line around its reason phrase ("HTTP/1.1 200 " and CRLF),
+#: and of a header field around its name and value (": " and CRLF).
+_STATUS_LINE_BYTES = 15
+_FIELD_BYTES = 4
+_VERSIONS = ("1.0", "1.1")
+_BODILESS = (204, 304)
 
 
 class HttpFailure(Exception):
@@ -59,8 +74,178 @@ def _encoded(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+class _Stop(Exception):
+    """Raised in a callback to stop llhttp at bytes past the answer (never escapes)."""
+
+
+class _Reader:
+    """Reads one answer, after any 1xx, from the bytes of one exchange.
+
+    llhttp parses; these callbacks keep the limits and the refusals of our own. A
+    reader serves one exchange only: a HEAD answer ends at its head while llhttp would
+    wait for the body its headers announce, so the next exchange gets a fresh parser.
+    """
+
+    def __init__(self, max_body: int, head_request: bool) -> None:
+        self.max_body = max_body
+        self.head_request = head_request
+        self.reply: RawReply | None = None
+        #: Whether the connection may carry another exchange (llhttp's should_keep_alive).
+        self.keep_alive = False
+        #: Bytes came after the answer: the connection cannot be trusted with another.
+        self.stray = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._failure: HttpFailure | None = None
+        self._informational = 0
+        self._in_body = False  # the final answer's head is complete
+        self._until_close = False  # and its body runs until the connection closes
+        self._status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._trailer_bytes = 0
+        self._chunks = 0
+        self._fed = 0
+        self._body = bytearray()
+
+    # --- fed by the connection
+
+    def feed(self, data: bytes) -> RawReply | None:
+        """Parse ``data``; the answer once it is complete; raises HttpFailure."""
+        self._fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._failure is not None:
+                raise self._failure from None
+            if self.reply is None:
+                raise HttpFailure(f"the backend's answer is not valid HTTP/1.1: {exc}") from None
+            self.stray = True  # bytes after the answer that do not even parse
+        if self.reply is None:
+            self._check_unfinished()
+        return self.reply
+
+    def at_eof(self) -> RawReply | None:
+        """The answer, if the connection's end is what completes it (no framing)."""
+        if self.reply is None and self._in_body and self._until_close:
+            self.reply = RawReply(self._status, self._headers, bytes(self._body))
+        return self.reply
+
+    # --- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._past_the_answer()
+        self._head_bytes = _STATUS_LINE_BYTES
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._count_head(len(reason))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + _FIELD_BYTES
+        if self._in_body:  # a trailer: counted, then dropped
+            self._trailer_bytes += size
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._refuse(HttpFailure("the backend sent oversized trailers"))
+            return
+        self._count_head(size)
+        # llhttp drops the leading whitespace of a value but keeps the trailing
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._past_the_answer()
+        version = self._parser.get_http_version()
+        status = self._parser.get_status_code()
+        if version not in _VERSIONS:
+            self._refuse(HttpFailure(f"the backend's answer is not HTTP/1.x: HTTP/{version}"))
+        if not 100 <= status <= 599:
+            self._refuse(HttpFailure(f"the backend answered status {status}, not 1xx-5xx"))
+        if status < 200:
+            self._informational_done(status)
+        else:
+            self._head_done(status)
+
+    def on_body(self, body: bytes) -> None:
+        self._past_the_answer()
+        if len(self._body) + len(body) > self.max_body:
+            self._refuse(TooLarge(f"the backend answered more than {self.max_body} bytes"))
+        self._body += body
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_message_complete(self) -> None:
+        if not self._in_body or self.reply is not None:
+            return  # a 1xx ends here, and a HEAD answer ended at its head
+        self.keep_alive = self._parser.should_keep_alive()
+        self.reply = RawReply(self._status, self._headers, bytes(self._body))
+
+    # --- ours
+
+    def _informational_done(self, status: int) -> None:
+        """A 100 Continue or 103 Early Hints: llhttp reads the answer that follows."""
+        self._informational += 1
+        if status == 101 or self._informational > MAX_INFORMATIONAL:
+            self._refuse(HttpFailure(f"the backend answered {status} where an answer was due"))
+
+    def _head_done(self, status: int) -> None:
+        """The final answer's head: its transfer coding and declared size checked, a HEAD
+        answer complete (httptools cannot tell llhttp that its body is absent; one whose
+        headers frame no body does not keep its connection, as llhttp would wait for the
+        connection's end)."""
+        self._status = status
+        self._in_body = True
+        if self.head_request:
+            self.keep_alive = self._parser.should_keep_alive()
+            self.reply = RawReply(status, self._headers, b"")
+            return
+        if status in _BODILESS:
+            return  # llhttp reads no body, whatever the headers say
+        codings = self._values("transfer-encoding")
+        if codings and codings != ["chunked"]:
+            self._refuse(HttpFailure(f"the backend's answer has transfer coding {codings!r}"))
+        lengths = self._values("content-length")  # llhttp allows one, of digits only
+        if lengths and int(lengths[0]) > self.max_body:
+            self._refuse(TooLarge(f"the backend answered more than {self.max_body} bytes"))
+        self._until_close = not codings and not lengths
+
+    def _values(self, name: str) -> list[str]:
+        """The comma-separated tokens of every ``name`` header, lower-cased."""
+        return [
+            token.strip().lower()
+            for key, value in self._headers
+            if key.lower() == name
+            for token in value.split(",")
+        ]
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(HttpFailure("the backend's answer has an oversized head"))
+
+    def _check_unfinished(self) -> None:
+        """httptools holds a header field until the next one starts: the bytes not yet
+        parsed as body bound what a head or trailers that never end can take."""
+        unparsed = self._fed - len(self._body)
+        allowed = MAX_HEAD_BYTES * (1 + self._informational)
+        if not self._in_body and unparsed > allowed:
+            raise HttpFailure("the backend's answer has an oversized head")
+        if unparsed > allowed + MAX_HEAD_BYTES + MAX_CHUNK_LINE * self._chunks:
+            raise HttpFailure("the backend sent oversized trailers or chunk lines")
+
+    def _past_the_answer(self) -> None:
+        """Bytes after the answer (another answer, a HEAD answer's body) stop llhttp."""
+        if self.reply is not None:
+            self.stray = True
+            raise _Stop
+
+    def _refuse(self, failure: HttpFailure) -> NoReturn:
+        """Stop llhttp, and have ``feed`` raise ``failure`` (not the callback error)."""
+        self._failure = failure
+        raise failure
+
+
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; ``exchange`` sends a request and parses its answer."""
+    """One keep-alive connection; ``exchange`` sends a request and reads its answer."""
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
@@ -72,24 +257,13 @@ class _Connection(asyncio.Protocol):
         self.heard = False
         #: Called once when the connection is lost (see Http1Client._abandon).
         self.on_gone: Callable[[], None] | None = None
-        self._buffer = bytearray()
         self._answer: asyncio.Future[RawReply] | None = None
-        self._head_request = False
-        # Of the answer being read:
-        self._status = 0
-        self._headers: list[tuple[str, str]] = []
+        self._reader: _Reader | None = None
         self._keep_alive = False
-        self._length: int | None = None  # None: chunked or until the connection closes
-        self._chunked = False
-        self._chunk_left = -1
-        self._trailers = 0
-        self._informational = 0
-        self._body = bytearray()
-        self._reading_body = False
 
     @property
     def reusable(self) -> bool:
-        return not self.closed and self._keep_alive and not self._buffer
+        return not self.closed and self._keep_alive
 
     @property
     def stale(self) -> bool:
@@ -103,19 +277,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
-        if self._answer is None or self._answer.done():
+        reader = self._reader
+        if reader is None or self._answer is None or self._answer.done():
             self.close()  # an answer nobody asked for: the connection cannot be trusted
             return
-        self._buffer += data
         try:
-            self._parse()
+            reply = reader.feed(data)
         except HttpFailure as exc:
             self._fail(exc)
+            return
+        if reply is not None:
+            self._finish(reply, reader.keep_alive and not reader.stray)
 
     def eof_received(self) -> bool:
-        if self._reading_body and self._length is None and not self._chunked:
-            self._keep_alive = False
-            self._finish()  # the body ran until the server closed
+        reply = self._reader.at_eof() if self._reader is not None else None
+        if reply is not None:
+            self._finish(reply, keep_alive=False)  # the body ran until the server closed
         else:
             self._fail(HttpFailure("the backend closed the connection before answering"))
         return False
@@ -134,13 +311,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         answer: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._answer = answer
+        self._reader = _Reader(self.max_body, head_request)
         self.exchanges += 1
         self.heard = False
-        self._head_request = head_request
-        self._status = 0
-        self._informational = 0
         self._keep_alive = False
-        self._reading_body = False
         self.transport.write(request)
         return answer
 
@@ -154,152 +328,13 @@ class _Connection(asyncio.Protocol):
             self._answer.set_exception(failure)
         self.close()
 
-    def _finish(self) -> None:
-        answer = RawReply(self._status, self._headers, bytes(self._body))
-        self._body.clear()
-        self._reading_body = False
+    def _finish(self, reply: RawReply, keep_alive: bool) -> None:
+        self._reader = None  # whatever comes next on it is nobody's answer
+        self._keep_alive = keep_alive
         if self._answer is not None and not self._answer.done():
-            self._answer.set_result(answer)
-        if not self._keep_alive:
+            self._answer.set_result(reply)
+        if not keep_alive:
             self.close()
-
-    def _parse(self) -> None:
-        while not self._reading_body:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end > MAX_HEAD_BYTES or (end < 0 and len(self._buffer) > MAX_HEAD_BYTES):
-                raise HttpFailure("the backend's answer has an oversized head")
-            if end < 0:
-                return
-            head = bytes(self._buffer[:end])
-            del self._buffer[: end + 4]
-            self._read_head(head)
-        if self._chunked:
-            self._read_chunks()
-        elif self._length is not None and len(self._buffer) >= self._length:
-            self._body += self._buffer[: self._length]
-            del self._buffer[: self._length]
-            self._finish()
-        elif self._length is None:
-            self._take(len(self._buffer))
-
-    def _take(self, size: int) -> None:
-        if len(self._body) + size > self.max_body:
-            raise TooLarge(f"the backend answered more than {self.max_body} bytes")
-        self._body += self._buffer[:size]
-        del self._buffer[:size]
-
-    def _read_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, _ = rest.partition(" ")
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS3.fullmatch(code):
-            raise HttpFailure(f"the backend's answer is not HTTP/1.x: {lines[0][:80]!r}")
-        status = int(code)
-        headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                raise HttpFailure(f"the backend sent a malformed header line: {line[:80]!r}")
-            headers.append((name, value.strip()))
-        if 100 <= status < 200:
-            self._informational += 1
-            if status == 101 or self._informational > MAX_INFORMATIONAL:
-                raise HttpFailure(f"the backend answered {status} where an answer was due")
-            return  # informational (100 Continue, 103 Early Hints): the answer follows
-        self._status = status
-        self._headers = headers
-        self._frame(version, headers)
-
-    def _frame(self, version: str, headers: list[tuple[str, str]]) -> None:
-        """How the body is delimited (RFC 9112 6.3), and whether the connection stays."""
-        connection = {
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == "connection"
-            for token in value.split(",")
-        }
-        self._keep_alive = (
-            "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-        )
-        codings = [
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == "transfer-encoding"
-            for token in value.split(",")
-        ]
-        lengths = {v for n, v in headers if n.lower() == "content-length"}
-        self._chunked = False
-        self._length = None
-        self._reading_body = True
-        if self._head_request or self._status in (204, 304):
-            self._length = 0
-        elif codings:
-            if codings != ["chunked"]:
-                raise HttpFailure(f"the backend's answer has transfer coding {codings!r}")
-            self._chunked = True
-            self._chunk_left = -1
-            self._trailers = 0
-            if lengths:  # framed twice: read as chunked, but do not trust the connection
-                self._keep_alive = False
-        elif lengths:
-            if len(lengths) != 1 or not _DIGITS.fullmatch(value := lengths.pop()):
-                raise HttpFailure("the backend's answer has an invalid Content-Length")
-            self._length = int(value)
-            if self._length > self.max_body:
-                raise TooLarge(f"the backend answered more than {self.max_body} bytes")
-        else:
-            self._keep_alive = False  # the body runs until the server closes
-
-    def _read_chunks(self) -> None:
-        """Chunks (RFC 9112 7.1): ``_chunk_left`` is -1 before a size line, -2 in the
-        trailers, else the bytes of the chunk still to come (then its CRLF)."""
-        while self._reading_body:
-            if self._chunk_left == -2:
-                progressed = self._read_trailer()
-            elif self._chunk_left == -1:
-                progressed = self._read_chunk_size()
-            else:
-                progressed = self._read_chunk_data()
-            if not progressed:
-                return  # more bytes are needed
-
-    def _read_trailer(self) -> bool:
-        """One trailer line (dropped); the empty line ends the answer."""
-        end = self._buffer.find(b"\r\n")
-        if self._trailers + (end if end >= 0 else len(self._buffer)) > MAX_HEAD_BYTES:
-            raise HttpFailure("the backend sent oversized trailers")
-        if end < 0:
-            return False
-        self._trailers += end + 2
-        del self._buffer[: end + 2]
-        if end == 0:
-            self._finish()
-        return True
-
-    def _read_chunk_size(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end > 1024 or (end < 0 and len(self._buffer) > 1024):
-            raise HttpFailure("the backend sent an oversized chunk size line")
-        if end < 0:
-            return False
-        size = bytes(self._buffer[:end]).split(b";", 1)[0].strip()  # extensions dropped
-        if not _HEX.fullmatch(size):
-            raise HttpFailure(f"the backend sent a bad chunk size: {size[:20]!r}")
-        del self._buffer[: end + 2]
-        self._chunk_left = int(size, 16) or -2
-        if len(self._body) + max(self._chunk_left, 0) > self.max_body:
-            raise TooLarge(f"the backend answered more than {self.max_body} bytes")
-        return True
-
-    def _read_chunk_data(self) -> bool:
-        if len(self._buffer) < self._chunk_left + 2:
-            return False
-        if self._buffer[self._chunk_left : self._chunk_left + 2] != b"\r\n":
-            raise HttpFailure("the backend sent a chunk longer than announced")
-        self._take(self._chunk_left)
-        del self._buffer[:2]
-        self._chunk_left = -1
-        return True
 
 
 class Http1Client:
