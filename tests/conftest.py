@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Gateway, Shop, TlsFiles, open_gateway, settings_for
+from tests.processes import GatewayProcess
 from tests.scripts_rig import Rig, open_rig
 
 
@@ -106,6 +109,32 @@ async def rig(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[Rig]:
     is empty (and its script cache too)."""
     async with open_rig(redis_server.url) as built:
         yield built
+
+
+@pytest.fixture
+def process_config(settings_data: dict[str, Any], redis_server: EmbeddedRedis) -> dict[str, Any]:
+    """The settings of a ``flashgate run`` child process: a copy of ``settings_data`` on the
+    session's Redis; tests change it freely."""
+    config: dict[str, Any] = json.loads(json.dumps(settings_data))
+    config["redis"] = {"url": redis_server.url}
+    return config
+
+
+@pytest.fixture
+def run_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """``run_gateway(config, *args)``: ``flashgate run`` with ``args`` in a child process on a
+    copy of ``config`` (free ports where it says 0), started and ready; stopped after the test
+    if it still runs."""
+    started: list[GatewayProcess] = []
+
+    def run(config: dict[str, Any], *args: str) -> GatewayProcess:
+        process = GatewayProcess(json.loads(json.dumps(config)), tmp_path, *args)
+        started.append(process)
+        return process.start()
+
+    yield run
+    for process in started:
+        process.stop()
 
 
 # --- Redis Sentinel and Cluster topologies (real servers, see gateway/embedded/topology.py) ---

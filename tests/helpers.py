@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,17 @@ async def wait_for(condition: Callable[[], Awaitable[bool] | bool], within: floa
 
 async def _truth(value: Awaitable[bool] | bool) -> bool:
     return value if isinstance(value, bool) else await value
+
+
+def wait_for_sync(condition: Callable[[], bool], within: float = 5.0) -> float:
+    """``wait_for`` for tests without an event loop: poll ``condition`` until true; returns
+    the seconds it took (fails after ``within``)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"condition not met within {within}s")
+        time.sleep(0.01)
+    return time.monotonic() - start
 
 
 async def redis_snapshot(redis: Redis) -> dict[Any, Any]:

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,11 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded.server import EmbeddedRedis, free_port
-from tests.helpers import ADMIN_TOKEN, AUTH, Shop, check_invariant, wait_for
+from gateway.embedded.server import free_port
+from tests.helpers import ADMIN_TOKEN, AUTH, Shop, check_invariant, wait_for, wait_for_sync
 from tests.processes import GatewayProcess, pid_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture
-def process_config(settings_data: dict[str, Any], redis_server: EmbeddedRedis) -> dict[str, Any]:
-    config: dict[str, Any] = json.loads(json.dumps(settings_data))
-    config["redis"] = {"url": redis_server.url}
-    return config
 
 
 async def _buy(session: aiohttp.ClientSession, url: str, user: str) -> int:
@@ -46,40 +39,43 @@ async def _campaign(session: aiohttp.ClientSession, admin_url: str) -> dict[str,
 
 
 async def test_restarted_gateway_keeps_the_stock(
-    process_config: dict[str, Any], redis: Redis, shop: Shop, tmp_path: Path
+    process_config: dict[str, Any],
+    run_gateway: Callable[..., GatewayProcess],
+    redis: Redis,
+    shop: Shop,
 ) -> None:
     async with aiohttp.ClientSession() as session:
-        gateway = GatewayProcess(process_config, tmp_path)
-        with gateway:
-            statuses = [await _buy(session, gateway.url, f"user-{i}") for i in range(4)]
-            assert statuses == [201] * 4
-            await session.post(
-                f"{gateway.admin_url}/campaigns/phone-1111/stock", headers=AUTH, json={"delta": 3}
-            )
+        gateway = run_gateway(process_config)
+        statuses = [await _buy(session, gateway.url, f"user-{i}") for i in range(4)]
+        assert statuses == [201] * 4
+        await session.post(
+            f"{gateway.admin_url}/campaigns/phone-1111/stock", headers=AUTH, json={"delta": 3}
+        )
         assert gateway.stop() == 0
         # the file still says stock: 10; Redis says 13 total, 9 available: Redis wins
-        with GatewayProcess(process_config, tmp_path) as again:
-            document = await _campaign(session, again.admin_url)
-            assert (document["stock_total"], document["available"], document["sold"]) == (13, 9, 4)
-            assert await _buy(session, again.url, "user-0") == 403  # still at the limit
-            assert await _buy(session, again.url, "user-new") == 201
+        again = run_gateway(process_config)
+        document = await _campaign(session, again.admin_url)
+        assert (document["stock_total"], document["available"], document["sold"]) == (13, 9, 4)
+        assert await _buy(session, again.url, "user-0") == 403  # still at the limit
+        assert await _buy(session, again.url, "user-new") == 201
     await check_invariant(redis, "phone-1111", per_user_limit=1)
 
 
 async def test_sigterm_drains_and_exits_cleanly(
-    process_config: dict[str, Any], shop: Shop, tmp_path: Path
+    process_config: dict[str, Any], run_gateway: Callable[..., GatewayProcess], shop: Shop
 ) -> None:
     from aiohttp import web
 
     gate = asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
+        # the backend's own slowness (the scenario): the order is in flight at the SIGTERM
         await asyncio.sleep(0.5)
         gate.set()
         return web.json_response({"ok": True}, status=201)
 
     shop.respond = slow
-    gateway = GatewayProcess(process_config, tmp_path).start()
+    gateway = run_gateway(process_config)
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.create_task(_buy(session, gateway.url, "alice"))
         await wait_for(lambda: len(shop.seen) == 1)
@@ -91,24 +87,21 @@ async def test_sigterm_drains_and_exits_cleanly(
 
 
 def test_embedded_redis_lives_and_dies_with_the_gateway(
-    settings_data: dict[str, Any], shop: Shop, tmp_path: Path
+    settings_data: dict[str, Any], run_gateway: Callable[..., GatewayProcess], shop: Shop
 ) -> None:
     config: dict[str, Any] = json.loads(json.dumps(settings_data))
     config.pop("redis", None)  # absent: embedded
-    gateway = GatewayProcess(config, tmp_path).start()
+    gateway = run_gateway(config)
     redis_pid = _embedded_pid(gateway.log())
     assert pid_alive(redis_pid)
     assert gateway.stop() == 0
     assert not pid_alive(redis_pid)
 
     # kill -9 of the gateway cannot run its cleanup: the embedded Redis still goes
-    gateway = GatewayProcess(config, tmp_path).start()
+    gateway = run_gateway(config)
     redis_pid = _embedded_pid(gateway.log())
     gateway.kill()
-    deadline = time.monotonic() + 5
-    while pid_alive(redis_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(redis_pid)
+    wait_for_sync(lambda: not pid_alive(redis_pid), within=5)
 
 
 def _embedded_pid(log: str) -> int:
@@ -151,17 +144,17 @@ def test_demo_reports_a_correct_sale() -> None:
 
 
 def test_admin_token_comes_from_the_environment(
-    process_config: dict[str, Any], tmp_path: Path
+    process_config: dict[str, Any], run_gateway: Callable[..., GatewayProcess]
 ) -> None:
     process_config["admin"]["token"] = "${FLASHGATE_TEST_ADMIN_TOKEN}"
     os.environ["FLASHGATE_TEST_ADMIN_TOKEN"] = ADMIN_TOKEN
     try:
-        with GatewayProcess(process_config, tmp_path) as gateway:
-            import urllib.request
+        gateway = run_gateway(process_config)
+        import urllib.request
 
-            request = urllib.request.Request(f"{gateway.admin_url}/campaigns", headers=AUTH)
-            with urllib.request.urlopen(request, timeout=5) as response:
-                assert response.status == 200
+        request = urllib.request.Request(f"{gateway.admin_url}/campaigns", headers=AUTH)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
     finally:
         del os.environ["FLASHGATE_TEST_ADMIN_TOKEN"]
 

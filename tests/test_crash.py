@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -12,7 +11,6 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.embedded.server import EmbeddedRedis
 from tests.helpers import Shop, as_text, check_invariant, wait_for
 from tests.processes import GatewayProcess
 
@@ -23,11 +21,10 @@ STOCK = 40
 
 @pytest.mark.parametrize("forward", ["sync", "queue"])
 async def test_kill_9_mid_burst_then_restart(
-    settings_data: dict[str, Any],
-    redis_server: EmbeddedRedis,
+    process_config: dict[str, Any],
+    run_gateway: Callable[..., GatewayProcess],
     redis: Redis,
     shop: Shop,
-    tmp_path: Path,
     forward: str,
 ) -> None:
     accepted: set[str] = set()
@@ -35,14 +32,12 @@ async def test_kill_9_mid_burst_then_restart(
     async def slow_idempotent_backend(request: web.Request) -> web.StreamResponse:
         # The backend takes the order when it arrives and answers the same for a redelivery.
         accepted.add(request.headers["X-Reservation-Id"])
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the backend's own slowness: orders are in flight at the kill
         return web.json_response({"order": request.headers["X-Reservation-Id"]}, status=201)
 
     shop.respond = slow_idempotent_backend
-    config: dict[str, Any] = json.loads(json.dumps(settings_data))
-    config["redis"] = {"url": redis_server.url}
-    config["upstreams"]["shop"]["timeout"] = 1.0
-    config["campaigns"][0].update(
+    process_config["upstreams"]["shop"]["timeout"] = 1.0
+    process_config["campaigns"][0].update(
         stock=STOCK,
         forward=forward,
         forward_deadline="2s",
@@ -50,15 +45,13 @@ async def test_kill_9_mid_burst_then_restart(
         retry_backoff="100ms",
         max_retry_backoff="500ms",
     )
-    victim = GatewayProcess(json.loads(json.dumps(config)), tmp_path, "--workers", "1").start()
-    survivor = GatewayProcess(json.loads(json.dumps(config)), tmp_path, "--workers", "1").start()
-    try:
-        outcomes = await _burst_with_a_kill(victim, survivor, accepted, buyers=300)
-        victim.start()  # the same ports, a new process
-        await wait_for(lambda: _settled(redis), within=30)
-    finally:
-        victim.stop()
-        survivor.stop()
+    victim = run_gateway(process_config, "--workers", "1")
+    survivor = run_gateway(process_config, "--workers", "1")
+    outcomes = await _burst_with_a_kill(victim, survivor, accepted, buyers=300)
+    victim.start()  # the same ports, a new process
+    await wait_for(lambda: _settled(redis), within=30)
+    victim.stop()
+    survivor.stop()
 
     state = await check_invariant(redis, "phone-1111", per_user_limit=1)
     assert state["reserved"] == 0
