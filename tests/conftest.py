@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
-from tests.helpers import Gateway, Shop, TlsFiles, open_gateway, settings_for
+from tests.helpers import Gateway, OpenGateway, Shop, TlsFiles, open_gateway, settings_for
 from tests.processes import GatewayProcess
 from tests.scripts_rig import Rig, open_rig
 
@@ -81,6 +81,17 @@ async def gateway(
     """A gateway (edge and admin test clients) on the settings in ``settings_data``."""
     async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
         yield gw
+
+
+@pytest.fixture
+def new_gateway(settings_data: dict[str, Any], redis_server: EmbeddedRedis) -> OpenGateway:
+    """``async with new_gateway() as gw``: a gateway like the ``gateway`` fixture's, on
+    ``settings_data`` as the test has changed it by then (or a second one beside it)."""
+
+    def start() -> contextlib.AbstractAsyncContextManager[Gateway]:
+        return open_gateway(settings_for(settings_data), redis_server.url)
+
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,11 @@ async def open_gateway(
             await admin.close()
 
 
+#: What the ``new_gateway`` fixture (and test_operations' ``reloadable``) hand a test:
+#: ``async with new_gateway() as gw`` opens a gateway on the settings as they are then.
+OpenGateway = Callable[[], contextlib.AbstractAsyncContextManager[Gateway]]
+
+
 async def problem_of(response: ClientResponse) -> dict[str, Any]:
     """The problem document of a refusal, checked for RFC 9457 shape."""
     assert response.content_type == "application/problem+json", await response.text()

@@ -42,12 +42,12 @@ from limiter.store import CampaignStore
 from tests.helpers import (
     AUTH,
     Gateway,
+    OpenGateway,
     Shop,
     accept,
     as_text,
     check_invariant,
     ledger,
-    open_gateway,
     problem_of,
     settings_for,
     text,
@@ -306,7 +306,7 @@ async def test_confirms_racing_sweepers_settle_each_hold_exactly_once(
     await wait_for(passed, within=5.0)
 
     async def confirm_later(delay: float, rid: str) -> tuple[int, dict[str, Any]]:
-        await asyncio.sleep(delay)
+        await asyncio.sleep(delay)  # pacing the confirms (the scenario), not a wait
         return await confirm(gateway, rid)
 
     # The sweepers work through the due list from the earliest deadline; the confirms
@@ -542,7 +542,7 @@ async def test_queue_mode_answers_202_and_the_buyer_polls_to_the_outcome(
         "status_url": f"/reservations/{rid}",
         "state": "committed",
     }
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a check that nothing happens: no second delivery meanwhile
     assert len(shop.seen) == 1
     assert ops_for(await ledger(redis, CAMPAIGN), rid) == ["reserve", "commit"]
     assert (await redis.xpending(f"{BASE}:orders", "flashgate"))["pending"] == 0
@@ -592,18 +592,17 @@ async def test_queue_mode_shaves_the_peak_to_max_inflight_across_gateways(
     gateway: Gateway,
     shop: Shop,
     redis: Redis,
-    redis_server: EmbeddedRedis,
-    settings_data: dict[str, Any],
+    new_gateway: OpenGateway,
 ) -> None:
     """Two gateways, two dispatchers (each could run 3 deliveries on its own): the slots in
     Redis keep the backend at 3 requests at once in all."""
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the backend's own slowness: deliveries overlap
         return await accept(request)
 
     shop.respond = slow
-    async with open_gateway(settings_for(settings_data), redis_server.url) as other:
+    async with new_gateway() as other:
         edges = (gateway, other)
         responses = await asyncio.gather(*(edges[i % 2].buy(f"buyer-{i}") for i in range(60)))
         assert [r.status for r in responses] == [202] * 60
@@ -623,7 +622,7 @@ async def test_queue_mode_shaves_the_peak_to_max_inflight_across_gateways(
 
 
 async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_work(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     """The gateway gives up after 0.3 s, the backend works 0.45 s: the retry must not go out
     on top of a request the backend is still running."""
@@ -639,7 +638,7 @@ async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_
         working += 1
         peak = max(peak, working)
         try:
-            await asyncio.sleep(0.45)
+            await asyncio.sleep(0.45)  # the backend's own work, longer than the 0.3 s timeout
         finally:
             working -= 1
 
@@ -648,7 +647,7 @@ async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_
         return await accept(request)
 
     shop.respond = slow
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         responses = await asyncio.gather(*(gw.buy(f"buyer-{i}") for i in range(4)))
         assert [r.status for r in responses] == [202] * 4
         await wait_for(dead_letters_at_least(redis, 4), within=15.0)
@@ -659,7 +658,11 @@ async def test_a_timed_out_delivery_keeps_its_place_while_the_backend_may_still_
 
 
 async def test_a_queued_order_whose_buyer_was_told_503_is_never_delivered(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    new_gateway: OpenGateway,
+    settings_data: dict[str, Any],
+    shop: Shop,
 ) -> None:
     """Redis pauses with the reserve call written: the buyer gets 503 ("given back").
     When Redis wakes it runs the call, order and all; the order must not be sold."""
@@ -667,14 +670,14 @@ async def test_a_queued_order_whose_buyer_was_told_503_is_never_delivered(
     assert process is not None
     settings_data["redis"] = {"url": redis_server.url, "timeout": "200ms"}
     campaign_of(settings_data).update(forward="queue", stock=3)
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         assert (await gw.buy("warm-up")).status == 202  # connections open, dispatcher on
         await wait_for(lambda: len(shop.seen) == 1)
         process.send_signal(signal.SIGSTOP)
         try:
             refused = await gw.buy("alice")
             assert (await problem_of(refused))["code"] == "unavailable"
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the outage goes on after the 503 (the scenario)
         finally:
             process.send_signal(signal.SIGCONT)
 
@@ -708,16 +711,16 @@ async def reserved_for_a_503(store: CampaignStore, user: str, key: str) -> str:
 
 
 async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_for(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     """The first request gave up (503) on a reserve Redis ran anyway; the buyer retries
     with the key before the undo lands: the replayed 202 hands the order over, and the
     undo then leaves it to its delivery."""
     campaign_of(settings_data).update(forward="queue", stock=3)
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         store = gw.runtime.snapshot.campaigns[CAMPAIGN].store
         rid = await reserved_for_a_503(store, "alice", "k-1")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a check that nothing happens: no delivery meanwhile
         assert shop.seen == []  # not handed over: nobody delivers it
         retry = await gw.buy("alice", key="k-1")
         assert (retry.status, retry.headers["Idempotent-Replayed"]) == (202, "true")
@@ -729,12 +732,12 @@ async def test_a_retry_told_202_gets_the_order_its_first_request_was_told_503_fo
 
 
 async def test_a_retry_whose_hand_over_redis_did_not_confirm_is_not_told_given_back(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     """The hand-over may have happened (then it is delivered): the answer says the
     outcome is unknown and how to learn it, never that the units were given back."""
     campaign_of(settings_data).update(forward="queue", stock=3)
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         store = gw.runtime.snapshot.campaigns[CAMPAIGN].store
         rid = await reserved_for_a_503(store, "alice", "k-1")
         hand_over = store.hand_over
@@ -763,7 +766,7 @@ async def test_a_retry_whose_hand_over_redis_did_not_confirm_is_not_told_given_b
 
 async def test_an_order_being_delivered_is_kept_from_other_dispatchers(
     redis: Redis,
-    redis_server: EmbeddedRedis,
+    new_gateway: OpenGateway,
     settings_data: dict[str, Any],
     shop: Shop,
     monkeypatch: pytest.MonkeyPatch,
@@ -785,7 +788,7 @@ async def test_an_order_being_delivered_is_kept_from_other_dispatchers(
         return len(pending) == 1 and int(pending[0]["times_delivered"]) >= 3
 
     shop.respond = busy
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         response = await gw.buy("alice")
         assert response.status == 202
         rid = (await response.json())["reservation_id"]
@@ -874,7 +877,7 @@ async def test_queue_mode_backend_answering_503_for_a_while(
         if down:
             return web.Response(status=503, text="maintenance")
         answered[request.headers["X-Reservation-Id"]] += 1
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the backend's own pace
         return await accept(request)
 
     shop.respond = flaky
@@ -888,7 +891,7 @@ async def test_queue_mode_backend_answering_503_for_a_while(
 
 
 async def test_queue_mode_backend_refusing_connections_for_a_while(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     """A real outage: nothing listens on the backend's port, then the shop comes up there."""
     port = free_port()
@@ -906,11 +909,11 @@ async def test_queue_mode_backend_refusing_connections_for_a_while(
 
     async def counting(request: web.Request) -> web.StreamResponse:
         answered[request.headers["X-Reservation-Id"]] += 1
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the backend's own pace
         return await accept(request)
 
     restored = Shop(respond=counting)
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         responses = await asyncio.gather(*(gw.buy(f"buyer-{i}") for i in range(30)))
         assert [r.status for r in responses] == [202] * 30
         await wait_for(dead_letters_at_least(redis, 2), within=10.0)
@@ -985,7 +988,8 @@ async def test_an_outcome_waits_while_the_campaigns_counters_are_missing(
     response = await gateway.buy("alice")
     rid = (await response.json())["reservation_id"]
     await wait_for(lambda: len(shop.seen) == 1, within=5.0)
-    await asyncio.sleep(1.0)  # the commit is refused meanwhile, and the order kept
+    # a check that nothing happens: for a second the commit is refused, and the order kept
+    await asyncio.sleep(1.0)
     assert await state_of(redis, rid) == "reserved"
     assert await redis.xlen(f"{BASE}:orders") == 1
     await redis.hset(state_key, mapping=saved)  # an operator restores the counters
@@ -995,7 +999,7 @@ async def test_an_outcome_waits_while_the_campaigns_counters_are_missing(
 
 
 async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     settings_data["upstreams"]["shop"]["headers"] = {"Authorization": "Bearer service-7"}
     campaign_of(settings_data).update(forward="queue", retry_backoff="100ms")
@@ -1007,7 +1011,7 @@ async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
         return web.json_response({"status": status}, status=status)
 
     shop.respond = checks_the_service
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         response = await gw.buy("alice", headers={"Authorization": "Bearer buyer-secret"})
         assert response.status == 202
         rid = (await response.json())["reservation_id"]
@@ -1020,14 +1024,15 @@ async def test_deliveries_carry_the_gateways_credential_and_a_401_is_retried(
 
 
 async def test_a_fault_of_the_dispatcher_neither_counts_nor_holds_a_delivery_slot(
-    redis: Redis, redis_server: EmbeddedRedis, settings_data: dict[str, Any], shop: Shop
+    redis: Redis, new_gateway: OpenGateway, settings_data: dict[str, Any], shop: Shop
 ) -> None:
     campaign_of(settings_data).update(forward="queue", retry_backoff="1s", max_attempts=1)
-    async with open_gateway(settings_for(settings_data), redis_server.url) as gw:
+    async with new_gateway() as gw:
         backend = gw.runtime.snapshot.upstreams["shop"]
         await backend.close()  # sending now fails in this process, not at the backend
         response = await gw.buy("alice")
         rid = (await response.json())["reservation_id"]
+        # a check that nothing happens: for a second of its 1 s backoff, no slot is held
         for _ in range(10):  # while it waits to try again, the slot is free for others
             await asyncio.sleep(0.1)
             assert await redis.zcard(KEYS.delivery_slots) == 0
@@ -1371,7 +1376,7 @@ async def test_reconcile_leaves_no_connection_open(
     async def closed() -> bool:
         return await connected() == alone
 
-    await wait_for(closed, within=1.0)
+    await wait_for(closed, within=5.0)
 
 
 async def _flashgate(*args: str) -> tuple[int, str, str]:
