@@ -55,7 +55,7 @@ class GatewayProcess:
                 raise AssertionError(f"gateway exited at start:\n{self.log()}")
             if _answers(f"{self.url}/readyz"):
                 return self
-            time.sleep(0.05)
+            time.sleep(0.05)  # the poll interval of this bounded wait for readiness
         self.stop()
         raise AssertionError(f"gateway did not become ready within {wait}s:\n{self.log()}")
 

@@ -144,7 +144,7 @@ async def test_stock_adjustments_during_buying(gateway: Gateway, shop: Shop, red
             assert response.status in (200, 409)
             if response.status == 200:
                 applied.append(delta)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop turn (the scenario): buyers and operator interleave
         return applied
 
     operating = asyncio.create_task(operator())

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Gateway, Shop, check_invariant
+from tests.helpers import Gateway, Shop, check_invariant, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,13 +35,16 @@ async def test_five_thousand_concurrent_purchases(
     url = str(gateway.edge.make_url("/seckill/phone-1111"))
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     start = asyncio.Event()
+    waiting = 0
 
     async def attempt(session: aiohttp.ClientSession, i: int) -> tuple[int, str, int, str | None]:
+        nonlocal waiting
         user = f"user-{i % USERS}"
         quantity = rng.choice([1, 1, 1, 2])
         headers = {"X-User-Id": user}
         if i % 5 == 0:  # some buyers send keys (and some of those retry below)
             headers["Idempotency-Key"] = f"key-{i % USERS}"
+        waiting += 1
         await start.wait()
         async with session.post(url, json={"quantity": quantity}, headers=headers) as response:
             await response.read()
@@ -49,7 +52,7 @@ async def test_five_thousand_concurrent_purchases(
 
     async with aiohttp.ClientSession(connector=connector) as session:
         tasks = [asyncio.create_task(attempt(session, i)) for i in range(REQUESTS)]
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: waiting == REQUESTS)  # every buyer at the start line
         start.set()
         results = await asyncio.gather(*tasks)
 

@@ -254,6 +254,8 @@ def opens_shortly(settings_data: dict[str, Any]) -> None:
 
 
 async def _sleep_until(moment: datetime) -> None:
+    """Let the clock pass ``moment`` (the scenario: a window opens or closes), not a wait
+    for background work."""
     await asyncio.sleep(max(0.0, moment.timestamp() - time.time()) + 0.05)
 
 
@@ -451,7 +453,8 @@ async def test_campaign_rate_limit_admits_the_burst_and_refuses_the_rest(
     assert document["limits"][RATE_LIMIT]["mode"] == "enforce"
     await check_invariant(redis, CAMPAIGN, per_user_limit=1)
 
-    # Retry-After is honest: after it, the bucket has refilled
+    # Retry-After is honest: after it, the bucket has refilled (the sleep lets the promised
+    # time pass: the scenario, not a wait for background work)
     await asyncio.sleep(max(r.retry_after or 1 for r in refused))
     assert (await gateway.buy("patient")).status == 201
 
@@ -490,7 +493,7 @@ async def test_admission_ratio_lets_about_ratio_times_stock_reach_the_deduction(
     # Sold out: a request without a key is answered locally and reaches nothing; one with
     # an Idempotency-Key is looked up (Redis may owe it a stored answer), and one whose key
     # names nothing is sold-out: neither reaches the deduction.
-    await asyncio.sleep(2 * LEASE_TTL)  # any leased token has expired
+    await asyncio.sleep(2 * LEASE_TTL)  # a deadline passes (the scenario): leased tokens expire
     plain = await outcome(await gateway.buy("late"))
     assert (plain.status, plain.code) == (409, "sold-out")
     late = await outcome(await gateway.buy("late", key="late-1"))
@@ -539,7 +542,7 @@ async def test_a_ratio_below_one_still_sells_the_last_units(gateway: Gateway, re
             sold += 1
             if sold == 3:
                 break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # pacing the buyers (the scenario), not a wait
     assert sold == 3
     state = await check_invariant(redis, CAMPAIGN, per_user_limit=1)
     assert (state["available"], state["sold"]) == (0, 3)
@@ -878,7 +881,7 @@ async def test_remembered_token_is_refused_once_it_expires(gateway: Gateway) -> 
     assert (await gateway.buy(None, headers=bearer(token))).status == 201
     cached = await outcome(await gateway.buy(None, headers=bearer(token)))
     assert (cached.status, cached.code) == (403, "limit-exceeded")
-    await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)
+    await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)  # the token's expiry passes
     expired = await outcome(await gateway.buy(None, headers=bearer(token)))
     assert (expired.status, expired.code) == (401, "unauthenticated")
 
