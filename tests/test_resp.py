@@ -96,7 +96,11 @@ async def test_a_killed_connection_fails_its_round_trip_and_the_next_one_reconne
         await pipe.call("SET", "before", "1", what="write")
         await pipe.call("CLIENT", "SETNAME", "doomed", what="name")
         blocked = asyncio.ensure_future(pipe.call("BLPOP", "nothing", 5, what="block"))
-        await asyncio.sleep(0.1)
+
+        async def blocking() -> bool:  # Redis holds the BLPOP: the round trip is out
+            return any(client["cmd"] == "blpop" for client in await redis.client_list())
+
+        await wait_for(blocking)
         # the pipeline's connections are killed, the blocked one among them
         killed = 0
         for client in await redis.client_list():
