@@ -63,9 +63,14 @@ DELIVERIES = Counter(
     ["campaign", "result"],
 )
 RELOADS = Counter("flashgate_config_reloads_total", "Configuration reloads by result.", ["result"])
+UNREPLICATED = Counter(
+    "flashgate_redis_unreplicated_total",
+    "Redis round trips that failed (closed) because too few replicas or AOFs confirmed "
+    "their writes in time (redis.wait_for_replicas, redis.wait_for_aof).",
+)
 CIRCUIT_OPEN = Gauge(
     "flashgate_redis_circuit_open",
-    "1 while the Redis circuit breaker of a process is open.",
+    "1 while a Redis circuit breaker of a process is open (one per cluster node).",
     multiprocess_mode="livemax",
 )
 CIRCUIT_OPENINGS = Counter(

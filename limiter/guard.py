@@ -163,16 +163,23 @@ class RedisGuard:
         #: Failures by operation, for metrics.
         self.errors: dict[str, int] = {}
 
-    async def run(self, call: Callable[[], Awaitable[T]], what: str, *, guarded: bool = True) -> T:
+    async def run(
+        self,
+        call: Callable[[], Awaitable[T]],
+        what: str,
+        *,
+        breaker: CircuitBreaker | None = None,
+    ) -> T:
         """Run ``call()`` within the deadline; ``what`` names it in the error.
 
-        ``guarded=False`` skips the breaker (waiting for a command already sent).
+        ``breaker``: the one that judges this call's node (default: the guard's own).
         """
+        breaker = breaker or self.breaker
         loop = asyncio.get_running_loop()
-        if guarded and not self.breaker.allow(loop.time()):
-            wait = max(self.breaker.open_until - loop.time(), 0.0)
+        if not breaker.allow(loop.time()):
+            wait = max(breaker.open_until - loop.time(), 0.0)
             raise StorageError(
-                f"redis failed {self.breaker.failures} times in a row; not asking it {what} "
+                f"redis failed {breaker.failures} times in a row; not asking it {what} "
                 f"for {wait:.1f}s more (circuit open)",
                 maybe_applied=False,
             )
@@ -185,19 +192,18 @@ class RedisGuard:
                 finally:
                     self.stalls.deadlines.discard(deadline)
         except TimeoutError as exc:
-            self._failed(what, guarded)
+            self._failed(what, breaker)
             raise StorageError(f"redis did not answer {what} within {self.timeout:g}s") from exc
         except (RedisError, OSError) as exc:
-            self._failed(what, guarded)
+            self._failed(what, breaker)
             raise StorageError(f"redis failed {what}: {exc}") from exc
-        if guarded:
-            self.breaker.succeeded()
+        breaker.succeeded()
         return result
 
-    def _failed(self, what: str, guarded: bool) -> None:
+    def _failed(self, what: str, breaker: CircuitBreaker | None) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
-        if guarded:
-            self.breaker.failed(asyncio.get_running_loop().time())
+        if breaker is not None:
+            breaker.failed(asyncio.get_running_loop().time())
 
     async def wait(self, future: asyncio.Future[T], what: str, *, cancel: bool = True) -> T:
         """Wait for a queued command's reply within the deadline (the pipeline that
@@ -210,7 +216,7 @@ class RedisGuard:
         waiter = future if cancel else _follower(future)
 
         def expire() -> None:
-            self._failed(what, guarded=False)
+            self._failed(what, None)
             waiter.set_exception(
                 StorageError(f"redis did not answer {what} within {self.timeout:g}s")
             )

@@ -6,7 +6,7 @@ takes and returns pooled connections under a lock: at a flash sale's ordinary
 rate (a round trip or two per winner) that was most of a round trip's cost in the
 gateway. Here a round trip is one write of commands packed in C, and the replies
 are matched to it as they arrive. The connection is opened as redis-py would open
-it (host or unix socket, TLS, AUTH, SELECT), from the same client's settings.
+it (host or unix socket, TLS, AUTH, SELECT), from the settings of the URL.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections import deque
 from typing import Any
 
 import hiredis
-from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -27,6 +25,12 @@ from redis.exceptions import (
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from limiter.topology import Address, NodeOptions
+
+
+class Demoted(RedisConnectionError):
+    """The node answered READONLY: it is a replica now, no longer the primary."""
 
 
 class _Refusal(Exception):
@@ -40,6 +44,8 @@ _CONNECTION_REFUSALS: dict[str, type[RedisConnectionError]] = {
     "NOAUTH": AuthenticationError,
     "WRONGPASS": AuthenticationError,
     "ERR max number of clients reached": RedisConnectionError,
+    # a replica (the primary was demoted by a failover): writes go elsewhere now
+    "READONLY": Demoted,
 }
 
 
@@ -113,26 +119,24 @@ class RespConnection(asyncio.Protocol):
             self.transport.close()
 
 
-async def open_like(redis: Redis) -> RespConnection:
-    """A connection to where ``redis`` connects, authenticated and on its database."""
-    pool = redis.connection_pool
-    kwargs = pool.connection_kwargs
+async def open_connection(options: NodeOptions, address: Address) -> RespConnection:
+    """A connection to one data node, authenticated and on its database."""
+    kwargs = options.client_options
     loop = asyncio.get_running_loop()
     try:
-        if issubclass(pool.connection_class, UnixDomainSocketConnection):
-            _, connection = await loop.create_unix_connection(RespConnection, kwargs["path"])
+        if address.port == 0:
+            _, connection = await loop.create_unix_connection(RespConnection, address.host)
         else:
-            tls = _tls_context(kwargs) if issubclass(pool.connection_class, SSLConnection) else None
-            host = kwargs.get("host", "localhost")
+            tls = _tls_context(kwargs) if options.location.tls else None
             _, connection = await loop.create_connection(
                 RespConnection,
-                host,
-                kwargs.get("port", 6379),
+                address.host,
+                address.port,
                 ssl=tls,
-                server_hostname=host if tls else None,
+                server_hostname=address.host if tls else None,
             )
     except OSError as exc:
-        raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
+        raise RedisConnectionError(f"cannot connect to redis at {address}: {exc}") from exc
     try:
         await _introduce(connection, kwargs)
     except BaseException:  # refused, or abandoned at the guard's deadline: never kept

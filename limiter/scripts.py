@@ -1,9 +1,12 @@
-"""Loading the Lua scripts and registering them with a Redis client.
+"""The Lua scripts: their text and SHA1, read once from ``lua/``.
 
 Each ``lua/<name>.lua`` gets ``lua/_prelude.lua`` (shared helpers) put in front of
-it and is registered once as a redis-py ``Script`` (which knows its SHA1 and its
-text). The auto-pipeline calls them by EVALSHA and loads them again when Redis
+it. The auto-pipeline calls a script by EVALSHA and loads it again where Redis
 answers NOSCRIPT (after a restart, a failover or a SCRIPT FLUSH); see pipeline.py.
+
+On a Redis Cluster the scripts announce sold-out and restock with SPUBLISH, so that
+a notice travels only within the shard that owns the campaign (``sharded``); one
+server and a Sentinel primary keep PUBLISH, which every Redis version has.
 
 Redis numbers a failing script's lines from the prelude's first: ``explain`` turns
 ``user_script:150`` back into ``reserve.lua:37``.
@@ -13,16 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from typing import NamedTuple
 
 _PACKAGE = Path(__file__).resolve().parent
 #: Installed wheels carry the scripts inside the package; a source checkout has them beside it.
 _LUA_DIRS = (_PACKAGE / "lua", _PACKAGE.parent / "lua")
+#: The prelude's line that names the publishing command.
+_PUBLISH = "local PUBLISH = 'PUBLISH'"
 
 
 def lua_dir() -> Path:
@@ -32,9 +35,16 @@ def lua_dir() -> Path:
     raise FileNotFoundError(f"Lua scripts not found in {' or '.join(map(str, _LUA_DIRS))}")
 
 
-@cache
-def _prelude() -> str:
-    return (lua_dir() / "_prelude.lua").read_text(encoding="utf-8")
+class Script(NamedTuple):
+    name: str
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, name: str, text: str) -> Script:
+        script = cls(name, text, hashlib.sha1(text.encode()).hexdigest())
+        _NAMES[script.sha] = name
+        return script
 
 
 #: Scripts by the SHA1 of their full text, for ``explain``.
@@ -42,12 +52,46 @@ _NAMES: dict[str, str] = {}
 
 
 @cache
-def source(name: str) -> str:
-    """The full text of one script: the prelude, then the script itself."""
+def _prelude() -> str:
+    return (lua_dir() / "_prelude.lua").read_text(encoding="utf-8")
+
+
+@cache
+def script(name: str) -> Script:
+    """One script: the prelude, then the script itself."""
     body = (lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
-    text = f"{_prelude()}\n{body}"
-    _NAMES[hashlib.sha1(text.encode()).hexdigest()] = name
-    return text
+    return Script.of(name, f"{_prelude()}\n{body}")
+
+
+@cache
+def sharded(plain: Script) -> Script:
+    """The same script announcing with SPUBLISH (a Redis Cluster, Redis 7 and newer)."""
+    return Script.of(plain.name, plain.text.replace(_PUBLISH, "local PUBLISH = 'SPUBLISH'", 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Every script, by the name of its file."""
+
+    reserve: Script
+    release: Script
+    commit: Script
+    adjust_stock: Script
+    init_campaign: Script
+    due: Script
+    take_tokens: Script
+    take_client_tokens: Script
+    heartbeat: Script
+    delivery_slot: Script
+    hand_over: Script
+    audit: Script
+
+    @classmethod
+    def read(cls) -> Scripts:
+        return cls(**{f.name: script(f.name) for f in fields(cls)})
+
+    def all(self) -> list[Script]:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 _LINE = re.compile(r"user_script:(\d+)")
@@ -69,31 +113,3 @@ def explain(message: str) -> str:
         return f"{name}.lua:{line - prelude_lines}"
 
     return _LINE.sub(local, message)
-
-
-@dataclass(frozen=True, slots=True)
-class Scripts:
-    """The scripts, registered with one client."""
-
-    reserve: AsyncScript
-    release: AsyncScript
-    commit: AsyncScript
-    adjust_stock: AsyncScript
-    init_campaign: AsyncScript
-    due: AsyncScript
-    take_tokens: AsyncScript
-    take_client_tokens: AsyncScript
-    heartbeat: AsyncScript
-    delivery_slot: AsyncScript
-    hand_over: AsyncScript
-    audit: AsyncScript
-
-    @classmethod
-    def register(cls, redis: Redis) -> Scripts:
-        names = cls.__dataclass_fields__
-        return cls(**{name: redis.register_script(source(name)) for name in names})
-
-    async def load(self, redis: Redis) -> None:
-        """Load every script now, so the first requests do not pay for it."""
-        for name in self.__dataclass_fields__:
-            await redis.script_load(getattr(self, name).script)

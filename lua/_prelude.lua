@@ -1,6 +1,10 @@
 -- _prelude.lua: helpers that limiter/scripts.py puts in front of every script.
 -- A campaign's counters live in one hash; a ledger entry records them before and after.
 
+-- How notices are published: limiter/scripts.py makes it SPUBLISH on a Redis Cluster,
+-- where a notice then stays within the shard that owns the campaign's slot.
+local PUBLISH = 'PUBLISH'
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,9 +52,9 @@ end
 -- Tell every gateway when a campaign sells out or gets stock back.
 local function announce(channel, available_before, available_after)
   if available_before > 0 and available_after == 0 then
-    redis.call('PUBLISH', channel, 'sold-out')
+    redis.call(PUBLISH, channel, 'sold-out')
   elseif available_before == 0 and available_after > 0 then
-    redis.call('PUBLISH', channel, 'restock')
+    redis.call(PUBLISH, channel, 'restock')
   end
 end
 
@@ -109,4 +113,76 @@ local function queue_kept_order(record_key, deadlines_key, orders_key, rid, payl
   redis.call('XADD', orders_key, '*', 'rid', rid, 'payload', payload)
   redis.call('HSET', record_key, 'deadline_ms', 0, 'updated_ms', now)
   redis.call('HDEL', record_key, 'payload')
+end
+
+-- Stream ids "ms-seq" as two numbers, to compare them (Lua's doubles hold both exactly).
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms) or 0, tonumber(seq) or 0
+end
+
+local function id_after(a, b)
+  local a_ms, a_seq = id_parts(a)
+  local b_ms, b_seq = id_parts(b)
+  return a_ms > b_ms or (a_ms == b_ms and a_seq > b_seq)
+end
+
+-- Where the ledger stands: how many entries were ever added to it (-1 before Redis 7.0,
+-- which does not say), the id of the last one ("0-0" before the first), and whether
+-- every entry after a reader's position is still there. A position is an entry's id
+-- and how many entries had been added up to it (its seq). The ledger is only ever
+-- trimmed from its oldest end, so nothing after the position is gone while fewer
+-- entries than its seq have left it (and none after it was deleted by hand); a ledger
+-- deleted and made anew has had fewer than its seq. Before Redis 7.0: while the
+-- oldest entry left is not after the position.
+local function ledger_stand(ledger_key, position, seq)
+  if redis.call('EXISTS', ledger_key) == 0 then
+    return 0, '0-0', position == '0-0'
+  end
+  local info = redis.call('XINFO', 'STREAM', ledger_key)
+  local s = {}
+  for i = 1, #info, 2 do
+    s[info[i]] = info[i + 1]
+  end
+  local added, length = tonumber(s['entries-added']), tonumber(s['length'])
+  if not added then
+    local first = s['first-entry']
+    return -1, s['last-generated-id'],
+      position == '0-0' or not first or not id_after(first[1], position)
+  end
+  local intact = added >= seq and added - length <= seq
+    and not id_after(s['max-deleted-entry-id'] or '0-0', position)
+  return added, s['last-generated-id'], intact
+end
+
+-- The entries after `position`, at most `limit`: id, op, rid, user, qty of each, in one
+-- flat list (what a reader needs to know which reservations and users they moved).
+local function ledger_since(ledger_key, position, limit)
+  local out = {}
+  if limit <= 0 then
+    return out
+  end
+  for _, entry in ipairs(redis.call('XRANGE', ledger_key, '(' .. position, '+', 'COUNT', limit)) do
+    local f, fields = {}, entry[2]
+    for i = 1, #fields, 2 do
+      f[fields[i]] = fields[i + 1]
+    end
+    out[#out + 1] = entry[1]
+    out[#out + 1] = f.op or ''
+    out[#out + 1] = f.rid or ''
+    out[#out + 1] = f.user or ''
+    out[#out + 1] = f.qty or '0'
+  end
+  return out
+end
+
+-- Whether an entry in a flat list from ledger_since is a repair or an init: what a reader
+-- knew before it does not hold after it (a repair rewrites quotas and counts at once).
+local function resets(entries)
+  for i = 2, #entries, 5 do
+    if entries[i] == 'repair' or entries[i] == 'init' then
+      return true
+    end
+  end
+  return false
 end

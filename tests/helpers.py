@@ -268,12 +268,9 @@ class TlsFiles:
 @contextlib.asynccontextmanager
 async def auto_pipeline(url: str, deadline: float) -> AsyncIterator[AutoPipeline]:
     """An auto-pipeline to the Redis at ``url`` with a ``deadline`` s guard, closed after."""
-    client = Redis.from_url(url)
     guard = RedisGuard(deadline)
-    pipe = AutoPipeline(client, guard)
     try:
-        yield pipe
+        async with AutoPipeline.opened(url, guard) as pipe:
+            yield pipe
     finally:
-        await pipe.close()
         guard.close()
-        await client.aclose()

@@ -65,8 +65,12 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def open_rig(url: str) -> AsyncIterator[Rig]:
-    async with auto_pipeline(url, 1.0) as pipe:
-        yield Rig(pipe.redis, Scripts.register(pipe.redis), pipe)
+    client = Redis.from_url(url)
+    try:
+        async with auto_pipeline(url, 1.0) as pipe:
+            yield Rig(client, Scripts.read(), pipe)
+    finally:
+        await client.aclose()
 
 
 def reserve_batcher(

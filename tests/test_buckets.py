@@ -10,9 +10,8 @@ from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
 from limiter.buckets import BucketSpec, LeasedBucket
-from limiter.guard import RedisGuard
-from limiter.pipeline import AutoPipeline
 from limiter.scripts import Scripts
+from tests.helpers import auto_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +27,9 @@ async def test_requests_waiting_for_a_lease_spend_it_however_late_it_arrives(
     than lease_ttl. The waiters still get the tokens granted for them: exactly the
     capacity (the bucket refills one token per 100 s), nobody more."""
     await redis.delete(BUCKET)
-    client = Redis.from_url(redis_server.url)
-    guard = RedisGuard(2.0)
-    pipe = AutoPipeline(client, guard)
-    scripts = Scripts.register(client)
-    try:
-        await scripts.load(client)
+    scripts = Scripts.read()
+    async with auto_pipeline(redis_server.url, 2.0) as pipe:
+        await pipe.load_scripts(scripts.all())
         bucket = LeasedBucket(
             pipe,
             scripts,
@@ -49,7 +45,3 @@ async def test_requests_waiting_for_a_lease_spend_it_however_late_it_arrives(
         assert all(v.retry_after > 0 and not v.exhausted for v in refused)
         # and later requests are refused too: the 20 tokens were the whole bucket
         assert not any([(await bucket.take()).allowed for _ in range(10)])
-    finally:
-        await pipe.close()
-        guard.close()
-        await client.aclose()

@@ -143,6 +143,26 @@ def test_demo_reports_a_correct_sale() -> None:
     assert sum(report["outcomes"].values()) == report["requests"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_the_demo_on_a_topology_sells_through_a_primary_killed_mid_sale(topology: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--log-level", "error", "demo", "--redis", topology]
+        + ["--stock", "60", "--rate", "60", "--json"],
+        capture_output=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    report = json.loads(result.stdout)
+    verdict, failover = report["verdict"], report["failover"]
+    assert verdict["correct"] is True
+    assert (verdict["sold"], verdict["oversold"], verdict["acknowledged_lost"]) == (60, 0, 0)
+    assert failover["killed"] != failover["promoted"] != ""
+    assert failover["unavailable"] == report["outcomes"].get("unavailable", 0) > 0
+    assert 0 < failover["sold_before"] < 60  # killed in the middle of the sale
+
+
 def test_admin_token_comes_from_the_environment(
     process_config: dict[str, Any], run_gateway: Callable[..., GatewayProcess]
 ) -> None:

@@ -24,6 +24,8 @@ def crowd_sale(settings_data: dict[str, object]) -> None:
     # Correctness under load is the point here; a CPU-starved Redis on a busy machine
     # must not turn into 503s (failing closed is tested elsewhere).
     settings_data["redis"] = {"timeout": "3s"}
+    # ... nor a CPU-starved backend into 504s (the backend's timeout is tested elsewhere)
+    settings_data["upstreams"]["shop"]["timeout"] = 10.0  # type: ignore[index]
     settings_data["campaigns"][0].update({"stock": STOCK, "per_user_limit": 2, "max_quantity": 2})  # type: ignore[index]
 
 

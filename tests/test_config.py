@@ -20,6 +20,7 @@ import pytest
 
 from gateway.config import ConfigError, Route, Settings, load_settings, parse_settings
 from gateway.config.schema import Invalid
+from gateway.config.redis_url import parse_redis_url
 from gateway.config.values import duration
 from gateway.process import cli
 from gateway.process.env import INVALID
@@ -60,6 +61,11 @@ REQUIRED_MODES = frozenset(
         "upstream_not_defined",
         "upstream_url_scheme",
         "redis_url_scheme",
+        "redis_sentinel_without_service",
+        "redis_cluster_without_nodes",
+        "redis_cluster_empty_node",
+        "redis_cluster_with_db",
+        "redis_sentinel_password_without_sentinel",
         "redis_timeout_word",
         "redis_timeout_zero",
         "upstream_timeout_negative",
@@ -689,3 +695,45 @@ campaigns:
         ("a", "shop", 1, 2),
         ("b", "shop", 1, 2),
     ]
+
+
+# --- Redis topologies in redis.url ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "nodes", "service", "node_url"),
+    [
+        ("redis://u:p@h:1/2", "standalone", (), None, "redis://u:p@h:1/2"),
+        (
+            "redis+sentinel://u:p%40w@s1:26379,[::1]:26380/mymaster/3?ssl_cert_reqs=none",
+            "sentinel",
+            (("s1", 26379), ("::1", 26380)),
+            "mymaster",
+            "redis://u:p%40w@10.0.0.9:7001/3?ssl_cert_reqs=none",
+        ),
+        ("redis+sentinel://s1/svc", "sentinel", (("s1", 26379),), "svc", "redis://10.0.0.9:7001/0"),
+        (
+            "rediss+cluster://:pw@c1:7000,c2",
+            "cluster",
+            (("c1", 7000), ("c2", 6379)),
+            None,
+            "rediss://:pw@10.0.0.9:7001/0",
+        ),
+    ],
+)
+def test_a_redis_url_names_its_topology(
+    url: str,
+    kind: str,
+    nodes: tuple[tuple[str, int], ...],
+    service: str | None,
+    node_url: str,
+) -> None:
+    location = parse_redis_url(url)
+    assert (location.kind, location.nodes, location.service) == (kind, nodes, service)
+    assert location.node_url("10.0.0.9", 7001) == node_url
+
+
+def test_a_refused_redis_url_does_not_show_its_password() -> None:
+    error = parse_error('redis: {url: "ftp://user:hunter2-secret@host:1"}\n')
+    assert "hunter2" not in str(error)
+    assert "***" in str(error)

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from gateway.forwarding import delivery as dispatcher
 from gateway.forwarding.upstream import OutboundRequest
 from gateway.operations.reconcile import reconcile
 from limiter.audit import Audit
-from limiter.connection import connect
 from limiter.errors import StorageError
 from limiter.keys import CampaignKeys, idempotency_field, new_reservation_id
 from limiter.records import Attempt, ReserveStatus, State
@@ -1202,29 +1201,6 @@ async def test_the_ledger_keeps_about_max_length_entries(
 # --- 6. reconcile -----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def tool_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Redis]]:
-    """The Redis clients gateway.tools opens, disconnected after the test.
-
-    gateway.tools.campaign_stores closes its client with ``aclose()`` only; the client
-    was given its pool, so redis-py leaves the pool's connections open (see
-    test_reconcile_leaves_no_connection_open). Without this, they are garbage
-    collected in some later test as unclosed-socket ResourceWarnings, which
-    filterwarnings=error turns into that test's failure.
-    """
-    made: list[Redis] = []
-
-    def tracked(url: str, **options: Any) -> Redis:
-        client = connect(url, **options)
-        made.append(client)
-        return client
-
-    monkeypatch.setattr("gateway.operations.reconcile.connect", tracked)
-    yield made
-    for client in made:
-        await client.connection_pool.disconnect()
-
-
 async def audit_once(
     settings: Settings, url: str, *, repair: bool = False, only: str | None = None
 ) -> Audit:
@@ -1250,7 +1226,6 @@ def failing_checks(audit: Audit) -> set[str]:
     return {what for what, counter, expected in audit.checks() if counter != expected}
 
 
-@pytest.mark.usefixtures("tool_clients")
 async def test_reconcile_finds_drift_and_repairs_it(
     gateway: Gateway,
     shop: Shop,
@@ -1327,7 +1302,6 @@ async def test_reconcile_finds_drift_and_repairs_it(
         ("stock_total", 1, {"stock_total vs the ledger's last entry"}, (7, 1, 2, 10)),
     ],
 )
-@pytest.mark.usefixtures("tool_clients")
 async def test_reconcile_repairs_each_counter_by_the_records(
     gateway: Gateway,
     shop: Shop,
@@ -1357,7 +1331,6 @@ async def test_reconcile_leaves_no_connection_open(
     redis: Redis,
     redis_server: EmbeddedRedis,
     settings_data: dict[str, Any],
-    tool_clients: list[Redis],
 ) -> None:
     """Reconcile is a library call too (an operator's script, these tests): it must not
     leave sockets behind."""
@@ -1371,7 +1344,6 @@ async def test_reconcile_leaves_no_connection_open(
     alone = await connected()  # this test's own client only
     audit = await audit_once(settings_for(settings_data), redis_server.url)
     assert tuple(audit.counters) == (10, 0, 0, 10)
-    assert tool_clients, "reconcile connects through gateway.tools.connect"
 
     async def closed() -> bool:
         return await connected() == alone

@@ -23,9 +23,10 @@ from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, new_reservation_id
 from limiter.records import Attempt, Decision, Figures, ReserveStatus
 from limiter.reserving import reserve_batcher
-from limiter.resp import open_like
+from limiter.resp import open_connection
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
+from limiter.topology import topology_for
 from tests.helpers import as_text, auto_pipeline, check_invariant, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,8 +44,8 @@ async def opened(url: str, deadline: float) -> AsyncIterator[CampaignStore]:
     """A store built as gateway/runtime.py builds one, with a ``deadline`` s guard."""
     async with auto_pipeline(url, deadline) as pipe:
         policy = StorePolicy(per_user_limit=2, reserve_deadline_ms=0, ledger_max_length=1000)
-        scripts = Scripts.register(pipe.redis)
-        await scripts.load(pipe.redis)  # as Runtime.prepare() does
+        scripts = Scripts.read()
+        await pipe.load_scripts(scripts.all())  # as Runtime.prepare() does
         yield CampaignStore(pipe, scripts, CampaignKeys(CAMPAIGN), policy)
 
 
@@ -230,7 +231,8 @@ async def test_a_reply_that_cannot_be_read_fails_its_pipeline_without_leaving_wa
 async def test_bytes_that_are_not_resp_fail_the_round_trip_and_drop_the_connection(
     redis_server: EmbeddedRedis,
 ) -> None:
-    connection = await open_like(Redis.from_url(redis_server.url))
+    topology = topology_for(redis_server.url, timeout=1.0)
+    connection = await open_connection(topology.options, topology.primaries()[0])
     answer = connection.round_trip(b"*1\r\n$4\r\nPING\r\n", 1)
     connection.data_received(b"?not resp\r\n")  # as if the stream were corrupted
     with pytest.raises(RedisConnectionError, match="unreadable"):

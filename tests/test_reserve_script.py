@@ -212,7 +212,7 @@ async def test_no_campaign_changes_nothing(rig: Rig, redis: Redis) -> None:
 
 async def test_a_batch_is_decided_in_order_in_one_script_call(rig: Rig, redis: Redis) -> None:
     store = rig.store(per_user_limit=2)
-    await rig.scripts.load(rig.client)
+    await rig.pipe.load_scripts(rig.scripts.all())
     await store.init(5)
     batch = [
         attempt("alice", 1),
@@ -305,7 +305,7 @@ async def test_sold_out_is_published_exactly_when_available_reaches_zero(
 
 async def test_a_crowd_through_the_batcher_gets_exactly_the_stock(rig: Rig, redis: Redis) -> None:
     store = rig.store(per_user_limit=2)
-    await rig.scripts.load(rig.client)
+    await rig.pipe.load_scripts(rig.scripts.all())
     await store.init(100)
     batcher = reserve_batcher(store)
     rng = random.Random(7)

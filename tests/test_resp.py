@@ -158,7 +158,8 @@ async def test_a_connection_redis_closed_while_idle_is_not_used_again(
                 await redis.execute_command(  # type: ignore[no-untyped-call]
                     "CLIENT", "KILL", "ID", client["id"]
                 )
-        await wait_for(lambda: all(c.closed for c in pipe._free))
+        node = pipe.node(pipe.topology.primaries()[0])
+        await wait_for(lambda: all(c.closed for c in node._free))
         assert await pipe.call("PING", what="ping") is True  # on a new connection, no failure
 
 

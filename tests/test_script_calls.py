@@ -21,6 +21,7 @@ from limiter.errors import StorageError
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, Figures
+from limiter.topology import topology_for
 from tests.helpers import check_invariant
 from tests.scripts_rig import CAMPAIGN, Rig, attempt, open_rig
 
@@ -38,9 +39,8 @@ async def test_the_calls_of_one_tick_share_one_round_trip(rig: Rig, redis: Redis
 async def test_a_big_tick_is_split_at_max_commands(
     redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
-    client = Redis.from_url(redis_server.url)
     guard = RedisGuard(1.0)
-    pipe = AutoPipeline(client, guard, max_commands=100)
+    pipe = AutoPipeline(topology_for(redis_server.url, timeout=1.0), guard, max_commands=100)
     try:
         replies = await asyncio.gather(*(pipe.call("INCR", "n", what="incr") for _ in range(250)))
         # the three pipelines travel on three connections at once: no order between them
@@ -49,7 +49,6 @@ async def test_a_big_tick_is_split_at_max_commands(
     finally:
         await pipe.close()
         guard.close()
-        await client.aclose()
 
 
 async def test_one_refused_command_does_not_fail_its_pipeline(rig: Rig, redis: Redis) -> None:

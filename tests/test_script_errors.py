@@ -31,7 +31,7 @@ async def pipe(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[AutoP
 
 
 def _store(pipe: AutoPipeline) -> CampaignStore:
-    scripts = Scripts.register(pipe.redis)
+    scripts = Scripts.read()
     return CampaignStore(pipe, scripts, CampaignKeys(CAMPAIGN), StorePolicy(5, 0, 1000))
 
 

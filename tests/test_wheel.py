@@ -20,7 +20,6 @@ LUA = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
 PROBE = """
 import asyncio, sys
 from pathlib import Path
-from redis.asyncio import Redis
 import gateway, limiter
 from limiter.scripts import Scripts, lua_dir
 from limiter.guard import RedisGuard
@@ -35,13 +34,11 @@ for module in (gateway, limiter):
 assert prefix in lua_dir().resolve().parents, lua_dir()
 
 async def main() -> None:
-    redis = Redis.from_url(sys.argv[1])
-    store = CampaignStore(AutoPipeline(redis, RedisGuard(2.0)), Scripts.register(redis),
-                          CampaignKeys("wheel"), StorePolicy(1, 0, 1000))
-    await store.init(1)
-    (decision,) = await store.reserve([Attempt(new_reservation_id("wheel"), "u", 1)])
-    print(decision.status.name, (await store.figures()).available)
-    await redis.aclose()
+    async with AutoPipeline.opened(sys.argv[1], RedisGuard(2.0)) as pipe:
+        store = CampaignStore(pipe, Scripts.read(), CampaignKeys("wheel"), StorePolicy(1, 0, 1000))
+        await store.init(1)
+        (decision,) = await store.reserve([Attempt(new_reservation_id("wheel"), "u", 1)])
+        print(decision.status.name, (await store.figures()).available)
 
 asyncio.run(main())
 """

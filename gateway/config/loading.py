@@ -14,6 +14,7 @@ import yaml
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.config.errors import ConfigError
+from gateway.config.redis_url import parse_redis_url
 from gateway.config.schema import FromEnvironment, Problems, build
 from gateway.config.settings import JwtSettings, Settings
 from gateway.config.values import Route
@@ -89,10 +90,19 @@ def _check_relations(s: Settings, problems: Problems) -> None:
         problems.add("admin.port", "must differ from gateway.port on the same host")
     if s.identity.jwt is not None:
         _check_jwt(s.identity.jwt, problems)
+    _check_redis(s, problems)
     if s.redis.wait_for_replicas and s.redis.replica_timeout >= s.redis.timeout:
         problems.add(
             "redis.replica_timeout", f"must be shorter than redis.timeout ({s.redis.timeout:g}s)"
         )
+
+
+def _check_redis(s: Settings, problems: Problems) -> None:
+    kind = parse_redis_url(s.redis.url).kind if s.redis.url else "embedded"
+    if s.redis.sentinel_password is not None and kind != "sentinel":
+        problems.add("redis.sentinel_password", "applies to a redis+sentinel:// url only")
+    if s.redis.wait_for_aof and kind == "embedded":
+        problems.add("redis.wait_for_aof", "the embedded redis-server keeps no AOF")
 
 
 #: RFC 7518 3.2: an HMAC key at least as long as the hash.

@@ -30,8 +30,10 @@ from gateway.config.values import (
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    #: None: start an embedded redis-server.
+    #: None: start an embedded redis-server. Also redis+sentinel:// and redis+cluster://.
     url: str | None = spec(None, parse=redis_url)
+    #: The sentinels' own password, when it differs from the data nodes' (in the URL).
+    sentinel_password: str | None = None
     #: Deadline of every Redis call; a slower answer counts as a failure (fail closed).
     timeout: float = spec(0.25, parse=duration)
     #: redis-py's pool per process (pub/sub, script loads, stream groups); the request
@@ -42,6 +44,9 @@ class RedisSettings:
     #: failover then cannot lose a sale that a backend was told about. 0: do not wait.
     wait_for_replicas: int = spec(0, min=0, max=10)
     replica_timeout: float = spec(0.1, parse=duration)
+    #: Also wait until the writes are in the primary's AOF and in that many replicas'
+    #: (WAITAOF, Redis 7.2 and newer): a sale then survives a restart of every node.
+    wait_for_aof: bool = False
 
     @property
     def embedded(self) -> bool:

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.config.redis_url import parse_redis_url
 from gateway.config.schema import Invalid, typed
 from gateway.headers import NOT_CONFIGURABLE
 
@@ -94,10 +95,12 @@ def http_url(value: Any) -> str:
 
 
 def redis_url(value: Any) -> str | None:
+    """One server, a Sentinel service or a Cluster (see redis_url.py); None: embedded."""
     if value is None or value == "embedded":
         return None
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise Invalid(f"must be a redis://, rediss:// or unix:// URL, or 'embedded'; got {value!r}")
+    if not isinstance(value, str):
+        raise Invalid(f"must be a Redis URL or 'embedded', got {type(value).__name__}")
+    parse_redis_url(value)
     return value
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.core.snapshot import SnapshotHolder
 from gateway.core.stockwatch import StockWatch
-from limiter.guard import CircuitBreaker
+from limiter.pipeline import AutoPipeline
 
 #: Readiness fails when Redis has not answered the counters poll for this long.
 REDIS_SILENCE = 2.0
@@ -29,10 +29,10 @@ class Readiness:
     keeps running) but is reported. From SIGTERM on it says "draining", so a load
     balancer stops sending new buyers while requests in flight finish."""
 
-    def __init__(self, live: SnapshotHolder, watch: StockWatch, breaker: CircuitBreaker) -> None:
+    def __init__(self, live: SnapshotHolder, watch: StockWatch, pipe: AutoPipeline) -> None:
         self.live = live
         self.watch = watch
-        self.breaker = breaker
+        self.pipe = pipe
         #: Campaigns whose counters are known to exist in Redis.
         self.initialised: set[str] = set()
         #: Why the last reload was refused (None after a good one).
@@ -49,13 +49,17 @@ class Readiness:
         waiting = sorted(campaigns - self.initialised)
         missing = sorted(self.watch.missing & campaigns)
         silent = time.monotonic() - self.watch.last_success
-        redis_ok = not self.breaker.is_open and silent < REDIS_SILENCE
-        ready = redis_ok and not waiting and not missing and not self.draining
+        redis_ok = not self.pipe.unreachable and silent < REDIS_SILENCE
+        copies = self.pipe.replication_problem
+        ready = redis_ok and not copies and not waiting and not missing and not self.draining
         document: dict[str, object] = {
             "status": "draining" if self.draining else "ready" if ready else "not ready",
             "redis": "ok" if redis_ok else "unreachable",
             "campaigns_waiting": waiting,
             "campaigns_missing": missing,
+            # a cluster node down: its campaigns fail closed, the others sell on
+            "campaigns_unreachable": sorted(self.watch.unreachable & campaigns),
+            "replication": copies or "ok",
             "last_reload_error": self.reload_error,
         }
         return ready, document

@@ -39,6 +39,7 @@ from gateway.stats import (
     REDIS_ERRORS,
     REDIS_SECONDS,
     REQUESTS,
+    UNREPLICATED,
     VERSION,
 )
 from limiter.guard import RedisGuard
@@ -188,11 +189,13 @@ class Publisher:
         self._limit_refusals()
         for (campaign_id, result), count in list((self.deliveries or {}).items()):
             self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
-        self._add(CIRCUIT_OPENINGS, ("openings",), guard.breaker.openings)
+        breakers = {id(b): b for b in self.pipe.breakers()}.values()
+        self._add(CIRCUIT_OPENINGS, ("openings",), sum(b.openings for b in breakers))
+        self._add(UNREPLICATED, ("unreplicated",), self.pipe.unreplicated_round_trips)
         timings, self.pipe.timings = self.pipe.timings, []
         for seconds in timings:
             REDIS_SECONDS.observe(seconds)
-        CIRCUIT_OPEN.set(1 if guard.breaker.is_open else 0)
+        CIRCUIT_OPEN.set(1 if any(b.is_open for b in breakers) else 0)
         LOOP_STALL_SECONDS.set(guard.stalls.take_max_stall())
 
     def _limit_refusals(self) -> None:

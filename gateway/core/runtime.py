@@ -33,15 +33,17 @@ from gateway.core.sweeper import run_sweeper
 from gateway.forwarding.delivery import Dispatcher, ensure_group
 from gateway.forwarding.settle import Settlement
 from gateway.forwarding.upstream import Upstream
-from limiter.connection import connect
+from limiter.connection import close, connect
 from limiter.errors import CampaignMissing, StorageError
 from limiter.guard import RedisGuard
 from limiter.keys import CampaignKeys, processes_key
 from limiter.logs import Throttled
-from limiter.pipeline import AutoPipeline
+from limiter.notices import Notices
+from limiter.pipeline import AutoPipeline, Durability
 from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore
+from limiter.topology import topology_for
 
 log = logging.getLogger(__name__)
 throttled = Throttled(log, every=60.0)
@@ -64,20 +66,20 @@ class Runtime:
         #: supervisor started in place of a dead one, whose siblings created them. Should
         #: Redis have lost them meanwhile, recreating would put the full stock on sale again.
         self.must_exist = {c.id for c in settings.campaigns} if respawned else set()
+        r = settings.redis
+        self.topology = topology_for(
+            redis_url, timeout=r.timeout, sentinel_password=r.sentinel_password
+        )
         self.redis = connect(
-            redis_url,
-            max_connections=settings.redis.max_connections,
-            timeout=settings.redis.timeout,
+            redis_url, self.topology, max_connections=r.max_connections, timeout=r.timeout
         )
-        self.scripts = Scripts.register(self.redis)
-        self.guard = RedisGuard(settings.redis.timeout)
-        self.pipe = AutoPipeline(
-            self.redis,
-            self.guard,
-            replicas=settings.redis.wait_for_replicas,
-            replica_timeout_ms=round(settings.redis.replica_timeout * 1000),
+        self.scripts = Scripts.read()
+        self.guard = RedisGuard(r.timeout)
+        durability = Durability(
+            r.wait_for_replicas, round(r.replica_timeout * 1000), aof=r.wait_for_aof
         )
-        self.watch = StockWatch(self.redis, self.pipe)
+        self.pipe = AutoPipeline(self.topology, self.guard, durability=durability)
+        self.watch = StockWatch(Notices(self.topology, self.redis, interval=0.25), self.pipe)
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = Heartbeat(
             self.pipe,
@@ -88,20 +90,20 @@ class Runtime:
         )
         upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
         self.live = SnapshotHolder(self._snapshot(settings, upstreams))
-        self.readiness = Readiness(self.live, self.watch, self.guard.breaker)
+        self.readiness = Readiness(self.live, self.watch, self.pipe)
         self.reloader = Reloader(self.live, self.apply, self.readiness, config_path)
         #: The dispatcher's blocking reads get connections of their own.
         self.dispatcher: Dispatcher | None = None
         if dispatch:
             # no retries: a blocking read that fails must come back, not start again
             blocking = connect(
-                redis_url, max_connections=64, timeout=settings.redis.timeout, retries=0
+                redis_url, self.topology, max_connections=64, timeout=r.timeout, retries=0
             )
             self.dispatcher = Dispatcher(
                 self.live.campaigns,
                 blocking,
                 consumer=self.actor,
-                redis_timeout=settings.redis.timeout,
+                redis_timeout=r.timeout,
             )
         self.publisher = Publisher(
             self.live,
@@ -177,7 +179,7 @@ class Runtime:
         old = self.live.current
         upstreams, retired = await _reuse_or_open(old.upstreams, new.upstreams)
         self.guard.timeout = new.redis.timeout
-        self.pipe.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
+        self.pipe.durability.replica_timeout_ms = round(new.redis.replica_timeout * 1000)
         self.access.reconfigure(new.access_log)
         self.publisher.flush()  # the old campaigns' counts, before they are replaced
         self.live.current = self._snapshot(new, upstreams)
@@ -206,6 +208,7 @@ class Runtime:
     # --- running
 
     async def start(self) -> None:
+        await self.pipe.start()
         for upstream in self.live.current.upstreams.values():
             await upstream.open()
         await self.prepare_or_retry()
@@ -223,7 +226,7 @@ class Runtime:
     async def prepare(self) -> None:
         """Load the scripts; create missing campaigns' counters (never resetting existing
         ones) and order queues."""
-        await self.guard.run(lambda: self.scripts.load(self.redis), "load scripts")
+        await self.pipe.load_scripts(self.scripts.all())
         absent: list[str] = []
         for campaign in self.live.current.campaigns.values():
             if campaign.id in self.readiness.initialised:
@@ -325,10 +328,8 @@ class Runtime:
             await upstream.close()
         await self.pipe.close()
         self.guard.close()
-        clients = [self.redis] + ([self.dispatcher.redis] if self.dispatcher else [])
-        for client in clients:
-            await client.aclose()
-            await client.connection_pool.disconnect()
+        for client in [self.redis] + ([self.dispatcher.redis] if self.dispatcher else []):
+            await close(client)
 
 
 async def _reuse_or_open(

@@ -12,17 +12,13 @@ make the process unready: it never recreates them on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
-
 from limiter.errors import StorageError
 from limiter.keys import CampaignKeys
+from limiter.notices import Notices
 from limiter.pipeline import AutoPipeline
 
 log = logging.getLogger(__name__)
@@ -32,13 +28,15 @@ RESTOCK_NOTICE = b"restock"
 
 
 class StockWatch:
-    def __init__(self, redis: Redis, pipe: AutoPipeline, *, interval: float = 0.25) -> None:
-        self.redis = redis
+    def __init__(self, notices: Notices, pipe: AutoPipeline, *, interval: float = 0.25) -> None:
+        self.notices = notices
         self.pipe = pipe
         self.interval = interval
         self.sold_out: set[str] = set()
         #: Campaigns whose counters the last poll did not find in Redis.
         self.missing: set[str] = set()
+        #: Campaigns whose Redis node did not answer the last poll (a cluster node down).
+        self.unreachable: set[str] = set()
         #: Bumped by every direct flag change, so a poll that read before it cannot undo it.
         self._epoch = 0
         #: When a poll last got an answer from Redis (monotonic), for readiness.
@@ -53,17 +51,31 @@ class StockWatch:
         self._epoch += 1
 
     async def poll(self, campaigns: Iterable[CampaignKeys]) -> None:
-        """Read every campaign's stock in one round trip and update the flags."""
+        """Read every campaign's stock in one round trip per node and update the flags.
+        A campaign whose node does not answer keeps its flag and is listed as
+        unreachable; StorageError when no node answered at all."""
         keys = list(campaigns)
         epoch = self._epoch
         started = time.monotonic()
         replies = await asyncio.gather(
             self.pipe.call("PING", what="poll counters"),
             *(self.pipe.call("HGET", k.state, "available", what="poll counters") for k in keys),
+            return_exceptions=True,
         )
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        if len(failures) == len(replies):
+            raise (
+                failures[0]
+                if isinstance(failures[0], StorageError)
+                else StorageError(f"stock poll failed: {failures[0]!r}")
+            )
         self.last_success = started
         missing: set[str] = set()
+        unreachable: set[str] = set()
         for k, available in zip(keys, replies[1:], strict=True):
+            if isinstance(available, BaseException):
+                unreachable.add(k.campaign_id)
+                continue
             if available is None:
                 missing.add(k.campaign_id)
             if epoch != self._epoch:
@@ -73,6 +85,7 @@ class StockWatch:
             else:  # stock left, or no counters at all (503 for buyers, not "sold out")
                 self.sold_out.discard(k.campaign_id)
         self.missing = missing
+        self.unreachable = unreachable
 
     async def run_poll(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
         while True:
@@ -83,41 +96,17 @@ class StockWatch:
             await asyncio.sleep(self.interval)
 
     async def run_listener(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
-        """Follow every campaign's events channel; resubscribe after errors and reloads."""
-        while True:
-            try:
-                await self._listen(campaigns)
-            except (RedisError, OSError) as exc:
-                log.debug("events listener reconnecting: %s", exc)
-                await asyncio.sleep(self.interval)
+        """Follow every campaign's events channel (reloads add and remove channels)."""
+        by_channel: dict[str, str] = {}
 
-    async def _listen(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        subscribed: dict[str, str] = {}
-        try:
-            while True:
-                wanted = {k.events: k.campaign_id for k in campaigns()}
-                if wanted.keys() != subscribed.keys():
-                    await self._resubscribe(pubsub, subscribed, wanted)
-                    subscribed = wanted
-                if not subscribed:
-                    await asyncio.sleep(self.interval)
-                    continue
-                message = await pubsub.get_message(timeout=self.interval)
-                if message and message["type"] == "message":
-                    self._notice(subscribed.get(message["channel"].decode(), ""), message["data"])
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        def channels() -> list[str]:
+            by_channel.clear()
+            by_channel.update({k.events: k.campaign_id for k in campaigns()})
+            return list(by_channel)
 
-    @staticmethod
-    async def _resubscribe(pubsub: PubSub, old: dict[str, str], new: dict[str, str]) -> None:
-        gone = [c for c in old if c not in new]
-        added = [c for c in new if c not in old]
-        if gone:
-            await pubsub.unsubscribe(*gone)
-        if added:
-            await pubsub.subscribe(*added)
+        await self.notices.follow(
+            channels, lambda channel, data: self._notice(by_channel.get(channel, ""), data)
+        )
 
     def _notice(self, campaign_id: str, data: bytes) -> None:
         if not campaign_id:

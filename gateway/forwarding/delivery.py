@@ -31,12 +31,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import CampaignSettings
 from gateway.forwarding.settle import Settlement, accepted
 from gateway.forwarding.upstream import OutboundRequest, Upstream, UpstreamError, UpstreamReply
+from limiter.connection import RedisClient, disconnect
 from limiter.errors import StorageError
 from limiter.logs import Throttled
 from limiter.records import State
@@ -88,7 +88,7 @@ class _Unsent(Exception):
     """The order never left (a fault in this process): no attempt is counted."""
 
 
-async def ensure_group(redis: Redis, orders: str) -> None:
+async def ensure_group(redis: RedisClient, orders: str) -> None:
     """Create the campaign's order queue and its consumer group, unless they exist."""
     try:
         await redis.xgroup_create(orders, GROUP, id="0", mkstream=True)
@@ -99,7 +99,7 @@ async def ensure_group(redis: Redis, orders: str) -> None:
 
 class Dispatcher:
     def __init__(
-        self, campaigns: Campaigns, redis: Redis, *, consumer: str, redis_timeout: float
+        self, campaigns: Campaigns, redis: RedisClient, *, consumer: str, redis_timeout: float
     ) -> None:
         self.campaigns = campaigns
         #: A client of its own: blocking reads must not hold the request path's connections.
@@ -138,7 +138,7 @@ class Dispatcher:
             tasks = [task for _, task in self._loops.values()]
             for task in tasks:
                 task.cancel()
-            await self.redis.connection_pool.disconnect()
+            await disconnect(self.redis)
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
             await self._finish_deliveries()

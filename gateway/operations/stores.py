@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from gateway.config import Settings
 from gateway.core.campaigns import store_for
-from limiter.connection import connect
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
 from limiter.scripts import Scripts
@@ -31,14 +30,12 @@ async def campaign_stores(
     campaigns = [c for c in settings.campaigns if only is None or c.id == only]
     if only is not None and not campaigns:
         raise UnknownCampaign(f"no campaign {only!r} in the config")
-    redis = connect(redis_url, max_connections=4, timeout=deadline)
     guard = RedisGuard(deadline)
-    pipe = AutoPipeline(redis, guard)
-    scripts = Scripts.register(redis)
+    scripts = Scripts.read()
     try:
-        yield [store_for(settings, c, pipe, scripts) for c in campaigns]
+        async with AutoPipeline.opened(
+            redis_url, guard, sentinel_password=settings.redis.sentinel_password
+        ) as pipe:
+            yield [store_for(settings, c, pipe, scripts) for c in campaigns]
     finally:
-        await pipe.close()
         guard.close()
-        await redis.aclose()
-        await redis.connection_pool.disconnect()

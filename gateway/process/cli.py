@@ -346,9 +346,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.process.demo import print_report, run_demo
+    from gateway.process.demo_failover import run_failover_demo
 
     install_uvloop()
-    report = asyncio.run(run_demo(args))
+    sale = run_demo if args.redis == "embedded" else run_failover_demo
+    report = asyncio.run(sale(args))
     print_report(report, args.json)
     return OK if report["verdict"]["correct"] else FAILED
 
