@@ -212,17 +212,22 @@ class RedisGuard:
         Past the deadline ``future`` fails with StorageError (a pipeline not yet sent
         then leaves it out). With ``cancel=False`` it is left alone and a late reply
         still lands in it (its owner can then undo what it did: see TickBatcher).
+        A failure counts once against ``what``, whether the deadline came first or the
+        pipeline's own failure.
         """
         waiter = future if cancel else _follower(future)
 
         def expire() -> None:
-            self._failed(what, None)
             waiter.set_exception(
                 StorageError(f"redis did not answer {what} within {self.timeout:g}s")
             )
 
         self.stalls.watch(waiter, self.timeout, expire)
-        return await waiter
+        try:
+            return await waiter
+        except StorageError:
+            self._failed(what, None)
+            raise
 
     def close(self) -> None:
         self.stalls.stop()
