@@ -84,7 +84,10 @@ class Scripts:
     heartbeat: Script
     delivery_slot: Script
     hand_over: Script
-    audit: Script
+    follow_ledger: Script
+    audit_close: Script
+    repair_counters: Script
+    repair_quotas: Script
 
     @classmethod
     def read(cls) -> Scripts:
