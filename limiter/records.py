@@ -71,6 +71,32 @@ class Transition(NamedTuple):
     state: str
 
 
+class CommitItem(NamedTuple):
+    """One settlement for commit.lua (see its header)."""
+
+    reservation_id: str
+    target: State
+    hold_ms: int = 0
+    retake: bool = False
+    #: The state it may leave: RESERVED for the backend's answer, HELD for a confirm.
+    leavable: State = State.RESERVED
+    reply: Reply | None = None
+
+
+class ReleaseItem(NamedTuple):
+    """One release for release.lua (see its header)."""
+
+    reservation_id: str
+    leavable: tuple[State, ...]
+    target: State
+    reason: str
+    only_when_due: bool = False
+    #: The order to keep in the dead letters (b"" for none).
+    dead_letter: bytes = b""
+    #: An undo of a reserve call whose fate is unknown: make sure it cannot act later.
+    tombstone: bool = False
+
+
 class Figures(NamedTuple):
     """A campaign's counters; stock_total == available + reserved + sold."""
 

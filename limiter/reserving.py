@@ -9,7 +9,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from limiter.batching import TickBatcher
-from limiter.records import Attempt, Decision, ReleaseStatus, ReserveStatus, State, Transition
+from limiter.errors import StorageError
+from limiter.records import (
+    Attempt,
+    Decision,
+    ReleaseItem,
+    ReleaseStatus,
+    ReserveStatus,
+    State,
+    Transition,
+)
 from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -65,20 +74,14 @@ async def undo(
     give_up = loop.time() + UNDO_PATIENCE
     delay = 0.1
     while reservation_ids:
-        results = await asyncio.gather(
-            *(
-                store.release(
-                    rid,
-                    leavable=(State.RESERVED,),
-                    target=State.RELEASED,
-                    reason=reason,
-                    actor=actor,
-                    tombstone=True,
-                )
-                for rid in reservation_ids
-            ),
-            return_exceptions=True,
-        )
+        items = [
+            ReleaseItem(rid, (State.RESERVED,), State.RELEASED, reason, tombstone=True)
+            for rid in reservation_ids
+        ]
+        try:
+            results: Sequence[Transition | BaseException] = await store.release_all(items, actor)
+        except StorageError as exc:
+            results = [exc] * len(items)
         reservation_ids = [
             rid for rid, r in zip(reservation_ids, results, strict=True) if not _done(r)
         ]

@@ -14,9 +14,11 @@ from limiter.records import (
     Adjustment,
     AdjustStatus,
     Attempt,
+    CommitItem,
     CommitStatus,
     Decision,
     Figures,
+    ReleaseItem,
     ReleaseStatus,
     Reply,
     Reservation,
@@ -105,6 +107,31 @@ class CampaignStore:
         reply = await self.pipe.guard.wait(self.submit_reserve(attempts), "reserve")
         return self.decisions(attempts, reply)
 
+    def submit_releases(self, items: Sequence[ReleaseItem], actor: str) -> asyncio.Future[Any]:
+        """Queue one release.lua call for ``items`` (see ``transitions()``)."""
+        k = self.keys
+        keys = [k.state, k.users, k.idempotency, k.ledger, k.deadlines, k.orders, k.dead_letters]
+        args: list[str | int | bytes] = [actor, self.policy.ledger_max_length, k.events]
+        for item in items:
+            keys.append(k.reservation(item.reservation_id))
+            args += (
+                item.reservation_id,
+                ",".join(item.leavable),
+                item.target.value,
+                item.reason,
+                "due" if item.only_when_due else "",
+                item.dead_letter,
+                "tombstone" if item.tombstone else "",
+            )
+        return self.pipe.submit_script(self.scripts.release, keys, args)
+
+    @staticmethod
+    def releases(items: Sequence[ReleaseItem], reply: Sequence[Any]) -> list[Transition]:
+        return [
+            Transition(ReleaseStatus(int(reply[i])), reply[i + 1].decode())
+            for i in range(0, len(reply), 2)
+        ]
+
     async def release(
         self,
         reservation_id: str,
@@ -123,31 +150,16 @@ class CampaignStore:
         ``tombstone``: when undoing a reserve call whose fate is unknown, make sure it
         cannot take effect later (and leave one handed over for delivery to it).
         """
-        k = self.keys
-        args: list[str | int | bytes] = [
-            reservation_id,
-            ",".join(leavable),
-            target.value,
-            reason,
-            actor,
-            self.policy.ledger_max_length,
-            k.events,
-            "due" if only_when_due else "",
-            dead_letter,
-            "tombstone" if tombstone else "",
-        ]
-        keys = [
-            k.state,
-            k.users,
-            k.idempotency,
-            k.ledger,
-            k.deadlines,
-            k.reservation(reservation_id),
-            k.orders,
-            k.dead_letters,
-        ]
-        reply = await self.pipe.script(self.scripts.release, keys, args, "release")
-        return Transition(ReleaseStatus(int(reply[0])), reply[1].decode())
+        item = ReleaseItem(
+            reservation_id, tuple(leavable), target, reason, only_when_due, dead_letter, tombstone
+        )
+        (result,) = await self.release_all([item], actor)
+        return result
+
+    async def release_all(self, items: Sequence[ReleaseItem], actor: str) -> list[Transition]:
+        """Release several reservations in one script call."""
+        reply = await self.pipe.guard.wait(self.submit_releases(items, actor), "release")
+        return self.releases(items, reply)
 
     async def keep_reply(self, reservation_id: str, reply: Reply) -> None:
         await self.pipe.call(
@@ -170,6 +182,39 @@ class CampaignStore:
         )
         return int(reply)
 
+    def submit_commits(self, items: Sequence[CommitItem], actor: str) -> asyncio.Future[Any]:
+        """Queue one commit.lua call for ``items`` (see ``commits()``)."""
+        k = self.keys
+        keys = [k.state, k.users, k.ledger, k.deadlines, k.idempotency]
+        args: list[str | int | bytes] = [
+            self.policy.per_user_limit,
+            actor,
+            self.policy.ledger_max_length,
+            k.events,
+        ]
+        for item in items:
+            keys.append(k.reservation(item.reservation_id))
+            reply = item.reply
+            args += (
+                item.reservation_id,
+                item.target.value,
+                item.hold_ms,
+                "retake" if item.retake else "",
+                item.leavable.value,
+                str(reply.status) if reply else "",
+                reply.content_type if reply else "",
+                reply.body if reply else b"",
+                reply.headers if reply else "",
+            )
+        return self.pipe.submit_script(self.scripts.commit, keys, args)
+
+    @staticmethod
+    def commits(items: Sequence[CommitItem], reply: Sequence[Any]) -> list[Transition]:
+        return [
+            Transition(CommitStatus(int(reply[i])), reply[i + 1].decode())
+            for i in range(0, len(reply), 2)
+        ]
+
     async def commit(
         self,
         reservation_id: str,
@@ -182,37 +227,10 @@ class CampaignStore:
         leavable: State = State.RESERVED,
     ) -> Transition:
         """Settle a reservation (commit, hold or confirm); see commit.lua for the statuses."""
-        k = self.keys
-        status, content_type, body, headers = (
-            (str(reply.status), reply.content_type, reply.body, reply.headers)
-            if reply
-            else ("", "", b"", "")
-        )
-        args = [
-            reservation_id,
-            target.value,
-            hold_ms,
-            "retake" if retake else "",
-            self.policy.per_user_limit,
-            status,
-            content_type,
-            body,
-            actor,
-            self.policy.ledger_max_length,
-            k.events,
-            leavable.value,
-            headers,
-        ]
-        keys = [
-            k.state,
-            k.users,
-            k.ledger,
-            k.deadlines,
-            k.reservation(reservation_id),
-            k.idempotency,
-        ]
-        result = await self.pipe.script(self.scripts.commit, keys, args, "commit")
-        return Transition(CommitStatus(int(result[0])), result[1].decode())
+        item = CommitItem(reservation_id, target, hold_ms, retake, leavable, reply)
+        reply_ = await self.pipe.guard.wait(self.submit_commits([item], actor), "commit")
+        (result,) = self.commits([item], reply_)
+        return result
 
     async def adjust(
         self, *, delta: int | None = None, set_to: int | None = None, actor: str

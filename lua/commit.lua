@@ -1,4 +1,5 @@
--- commit.lua: settle a reservation the backend accepted, or a payment it confirmed.
+-- commit.lua: settle reservations the backend accepted, or payments it confirmed, a
+-- batch of them in one call (the commits of one event-loop tick).
 --   reserved -> committed   a sale (on_success: commit)
 --   reserved -> held        accepted, awaiting payment until a deadline (on_success: hold)
 --   held|reserved -> committed   confirm
@@ -11,107 +12,140 @@
 -- commit-conflict for reconcile.
 --
 -- KEYS[1] state hash   KEYS[2] users hash   KEYS[3] ledger stream
--- KEYS[4] deadlines zset   KEYS[5] reservation record   KEYS[6] idempotency hash
--- ARGV[1] reservation id   ARGV[2] target state, "committed" or "held"
--- ARGV[3] hold time, ms (held only)   ARGV[4] "retake" or ""   ARGV[5] per-user limit
--- ARGV[6] reply status ("" for none)   ARGV[7] reply content type   ARGV[8] reply body
--- ARGV[9] actor   ARGV[10] ledger max length (0: no cap)   ARGV[11] events channel
--- ARGV[12] states it may leave: "reserved" (the backend's answer) or "held" (confirm)
--- ARGV[13] the reply's other headers, JSON pairs ("" for none)
--- returns {status, state}
+-- KEYS[4] deadlines zset   KEYS[5] idempotency hash
+-- KEYS[5 + i] reservation record of item i
+-- ARGV[1] per-user limit   ARGV[2] actor   ARGV[3] ledger max length (0: no cap)
+-- ARGV[4] events channel
+-- ARGV[5 + 9 * (i - 1) ...] item i: reservation id, target state ("committed" or
+--   "held"), hold time ms (held only), "retake" or "", the states it may leave
+--   ("reserved": the backend's answer, or "held": confirm), reply status ("" for
+--   none), reply content type, reply body, the reply's other headers (JSON pairs)
+-- returns 2 values per item: status, state
 --   0 done (state now)   1 already there or beyond (its state)   2 gone (its state)
 --   3 no such reservation   4 taken again and done (state now)   5 not from its state
 
-local state_key, users_key, ledger_key, deadlines_key, record_key, idem_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local rid, target, hold_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local retake, user_limit = ARGV[4] == 'retake', tonumber(ARGV[5])
-local reply_status, reply_type, reply_body = ARGV[6], ARGV[7], ARGV[8]
-local actor, ledger_max, channel, leavable = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
-local reply_headers = ARGV[13] or ''
-if (target ~= 'committed' and target ~= 'held') or (target == 'held' and not hold_ms) then
-  return redis.error_reply('commit: the target must be committed, or held with a hold time')
-end
+local state_key, users_key, ledger_key, deadlines_key, idem_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local user_limit, actor = tonumber(ARGV[1]), ARGV[2]
+local ledger_max, channel = tonumber(ARGV[3]), ARGV[4]
+local count = (#ARGV - 4) / 9
 if not user_limit or not ledger_max then
   return redis.error_reply('commit: the per-user limit and ledger max length must be numbers')
 end
-
-local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left',
-                         'reply_status')
-local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
-if not state then
-  return {3, ''}
+if count ~= math.floor(count) or #KEYS ~= 5 + count then
+  return redis.error_reply('commit: malformed call (see the argument list at the top)')
 end
-if state == 'committed' or (state == 'held' and target == 'held') then
-  return {1, state}
-end
-local gone = state == 'released' or state == 'expired' or state == 'cancelled'
-if gone and not (user and qty) then
-  return {2, state} -- the tombstone of a reserve call that was undone: nothing was sold
-end
-if not gone and not listed(leavable, state) then
-  return {5, state}
+for i = 1, count do
+  local at = 5 + 9 * (i - 1)
+  local target, hold_ms = ARGV[at + 1], tonumber(ARGV[at + 2])
+  if (target ~= 'committed' and target ~= 'held') or (target == 'held' and not hold_ms) then
+    return redis.error_reply('commit: the target must be committed, or held with a hold time')
+  end
 end
 
 local figures = read_figures(state_key)
-if not figures then
-  return {3, state}
-end
-local before = copy_figures(figures)
+local available_at_start = figures and figures.available
 local now = now_ms()
-local status, op = 0, target == 'held' and 'hold' or 'commit'
+local changed = false
 
 -- Whether a reservation gone back to stock may be taken again: only one released
 -- from "reserved" ('left' names the state a release left; a record released before
 -- 'left' was written left "held" if it kept the backend's reply, as only holds do),
 -- and not when the buyer retried with its Idempotency-Key after the release: that
 -- attempt stands, and taking this one back too would sell twice under one key.
-local function retakeable()
-  if state == 'cancelled' or (record[5] or (record[6] and 'held' or 'reserved')) ~= 'reserved' then
+local function retakeable(rid, state, idem, left, kept_reply)
+  if state == 'cancelled' or (left or (kept_reply and 'held' or 'reserved')) ~= 'reserved' then
     return false
   end
-  if idem and idem ~= '' and idem_key then
+  if idem and idem ~= '' then
     local bound = redis.call('HGET', idem_key, idem)
     return not bound or bound == rid
   end
   return true
 end
 
-if gone then
+-- Take a reservation gone back to stock again, or say why not (false).
+local function take_again(rid, record, retake, before)
+  local state, user, qty, idem = record[1], record[2], tonumber(record[3]), record[4]
   local held = tonumber(redis.call('HGET', users_key, user) or '0')
-  if not (retake and retakeable()) or figures.available < qty or held + qty > user_limit then
+  if not (retake and retakeable(rid, state, idem, record[5], record[6]))
+      or figures.available < qty or held + qty > user_limit then
     append_ledger(ledger_key, ledger_max, 'commit-conflict', rid, user, qty, actor, before, figures)
-    redis.call('HSET', record_key, 'conflict', 1)
-    return {2, state}
+    return false
   end
   figures.available = figures.available - qty
   figures.reserved = figures.reserved + qty
   redis.call('HINCRBY', users_key, user, qty)
-  if idem and idem ~= '' and idem_key then
+  redis.call('HINCRBY', state_key, 'holders_v', 1) -- a holder again: see reserve.lua
+  if idem and idem ~= '' then
     redis.call('HSET', idem_key, idem, rid) -- a retry with its key finds it again
   end
-  status, op = 4, 'late-' .. op
-elseif state == 'held' then
-  op = 'confirm'
+  return true
 end
 
-if target == 'committed' then
-  figures.reserved = figures.reserved - qty
-  figures.sold = figures.sold + qty
-  redis.call('ZREM', deadlines_key, rid)
-  redis.call('HSET', record_key, 'deadline_ms', 0)
-else
-  redis.call('ZADD', deadlines_key, now + hold_ms, rid)
-  redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)
+local function settle(record_key, rid, target, hold_ms, retake, leavable, reply)
+  local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left',
+                           'reply_status')
+  local state, user, qty = record[1], record[2], tonumber(record[3])
+  if not state then
+    return 3, ''
+  end
+  if state == 'committed' or (state == 'held' and target == 'held') then
+    return 1, state
+  end
+  local gone = state == 'released' or state == 'expired' or state == 'cancelled'
+  if gone and not (user and qty) then
+    return 2, state -- the tombstone of a reserve call that was undone: nothing was sold
+  end
+  if not gone and not listed(leavable, state) then
+    return 5, state
+  end
+  if not figures then
+    return 3, state
+  end
+  local before = copy_figures(figures)
+  local status, op = 0, target == 'held' and 'hold' or 'commit'
+  if gone then
+    if not take_again(rid, record, retake, before) then
+      redis.call('HSET', record_key, 'conflict', 1)
+      return 2, state
+    end
+    status, op = 4, 'late-' .. op
+  elseif state == 'held' then
+    op = 'confirm'
+  end
+  if target == 'committed' then
+    figures.reserved = figures.reserved - qty
+    figures.sold = figures.sold + qty
+    redis.call('ZREM', deadlines_key, rid)
+    redis.call('HSET', record_key, 'deadline_ms', 0)
+  else
+    redis.call('ZADD', deadlines_key, now + hold_ms, rid)
+    redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)
+  end
+  redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
+  redis.call('HDEL', record_key, 'payload') -- settled: the kept order is not needed now
+  count_move(state_key, state, target, 1)
+  if reply[1] ~= '' then
+    redis.call('HSET', record_key, 'reply_status', reply[1], 'reply_type', reply[2],
+               'reply_body', reply[3], 'reply_headers', reply[4])
+  end
+  append_ledger(ledger_key, ledger_max, op, rid, user, qty, actor, before, figures)
+  changed = true
+  return status, target
 end
-write_figures(state_key, figures)
-redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
-redis.call('HDEL', record_key, 'payload') -- settled: the kept order is not needed now
-count_move(state_key, state, target, 1)
-if reply_status ~= '' then
-  redis.call('HSET', record_key, 'reply_status', reply_status, 'reply_type', reply_type,
-             'reply_body', reply_body, 'reply_headers', reply_headers)
+
+local out = {}
+for i = 1, count do
+  local at = 5 + 9 * (i - 1)
+  local status, state = settle(KEYS[5 + i], ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2]),
+                               ARGV[at + 3] == 'retake', ARGV[at + 4],
+                               {ARGV[at + 5], ARGV[at + 6], ARGV[at + 7], ARGV[at + 8]})
+  out[#out + 1] = status
+  out[#out + 1] = state
 end
-append_ledger(ledger_key, ledger_max, op, rid, user, qty, actor, before, figures)
-announce(channel, before.available, figures.available)
-return {status, target}
+if changed then
+  write_figures(state_key, figures)
+  announce(channel, available_at_start, figures.available)
+end
+return out

@@ -315,7 +315,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + grace
         campaigns = self.live.current.campaigns.values()
-        await asyncio.gather(*(c.batcher.close(grace) for c in campaigns))
+        await asyncio.gather(
+            *(c.batcher.close(grace) for c in campaigns),
+            *(c.settle.close(grace) for c in campaigns),
+        )
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=max(0.0, give_up - loop.time()))

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Iterable
 
 from limiter.errors import StorageError
-from limiter.records import ReleaseStatus, State
+from limiter.records import ReleaseItem, ReleaseStatus, State
 from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -23,29 +23,27 @@ BATCH = 100
 
 
 async def sweep(store: CampaignStore, actor: str) -> int:
-    """Settle every due reservation of one campaign; returns how many this call settled."""
+    """Settle every due reservation of one campaign, a batch of them per script call;
+    returns how many this call settled."""
     expired = 0
     while True:
         due = await store.due(BATCH)
+        items = [
+            ReleaseItem(rid, (State.RESERVED, State.HELD), State.EXPIRED, "deadline passed", True)
+            for rid in due
+        ]
+        results = await store.release_all(items, actor) if items else []
         before = expired
-        for reservation_id in due:
-            result = await store.release(
-                reservation_id,
-                leavable=(State.RESERVED, State.HELD),
-                target=State.EXPIRED,
-                reason="deadline passed",
-                actor=actor,
-                only_when_due=True,
-            )
+        for rid, result in zip(due, results, strict=True):
             if result.status is ReleaseStatus.RELEASED:
                 expired += 1
-                log.debug("reservation %s expired", reservation_id)
+                log.debug("reservation %s expired", rid)
             elif result.status is ReleaseStatus.REDELIVER:
                 expired += 1
                 log.warning(
                     "reservation %s was never settled or queued (its gateway died or lost "
                     "Redis): its kept order is queued for delivery",
-                    reservation_id,
+                    rid,
                 )
         if len(due) < BATCH or expired == before:
             return expired

@@ -9,13 +9,23 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from multidict import CIMultiDict
 
 from gateway.config import CampaignSettings
 from gateway.forwarding.upstream import UpstreamReply
+from limiter.batching import TickBatcher
 from limiter.errors import StorageError
-from limiter.records import CommitStatus, ReleaseStatus, Reply, State, Transition
+from limiter.records import (
+    CommitItem,
+    CommitStatus,
+    ReleaseItem,
+    ReleaseStatus,
+    Reply,
+    State,
+    Transition,
+)
 from limiter.reserving import Spawn
 from limiter.store import CampaignStore
 
@@ -58,6 +68,17 @@ class Settlement:
         self.settings = settings
         self.actor = actor
         self.spawn = spawn
+        guard = store.pipe.guard
+        #: The commits and the releases of one event-loop tick: one script call each.
+        self.commits: TickBatcher[CommitItem, Transition] = TickBatcher(
+            guard, partial(store.submit_commits, actor=actor), store.commits, "commit"
+        )
+        self.releases: TickBatcher[ReleaseItem, Transition] = TickBatcher(
+            guard, partial(store.submit_releases, actor=actor), store.releases, "release"
+        )
+
+    async def close(self, grace: float) -> None:
+        await asyncio.gather(self.commits.close(grace), self.releases.close(grace))
 
     async def keep_reply(self, rid: str, reply: UpstreamReply) -> None:
         """Keep a refusal's answer on the record (queue mode: the buyer reads it later)."""
@@ -69,14 +90,14 @@ class Settlement:
     async def commit_accepted(self, rid: str, reply: UpstreamReply) -> None:
         """Commit (or hold) a reservation the backend accepted; StorageError if Redis failed."""
         s = self.settings
-        result = await self.store.commit(
+        item = CommitItem(
             rid,
-            target=State.HELD if s.on_success == "hold" else State.COMMITTED,
+            State.HELD if s.on_success == "hold" else State.COMMITTED,
             hold_ms=round(s.hold_seconds * 1000),
             retake=True,
             reply=stored_reply(reply),
-            actor=self.actor,
         )
+        result = await self.commits.submit(item)
         self._unless_counters_missing(result, CommitStatus.NOT_FOUND)
         if result.status is CommitStatus.RETAKEN:
             log.warning("reservation %s had gone back to stock before its commit; taken again", rid)
@@ -90,14 +111,8 @@ class Settlement:
 
     async def release_refused(self, rid: str, reason: str, dead_letter: bytes = b"") -> None:
         """Release a reservation the backend did not take; StorageError if Redis failed."""
-        result = await self.store.release(
-            rid,
-            leavable=(State.RESERVED,),
-            target=State.RELEASED,
-            reason=reason,
-            actor=self.actor,
-            dead_letter=dead_letter,
-        )
+        item = ReleaseItem(rid, (State.RESERVED,), State.RELEASED, reason, dead_letter=dead_letter)
+        result = await self.releases.submit(item)
         self._unless_counters_missing(result, ReleaseStatus.NOT_FOUND)
 
     def _unless_counters_missing(self, result: Transition, not_found: int) -> None:
