@@ -88,7 +88,8 @@ class Effect(NamedTuple):
     quota: bool
 
 
-#: Every op the scripts write to the ledger, but init and repair (``RESETS``).
+#: Every op the scripts write to the ledger, but init and repair (``RESETS``). A new op
+#: belongs here too: reconcile refuses a ledger with one it does not know.
 EFFECTS: dict[str, Effect] = {
     "reserve": Effect(State.RESERVED, True),
     "commit": Effect(State.COMMITTED, False),
@@ -99,6 +100,7 @@ EFFECTS: dict[str, Effect] = {
     "released": Effect(State.RELEASED, True),
     "expired": Effect(State.EXPIRED, True),
     "cancelled": Effect(State.CANCELLED, True),
+    "replay": Effect(State.RESERVED, True),  # a dead letter taken again (released before)
     "commit-conflict": Effect(None, False),
     "redeliver": Effect(None, False),
     "hand-over": Effect(None, False),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
 from limiter.audit import Audit, audit, verdict
-from limiter.books import Books, BooksChanged
+from limiter.books import EFFECTS, RESETS, Books, BooksChanged
 from limiter.errors import StorageError
 from limiter.keys import new_reservation_id
 from limiter.records import Attempt, Figures, ReserveStatus, State
@@ -474,3 +475,18 @@ async def test_a_reconcile_gives_up_when_the_books_are_rewritten_every_time(
     monkeypatch.setattr(Books, "close", rewritten_meanwhile)
     with pytest.raises(StorageError, match="kept changing"):
         await audit(store, repair=False, actor=ACTOR)
+
+
+def test_reconcile_knows_what_every_op_in_the_scripts_does() -> None:
+    """Each op a script writes to the ledger by name is one whose effect on a record and
+    a quota reconcile knows (the ops named by a variable: commit.lua's and release.lua's
+    targets, are in EFFECTS by hand)."""
+    named = {
+        op
+        for path in lua_dir().glob("*.lua")
+        for op in re.findall(
+            r"append_ledger\(\s*ledger_key,\s*ledger_max,\s*'([a-z-]+)'", path.read_text()
+        )
+    }
+    assert {"reserve", "adjust", "init", "commit-conflict", "hand-over", "redeliver"} <= named
+    assert named <= EFFECTS.keys() | RESETS
