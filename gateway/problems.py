@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +25,10 @@ class Code(StrEnum):
     NOT_FOUND = "not-found"  #: no route, campaign or reservation
     METHOD_NOT_ALLOWED = "method-not-allowed"  #: the path exists, the method does not
     DUPLICATE = "duplicate"  #: an Idempotency-Key whose reservation is still in flight
+    IDEMPOTENCY_KEY_REQUIRED = "idempotency-key-required"  #: the campaign requires one
+    IDEMPOTENCY_KEY_MISMATCH = "idempotency-key-mismatch"  #: the key was used for another request
+    FORBIDDEN = "forbidden"  #: an admin token without the scope, or a CORS origin not allowed
+    TOO_MANY_CONNECTIONS = "too-many-connections"  #: over gateway.max_connections_per_ip
     SOLD_OUT = "sold-out"  #: nothing left
     INSUFFICIENT_STOCK = "insufficient-stock"  #: some left, fewer than asked
     EXPIRED = "expired"  #: the reservation went back to stock before this call
@@ -46,6 +52,10 @@ STATUS: dict[Code, tuple[int, str]] = {
     Code.NOT_FOUND: (404, "Not found"),
     Code.METHOD_NOT_ALLOWED: (405, "Method not allowed"),
     Code.DUPLICATE: (409, "Duplicate request"),
+    Code.IDEMPOTENCY_KEY_REQUIRED: (400, "Idempotency-Key required"),
+    Code.IDEMPOTENCY_KEY_MISMATCH: (422, "Idempotency-Key reused"),
+    Code.FORBIDDEN: (403, "Forbidden"),
+    Code.TOO_MANY_CONNECTIONS: (429, "Too many connections"),
     Code.SOLD_OUT: (409, "Sold out"),
     Code.INSUFFICIENT_STOCK: (409, "Insufficient stock"),
     Code.EXPIRED: (409, "Reservation expired"),
@@ -118,3 +128,13 @@ class CannedProblem:
         return web.Response(
             status=self.status, body=self.body, content_type=CONTENT_TYPE, headers=self.headers
         )
+
+
+def retry_after(seconds: float, jitter: float) -> str:
+    """A Retry-After value: whole seconds drawn evenly from ``[ceil(seconds),
+    ceil(seconds x (1 + jitter))]``, never sooner than asked. A crowd told "1" would come
+    back in the same second; spread over one or two it does not (``jitter``: the
+    ``gateway.retry_after_jitter`` fraction, 0 for the exact value)."""
+    low = max(1, math.ceil(seconds))
+    high = max(low, math.ceil(low * (1 + jitter)))
+    return str(low + int(random.random() * (high - low + 1)))

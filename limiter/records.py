@@ -39,6 +39,32 @@ class AdjustStatus(IntEnum):
     NO_CAMPAIGN = 2  #: the campaign has no counters in Redis
 
 
+class ReplayStatus(IntEnum):
+    REPLAYED = 0  #: stock taken again, the order queued, the dead letter removed
+    NO_LETTER = 1  #: no such dead letter (replayed already, or trimmed)
+    NO_RECORD = 2  #: its reservation record is gone
+    NOT_RELEASED = 3  #: its reservation is not released (settled or cancelled since)
+    NO_CAMPAIGN = 4  #: the campaign has no counters in Redis
+    NO_STOCK = 5  #: not enough stock left to take again
+    OVER_LIMIT = 6  #: the user would hold more than per_user_limit
+    KEY_REBOUND = 7  #: its Idempotency-Key names a fresh attempt now
+
+
+class Replay(NamedTuple):
+    status: ReplayStatus
+    reason: str
+
+
+class DeadLetter(NamedTuple):
+    """An order the dispatcher gave up on, kept in the campaign's dead letters stream."""
+
+    id: str
+    reservation_id: str
+    reason: str
+    attempts: int
+    payload: bytes
+
+
 class State(StrEnum):
     RESERVED = "reserved"  #: units deducted; the order is on its way to the backend
     HELD = "held"  #: the backend accepted; waiting for payment until a deadline

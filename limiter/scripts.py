@@ -84,6 +84,7 @@ class Scripts:
     heartbeat: Script
     delivery_slot: Script
     hand_over: Script
+    replay_dead_letter: Script
     follow_ledger: Script
     audit_close: Script
     repair_counters: Script

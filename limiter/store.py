@@ -16,10 +16,13 @@ from limiter.records import (
     Attempt,
     CommitItem,
     CommitStatus,
+    DeadLetter,
     Decision,
     Figures,
     ReleaseItem,
     ReleaseStatus,
+    Replay,
+    ReplayStatus,
     Reply,
     Reservation,
     ReserveStatus,
@@ -315,11 +318,63 @@ class CampaignStore:
         )
         return reply.decode() if reply else None
 
+    async def dead_letters(self, count: int = 100, after: str = "") -> list[DeadLetter]:
+        """Dead letters, oldest first: up to ``count`` after the entry id ``after``."""
+        start = f"({after}" if after else "-"
+        reply = await self.pipe.call(
+            "XRANGE", self.keys.dead_letters, start, "+", "COUNT", count, what="read dead letters"
+        )
+        return [_dead_letter(entry_id, fields) for entry_id, fields in reply or []]
+
+    async def replay_dead_letter(self, entry_id: str, actor: str) -> Replay:
+        """Take a dead letter's stock again and queue its order (replay_dead_letter.lua)."""
+        k = self.keys
+        entries = await self.pipe.call(
+            "XRANGE", k.dead_letters, entry_id, entry_id, what="read a dead letter"
+        )
+        if not entries:
+            return Replay(ReplayStatus.NO_LETTER, "no such dead letter")
+        rid = _dead_letter(*entries[0]).reservation_id
+        keys = [
+            k.state,
+            k.users,
+            k.idempotency,
+            k.ledger,
+            k.dead_letters,
+            k.orders,
+            k.reservation(rid),
+        ]
+        args: list[str | int] = [
+            entry_id,
+            rid,
+            self.policy.per_user_limit,
+            actor,
+            self.policy.ledger_max_length,
+            k.events,
+        ]
+        reply = await self.pipe.script(
+            self.scripts.replay_dead_letter, keys, args, "replay a dead letter"
+        )
+        return Replay(ReplayStatus(int(reply[0])), reply[1].decode())
+
     async def reservation(self, reservation_id: str) -> Reservation | None:
         raw = await self.pipe.call(
             "HGETALL", self.keys.reservation(reservation_id), what="read reservation"
         )
         return parse_reservation(reservation_id, self.campaign_id, raw) if raw else None
+
+
+def _dead_letter(entry_id: Any, raw: Any) -> DeadLetter:
+    fields = (
+        {k: v for k, v in zip(raw[::2], raw[1::2], strict=True)} if isinstance(raw, list) else raw
+    )
+    return DeadLetter(
+        entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+        fields.get(b"rid", b"").decode(),
+        fields.get(b"reason", b"").decode(errors="replace"),
+        int(fields.get(b"attempts", b"0") or 0),
+        fields.get(b"payload", b""),
+    )
 
 
 def parse_reservation(reservation_id: str, campaign_id: str, raw: Mapping[Any, Any]) -> Reservation:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, Route, Settings, load_settings, parse_settings
-from gateway.config.schema import Invalid
 from gateway.config.redis_url import parse_redis_url
+from gateway.config.schema import Invalid
 from gateway.config.values import duration
 from gateway.process import cli
 from gateway.process.env import INVALID
@@ -737,3 +737,37 @@ def test_a_refused_redis_url_does_not_show_its_password() -> None:
     error = parse_error('redis: {url: "ftp://user:hunter2-secret@host:1"}\n')
     assert "hunter2" not in str(error)
     assert "***" in str(error)
+
+
+def test_check_reports_every_problem_in_one_pass_cross_references_included() -> None:
+    """A bad stock, an undefined upstream, a duplicate route, deadlines that contradict each
+    other and an unset variable: all in one run, none hidden behind another."""
+    error = parse_error(
+        """
+admin: {token: "${FLASHGATE_TEST_SURELY_UNSET_VAR}"}
+upstreams:
+  shop: {url: "http://127.0.0.1:8000", timeout: 5s}
+campaigns:
+  - id: a
+    route: POST /buy/a
+    upstream: warehouse
+    stock: -1
+  - id: b
+    route: POST /buy/a
+    upstream: shop
+    stock: 1
+    forward_deadline: 2s
+    starts_at: 2026-11-11T21:00:00+08:00
+    ends_at: 2026-11-11T20:00:00+08:00
+"""
+    )
+    found = dict(error.problems)
+    assert found == {
+        "admin.token": "environment variable FLASHGATE_TEST_SURELY_UNSET_VAR is not set",
+        "campaigns[0].stock": "must be >= 0, got -1",
+        "campaigns[0].upstream": "no upstream named 'warehouse' (known: shop)",
+        "campaigns[1].route": "'POST /buy/a' is already used by campaigns[0]",
+        "campaigns[1].forward_deadline": "must be longer than upstream 'shop''s timeout (5s)",
+        "campaigns[1].ends_at": "must be after starts_at",
+    }
+    assert len(error.problems) == len(found)

@@ -15,8 +15,15 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.config.errors import ConfigError
 from gateway.config.redis_url import parse_redis_url
-from gateway.config.schema import FromEnvironment, Problems, build
-from gateway.config.settings import JwtSettings, Settings
+from gateway.config.schema import FromEnvironment, Problems, build, salvage
+from gateway.config.settings import (
+    SCOPES,
+    AdminToken,
+    CorsSettings,
+    JwtSettings,
+    RedisSettings,
+    Settings,
+)
 from gateway.config.values import Route
 
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -39,69 +46,152 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
 def parse_settings(
     text: str, source: str = "<string>", environ: Mapping[str, str] | None = None
 ) -> Settings:
+    """Every problem of the file in one pass: unset variables, the fields, and the checks
+    across fields (on whatever could be read where other fields are invalid)."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", f"invalid YAML: {_yaml_reason(exc)}")]) from exc
+    unset = Problems()
+    data = _expand(data, "", os.environ if environ is None else environ, unset)
     problems = Problems()
-    data = _expand(data, "", os.environ if environ is None else environ, problems)
-    if problems.items:
-        raise ConfigError(source, problems.items)
     settings = build(Settings, data, "", problems)
-    if settings is not None:
-        _check_relations(settings, problems)
-    if settings is None or problems.items:
-        raise ConfigError(source, problems.items)
+    _check_relations(salvage(Settings, data) if settings is None else settings, problems)
+    # a field whose variable is unset is reported as that, not also as an empty value
+    blamed = {path for path, _ in unset.items}
+    found = unset.items + [(p, r) for p, r in problems.items if p not in blamed]
+    if settings is None or found:
+        raise ConfigError(source, found)
     return settings
 
 
-def _check_relations(s: Settings, problems: Problems) -> None:
-    for name in s.upstreams:
-        if not _UPSTREAM_NAME.fullmatch(name):
-            problems.add(f"upstreams.{name}", "names are 1 to 64 letters, digits, _ or -")
+View = Any  # a settings object, or the dict of the fields that were valid (see salvage)
+
+
+def _get(view: View, name: str, default: Any = None) -> Any:
+    if isinstance(view, dict):
+        return view.get(name, default)
+    return getattr(view, name, default)
+
+
+def _check_relations(s: View, problems: Problems) -> None:
+    upstreams = _get(s, "upstreams", {}) or {}
+    if isinstance(upstreams, Mapping):
+        for name in upstreams:
+            if not _UPSTREAM_NAME.fullmatch(name):
+                problems.add(f"upstreams.{name}", "names are 1 to 64 letters, digits, _ or -")
+    _check_campaigns(_get(s, "campaigns", ()) or (), upstreams, problems)
+    admin, gateway = _get(s, "admin"), _get(s, "gateway")
+    if admin is not None:
+        _check_admin(admin, problems)
+        where = (_get(admin, "host", "127.0.0.1"), _get(admin, "port", 9090))
+        if (
+            gateway is not None
+            and where[1]
+            and where
+            == (
+                _get(gateway, "host", "127.0.0.1"),
+                _get(gateway, "port", 8080),
+            )
+        ):
+            problems.add("admin.port", "must differ from gateway.port on the same host")
+    if gateway is not None:
+        _check_gateway(gateway, problems)
+    jwt = _get(_get(s, "identity"), "jwt")
+    if isinstance(jwt, JwtSettings):
+        _check_jwt(jwt, problems)
+    redis = _get(s, "redis")
+    if isinstance(redis, RedisSettings):
+        _check_redis(redis, problems)
+        if redis.wait_for_replicas and redis.replica_timeout >= redis.timeout:
+            problems.add(
+                "redis.replica_timeout", f"must be shorter than redis.timeout ({redis.timeout:g}s)"
+            )
+
+
+def _check_campaigns(campaigns: Any, upstreams: Any, problems: Problems) -> None:
     seen_ids: dict[str, int] = {}
     seen_routes: dict[Route, int] = {}
-    for i, c in enumerate(s.campaigns):
+    known = upstreams if isinstance(upstreams, Mapping) else {}
+    for i, c in enumerate(campaigns):
         at = f"campaigns[{i}]"
-        if c.id in seen_ids:
-            problems.add(f"{at}.id", f"{c.id!r} is already used by campaigns[{seen_ids[c.id]}]")
-        seen_ids.setdefault(c.id, i)
-        if c.route in seen_routes:
-            problems.add(
-                f"{at}.route", f"'{c.route}' is already used by campaigns[{seen_routes[c.route]}]"
-            )
-        seen_routes.setdefault(c.route, i)
-        upstream = s.upstreams.get(c.upstream)
+        for name, seen in (("id", seen_ids), ("route", seen_routes)):
+            value = _get(c, name)
+            if value is None:
+                continue
+            if value in seen:
+                shown = repr(value) if name == "id" else f"'{value}'"
+                problems.add(f"{at}.{name}", f"{shown} is already used by campaigns[{seen[value]}]")
+            seen.setdefault(value, i)
+        _check_campaign(c, at, known, problems)
+
+
+def _check_campaign(c: View, at: str, upstreams: Mapping[str, Any], problems: Problems) -> None:
+    name = _get(c, "upstream")
+    if name is not None:
+        upstream = upstreams.get(name)
+        deadline = _get(c, "forward_deadline")
+        timeout = _get(upstream, "timeout") if upstream is not None else None
         if upstream is None:
-            known = ", ".join(s.upstreams) or "none defined"
-            problems.add(f"{at}.upstream", f"no upstream named {c.upstream!r} (known: {known})")
-        elif c.forward_deadline <= upstream.timeout:
+            known = ", ".join(upstreams) or "none defined"
+            problems.add(f"{at}.upstream", f"no upstream named {name!r} (known: {known})")
+        elif deadline is not None and timeout is not None and deadline <= timeout:
             problems.add(
                 f"{at}.forward_deadline",
-                f"must be longer than upstream {c.upstream!r}'s timeout ({upstream.timeout:g}s)",
+                f"must be longer than upstream {name!r}'s timeout ({timeout:g}s)",
             )
-        if c.starts_at and c.ends_at and c.ends_at <= c.starts_at:
-            problems.add(f"{at}.ends_at", "must be after starts_at")
-    if (
-        s.admin
-        and (s.admin.host, s.admin.port) == (s.gateway.host, s.gateway.port)
-        and s.admin.port
-    ):
-        problems.add("admin.port", "must differ from gateway.port on the same host")
-    if s.identity.jwt is not None:
-        _check_jwt(s.identity.jwt, problems)
-    _check_redis(s, problems)
-    if s.redis.wait_for_replicas and s.redis.replica_timeout >= s.redis.timeout:
+    starts, ends = _get(c, "starts_at"), _get(c, "ends_at")
+    if starts and ends and ends <= starts:
+        problems.add(f"{at}.ends_at", "must be after starts_at")
+    backoff, most = _get(c, "retry_backoff"), _get(c, "max_retry_backoff")
+    if backoff is not None and most is not None and backoff > most:
         problems.add(
-            "redis.replica_timeout", f"must be shorter than redis.timeout ({s.redis.timeout:g}s)"
+            f"{at}.max_retry_backoff", f"must not be shorter than retry_backoff ({backoff:g}s)"
         )
 
 
-def _check_redis(s: Settings, problems: Problems) -> None:
-    kind = parse_redis_url(s.redis.url).kind if s.redis.url else "embedded"
-    if s.redis.sentinel_password is not None and kind != "sentinel":
+def _check_admin(admin: View, problems: Problems) -> None:
+    tokens = _get(admin, "tokens", ()) or ()
+    token_invalid = isinstance(admin, dict) and "token" not in admin
+    if _get(admin, "token") is None and not tokens and not token_invalid:
+        problems.add("admin.token", "is required (or admin.tokens, scoped tokens)")
+    names: dict[str, int] = {}
+    secrets: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        name, secret_value = _get(token, "name"), _get(token, "token")
+        if name is not None:
+            if name in names or name == "admin":
+                problems.add(
+                    f"admin.tokens[{i}].name",
+                    f"{name!r} is already used" + (" (by admin.token)" if name == "admin" else ""),
+                )
+            names.setdefault(name, i)
+        if secret_value is not None:
+            if secret_value in secrets or secret_value == _get(admin, "token"):
+                problems.add(f"admin.tokens[{i}].token", "is the same as another admin token")
+            secrets.setdefault(secret_value, i)
+        if isinstance(token, AdminToken) and not token.scopes:
+            problems.add(
+                f"admin.tokens[{i}].scopes", f"must name at least one of {', '.join(SCOPES)}"
+            )
+
+
+def _check_gateway(gateway: View, problems: Problems) -> None:
+    cors = _get(gateway, "cors")
+    if isinstance(cors, CorsSettings) and cors.allow_credentials and "*" in cors.allow_origins:
+        problems.add("gateway.cors.allow_credentials", "cannot be true while allow_origins has '*'")
+    header, body = _get(gateway, "header_timeout"), _get(gateway, "keepalive_timeout")
+    if header is not None and body is not None and header > body:
+        problems.add(
+            "gateway.header_timeout", f"must not be longer than keepalive_timeout ({body:g}s)"
+        )
+
+
+def _check_redis(redis: RedisSettings, problems: Problems) -> None:
+    kind = parse_redis_url(redis.url).kind if redis.url else "embedded"
+    if redis.sentinel_password is not None and kind != "sentinel":
         problems.add("redis.sentinel_password", "applies to a redis+sentinel:// url only")
-    if s.redis.wait_for_aof and kind == "embedded":
+    if redis.wait_for_aof and kind == "embedded":
         problems.add("redis.wait_for_aof", "the embedded redis-server keeps no AOF")
 
 

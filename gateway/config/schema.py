@@ -88,6 +88,64 @@ def build(cls: type[T], data: Any, path: str, problems: Problems) -> T | None:
     return cls(**values)
 
 
+def salvage(cls: type[Any], data: Any) -> Any:
+    """What can be read of ``data`` for checks across fields while some fields are
+    invalid: an instance of ``cls`` when every field is valid, else a dict of the fields
+    that are (nested dataclasses salvaged the same way; lists and mappings of them item
+    by item). Problems are not recorded: ``build`` reported them already."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        return {}
+    whole = build(cls, data, "", Problems())
+    if whole is not None:
+        return whole
+    hints = typing.get_type_hints(cls)
+    valid: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = _salvage_value(hints[f.name], data[f.name], f.metadata)
+            if value is not _INVALID:
+                valid[f.name] = value
+        elif f.default is not dataclasses.MISSING:
+            valid[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            valid[f.name] = f.default_factory()
+    return valid
+
+
+_INVALID = object()
+
+
+def _salvage_value(kind: Any, value: Any, meta: Mapping[str, Any]) -> Any:
+    inner = _dataclass_of(kind)
+    origin = get_origin(kind)
+    if inner is not None and value is not None and meta.get("parse") is None:
+        shorthand = meta.get("shorthand")
+        if shorthand is not None and not isinstance(value, Mapping):
+            value = shorthand(value)
+        return salvage(inner, value)
+    element = _dataclass_of(get_args(kind)[0]) if origin is tuple else None
+    if element is not None:
+        return [salvage(element, v) for v in value] if isinstance(value, list) else _INVALID
+    if origin in (dict, Mapping, types.MappingProxyType) and _dataclass_of(get_args(kind)[1]):
+        item = _dataclass_of(get_args(kind)[1])
+        if not isinstance(value, Mapping):
+            return _INVALID
+        return {str(k): salvage(typing.cast(type, item), v) for k, v in value.items()}
+    problems = Problems()
+    converted = convert(kind, value, "", problems, meta)
+    return _INVALID if problems.items else converted
+
+
+def _dataclass_of(kind: Any) -> type[Any] | None:
+    """The dataclass ``kind`` is, or is ``X | None`` of; else None."""
+    if get_origin(kind) in (Union, types.UnionType):
+        kinds = [a for a in get_args(kind) if a is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 else None
+    return typing.cast(type, kind) if dataclasses.is_dataclass(kind) else None
+
+
 def convert(kind: Any, value: Any, path: str, problems: Problems, meta: Mapping[str, Any]) -> Any:
     parse = meta.get("parse")
     if parse is not None:

@@ -21,6 +21,7 @@ from gateway.config.values import (
     http_url,
     instant,
     networks,
+    origins,
     positive,
     redis_url,
     route,
@@ -62,11 +63,62 @@ class GatewaySettings:
     body_timeout: float = spec(10.0, parse=duration)
     #: Peers whose X-Forwarded-For is believed (load balancers); nobody else's is.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = spec((), parse=networks)
+    #: A connection's request head must arrive within this (answered 408, then closed):
+    #: thousands of clients dribbling a header line a second must not hold descriptors.
+    header_timeout: float = spec(10.0, parse=duration)
+    #: An idle keep-alive connection is closed after this; it also bounds how long the
+    #: next request's head may take on a kept-alive connection.
+    keepalive_timeout: float = spec(30.0, parse=duration)
+    #: Open connections one client address may hold (a trusted proxy's are not counted:
+    #: they carry many buyers). None: no cap.
+    max_connections_per_ip: int | None = spec(None, min=1, max=10_000_000)
+    #: Open buyer connections per process; beyond it a connection is answered 503 and
+    #: closed. None: the descriptor limit less what Redis and the backends may need.
+    max_connections: int | None = spec(None, min=1, max=100_000_000)
+    #: draft: RateLimit-Policy and RateLimit (IETF httpapi draft); legacy: X-RateLimit-*.
+    ratelimit_headers: Literal["draft", "legacy", "off"] = "draft"
+    #: Retry-After is spread over [t, t x (1 + this)] so that a crowd does not return at once.
+    retry_after_jitter: float = spec(0.5, min=0, max=1)
+    #: Cross-origin purchases from a browser; None: no CORS (preflights get 405).
+    cors: CorsSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    """Which web origins may buy from a browser, answered on campaign routes and
+    /reservations/{id}."""
+
+    #: Origins like https://shop.example (scheme, host, port), or "*" for any.
+    allow_origins: tuple[str, ...] = spec(parse=origins)
+    #: Request headers a browser may send besides the ones the gateway reads (the
+    #: identity header, Authorization, Idempotency-Key and Content-Type are always allowed).
+    allow_headers: tuple[str, ...] = spec((), pattern=HEADER_NAME)
+    #: How long a browser may cache a preflight's answer.
+    max_age: float = spec(600.0, parse=duration)
+    #: Whether credentials (cookies) may come along; never with "*".
+    allow_credentials: bool = False
+
+
+Scope = Literal["read", "stock", "reservations", "confirm", "reload", "metrics"]
+#: Every scope; admin.token has them all.
+SCOPES: tuple[Scope, ...] = ("read", "stock", "reservations", "confirm", "reload", "metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """A named admin token with the scopes it may use (the ledger records the name)."""
+
+    name: str = spec(pattern=r"[A-Za-z0-9_.-]{1,64}")
+    token: str = spec(pattern=r"\S+")
+    scopes: tuple[Scope, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    token: str = spec(pattern=r"\S+")
+    #: The operators' token, with every scope (its ledger name is "admin").
+    token: str | None = spec(None, pattern=r"\S+")
+    #: Scoped tokens: the backend that confirms orders need not be able to set stock.
+    tokens: tuple[AdminToken, ...] = ()
     host: str = "127.0.0.1"
     port: int = spec(9090, min=0, max=65535)
     #: /metrics answers without the token unless this is true (it carries no personal data).
@@ -215,6 +267,15 @@ class CampaignSettings:
     client_rate_limit: ClientRateLimitSettings | None = None
     #: A number (the ratio) or {ratio, window, mode}.
     admission_ratio: AdmissionSettings | None = spec(None, shorthand=_ratio)
+    #: Refuse a purchase without an Idempotency-Key (400 idempotency-key-required).
+    require_idempotency_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    #: text: one line per record; json: one JSON object per line (the access log is
+    #: JSON lines either way).
+    format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +288,7 @@ class Settings:
     identity: IdentitySettings = IdentitySettings()
     ledger: LedgerSettings = LedgerSettings()
     access_log: AccessLogSettings = AccessLogSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     def campaign(self, campaign_id: str) -> CampaignSettings | None:
         return next((c for c in self.campaigns if c.id == campaign_id), None)

@@ -104,6 +104,21 @@ def redis_url(value: Any) -> str | None:
     return value
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|\*")
+
+
+def origins(value: Any) -> tuple[str, ...]:
+    """Web origins (``https://shop.example``, ``http://localhost:3000``) or ``"*"``."""
+    if not isinstance(value, list) or not value:
+        raise Invalid(
+            f"must be a non-empty list of origins like https://shop.example, got {value!r}"
+        )
+    for item in value:
+        if not isinstance(item, str) or not _ORIGIN.fullmatch(item):
+            raise Invalid(f"{item!r} is not an origin like https://shop.example (no path) or '*'")
+    return tuple(str(item).lower() for item in value)
+
+
 def positive(value: Any) -> float:
     value = typed(float, value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,7 +1,11 @@
-"""The operators' API on the admin port: campaigns, stock, reservations.
+"""The operators' API on the admin port: campaigns, stock, reservations, dead letters.
 
-Every call but the health checks needs ``Authorization: Bearer <admin.token>``,
-compared in constant time. Errors are problem+json, like on the edge.
+Every call but the health checks and the OpenAPI document needs ``Authorization:
+Bearer <token>``: ``admin.token`` (every scope) or one of ``admin.tokens``, each with
+its scopes, all compared in constant time. A valid token without the call's scope gets
+403 ``forbidden``; the ledger records the token's name as the actor. The calls are one
+table, ``ROUTES``, from which the app is built and the OpenAPI document generated.
+Errors are problem+json, like on the edge.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from gateway.config import CampaignSettings, ConfigError
+from gateway.config import AdminSettings, CampaignSettings, ConfigError
+from gateway.config.settings import SCOPES, Scope
 from gateway.core.campaigns import Campaign
 from gateway.core.health import Readiness, health_handlers
 from gateway.core.publisher import Publisher, RedisFigures, exposition, read_redis_figures
@@ -29,8 +34,10 @@ from limiter.keys import campaign_of
 from limiter.records import (
     AdjustStatus,
     CommitStatus,
+    DeadLetter,
     Figures,
     ReleaseStatus,
+    ReplayStatus,
     Reservation,
     State,
 )
@@ -52,30 +59,53 @@ class Admin:
     processes: Callable[[], int]
     #: Under ``--workers``: have every worker reload (None: this process is alone).
     reload_all: Callable[[], None] | None = None
+    #: The OpenAPI document of this configuration (served at GET /openapi.json).
+    describe: Callable[[], Mapping[str, Any]] | None = None
 
 
 ADMIN = web.AppKey("admin", Admin)
 ACTOR_HEADER = "X-Actor"
 _ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,63}$")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+#: The name admin.token goes by in the ledger.
+LEGACY_NAME = "admin"
+_TOKEN_NAME = web.RequestKey("token_name", str)
+_CHALLENGE = 'Bearer realm="flashgate-admin"'
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminRoute(NamedTuple):
+    """One call of the admin API: what it needs and answers, for the app and the OpenAPI
+    document alike (the document names the schemas; see gateway/contract)."""
+
+    method: str
+    path: str
+    handler: Handler
+    #: the scope a token needs (None: public)
+    scope: Scope | None
+    summary: str
+    #: schema names of the request body (None: no body) and of the 200 answer
+    body: str | None
+    answer: str
+    #: the problem codes it may answer besides the ones every call may
+    codes: tuple[Code, ...] = ()
 
 
 def create_admin_app(admin: Admin, *, metrics_need_token: bool = False) -> web.Application:
-    """The admin API; the token is read from the snapshot in force at each call, so a
-    reload can rotate it."""
-    public = PUBLIC_PATHS - ({"/metrics"} if metrics_need_token else set())
-    app = web.Application(middlewares=[_problems, _authenticate(public)], client_max_size=64 * 1024)
+    """The admin API; the tokens are read from the snapshot in force at each call, so a
+    reload can rotate them."""
+    scopes = {
+        (r.method, r.path): ("metrics" if r.path == "/metrics" and metrics_need_token else r.scope)
+        for r in ROUTES
+    }
+    scopes |= {("GET", path): None for path in health_handlers(admin.readiness)}
+    app = web.Application(middlewares=[_problems, _authenticate(scopes)], client_max_size=64 * 1024)
     app[ADMIN] = admin
     for path, handler in health_handlers(admin.readiness).items():
         app.router.add_get(path, handler)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/campaigns", list_campaigns)
-    app.router.add_get("/campaigns/{id}", show_campaign)
-    app.router.add_post("/campaigns/{id}/stock", adjust_stock)
-    app.router.add_get("/reservations/{id}", show_reservation)
-    app.router.add_post("/reservations/{id}/cancel", cancel_reservation)
-    app.router.add_post("/reservations/{id}/confirm", confirm_reservation)
-    app.router.add_post("/reload", reload_config)
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
     return app
 
 
@@ -101,28 +131,54 @@ async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
         return Problem(Code.UNAVAILABLE, str(exc), headers={"Retry-After": "1"}).response()
 
 
-def _authenticate(public: frozenset[str]) -> Any:
+def _authenticate(scopes: Mapping[tuple[str, str], Scope | None]) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in public:
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else request.path
+        method = "GET" if request.method == "HEAD" else request.method
+        scope = scopes.get((method, template), "read" if route is not None else None)
+        if route is not None and scope is not None:
             admin = request.app[ADMIN].live.current.settings.admin
-            expected = (admin.token if admin else "").encode()
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            # surrogateescape: a header that is not UTF-8 compares (unequal), never raises
-            given = token.strip().encode("utf-8", "surrogateescape")
-            if (
-                admin is None
-                or scheme.lower() != "bearer"  # the scheme is case-insensitive (RFC 9110)
-                or not hmac.compare_digest(given, expected)
-            ):
+            name, granted = _token(admin, request.headers.get("Authorization", ""))
+            if name is None:
                 raise Problem(
                     Code.UNAUTHENTICATED,
                     "a valid 'Authorization: Bearer <admin token>' is required",
-                    headers={"WWW-Authenticate": 'Bearer realm="flashgate-admin"'},
+                    headers={"WWW-Authenticate": _CHALLENGE},
                 )
+            if scope not in granted:
+                raise Problem(
+                    Code.FORBIDDEN,
+                    f"token {name!r} lacks the {scope!r} scope this call needs",
+                    headers={
+                        "WWW-Authenticate": f'{_CHALLENGE}, error="insufficient_scope", '
+                        f'scope="{scope}"'
+                    },
+                    scope=scope,
+                )
+            request[_TOKEN_NAME] = name
         return await handler(request)  # type: ignore[no-any-return]
 
     return authenticate
+
+
+def _token(admin: AdminSettings | None, header: str) -> tuple[str | None, tuple[str, ...]]:
+    """The name and scopes of the token in an Authorization header, or (None, ()).
+    Every configured token is compared, in constant time, whichever matches."""
+    scheme, _, given = header.partition(" ")
+    if admin is None or scheme.lower() != "bearer":  # the scheme is case-insensitive
+        return None, ()
+    # surrogateescape: a header that is not UTF-8 compares (unequal), never raises
+    presented = given.strip().encode("utf-8", "surrogateescape")
+    candidates = [(t.name, t.token, tuple(t.scopes)) for t in admin.tokens]
+    if admin.token is not None:
+        candidates.append((LEGACY_NAME, admin.token, SCOPES))
+    found: tuple[str | None, tuple[str, ...]] = (None, ())
+    for name, secret, scopes in candidates:
+        if hmac.compare_digest(presented, secret.encode()):
+            found = (name, scopes)
+    return found
 
 
 def _campaign(request: web.Request, campaign_id: str | None = None) -> Campaign:
@@ -134,12 +190,17 @@ def _campaign(request: web.Request, campaign_id: str | None = None) -> Campaign:
 
 
 def _actor(request: web.Request) -> str:
+    """Who the ledger says did it: the token's name (admin.token: "admin", with the
+    operator's X-Actor or address), and the X-Actor a named token's caller adds."""
     given = request.headers.get(ACTOR_HEADER, "")
     if given and not _ACTOR.match(given):
         raise Problem(
             Code.BAD_REQUEST, f"{ACTOR_HEADER} must be 1 to 64 printable ASCII characters"
         )
-    return f"admin:{given or request.remote or 'unknown'}"
+    name = request.get(_TOKEN_NAME, LEGACY_NAME)
+    if name == LEGACY_NAME:
+        return f"admin:{given or request.remote or 'unknown'}"
+    return f"{name}:{given}" if given else str(name)
 
 
 async def campaign_document(admin: Admin, campaign: Campaign) -> dict[str, Any]:
@@ -363,3 +424,181 @@ async def reload_config(request: web.Request) -> web.Response:
             problems=exc.lines(),
         ) from None
     return web.json_response({"status": "reloaded", **result.summary()})
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """The campaign's dead letters, oldest first (``?count=`` up to 1000, ``?after=`` an id)."""
+    campaign = _campaign(request)
+    count = _count(request.query.get("count", "100"))
+    after = request.query.get("after", "")
+    if after and not _STREAM_ID.fullmatch(after):
+        raise Problem(Code.BAD_REQUEST, "after must be a dead letter id like 1700000000000-0")
+    letters = await campaign.store.dead_letters(count, after)
+    return web.json_response(
+        {"campaign": campaign.id, "dead_letters": [_letter(d) for d in letters]}
+    )
+
+
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+#: Dead letters one replay call takes at most.
+MAX_REPLAY = 1000
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_REPLAY:
+        raise Problem(Code.BAD_REQUEST, f"count must be a whole number from 1 to {MAX_REPLAY}")
+    return int(text)
+
+
+def _letter(letter: DeadLetter) -> dict[str, Any]:
+    try:
+        order = json.loads(letter.payload)
+        summary: dict[str, Any] | None = {"method": order["method"], "path": order["path"]}
+    except (ValueError, KeyError, TypeError):
+        summary = None
+    return {
+        "id": letter.id,
+        "reservation_id": letter.reservation_id,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "order": summary,
+    }
+
+
+async def replay_dead_letters(request: web.Request) -> web.Response:
+    """``{"ids": [...]}`` (or no body: the oldest up to 1000): each takes its stock again
+    and its order is delivered anew, or the answer says why it cannot."""
+    campaign = _campaign(request)
+    body = await _json_object(request) if request.can_read_body else {}
+    ids = body.get("ids")
+    if ids is None:
+        ids = [d.id for d in await campaign.store.dead_letters(MAX_REPLAY)]
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_REPLAY
+        or not all(isinstance(i, str) and _STREAM_ID.fullmatch(i) for i in ids)
+    ):
+        raise Problem(
+            Code.BAD_REQUEST, f"ids must be a list of at most {MAX_REPLAY} dead letter ids"
+        )
+    actor = _actor(request)
+    replayed, refused = [], []
+    for entry_id in ids:
+        result = await campaign.store.replay_dead_letter(entry_id, actor)
+        if result.status is ReplayStatus.REPLAYED:
+            replayed.append(entry_id)
+        else:
+            refused.append({"id": entry_id, "reason": result.reason})
+    return web.json_response({"campaign": campaign.id, "replayed": replayed, "refused": refused})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI document of the configuration in force (GET /openapi.json)."""
+    describe = request.app[ADMIN].describe
+    if describe is None:
+        raise Problem(Code.NOT_FOUND, "this gateway serves no OpenAPI document")
+    return web.json_response(describe())
+
+
+_RESERVATION = (Code.NOT_FOUND, Code.UNAVAILABLE)
+#: Every call of the admin API (the health checks are added from gateway.core.health).
+ROUTES: tuple[AdminRoute, ...] = (
+    AdminRoute("GET", "/openapi.json", openapi_document, None, "This document", None, "OpenAPI"),
+    AdminRoute("GET", "/metrics", metrics, None, "Prometheus metrics", None, "Metrics"),
+    AdminRoute(
+        "GET",
+        "/campaigns",
+        list_campaigns,
+        "read",
+        "Every campaign",
+        None,
+        "CampaignList",
+        (Code.UNAVAILABLE,),
+    ),
+    AdminRoute(
+        "GET",
+        "/campaigns/{id}",
+        show_campaign,
+        "read",
+        "One campaign and its counters",
+        None,
+        "Campaign",
+        (Code.NOT_FOUND, Code.UNAVAILABLE),
+    ),
+    AdminRoute(
+        "POST",
+        "/campaigns/{id}/stock",
+        adjust_stock,
+        "stock",
+        "Change stock by a delta or set what is available",
+        "StockChange",
+        "CampaignSettings",
+        (
+            Code.BAD_REQUEST,
+            Code.NOT_FOUND,
+            Code.INSUFFICIENT_STOCK,
+            Code.TOO_LARGE,
+            Code.UNAVAILABLE,
+        ),
+    ),
+    AdminRoute(
+        "GET",
+        "/campaigns/{id}/dead-letters",
+        list_dead_letters,
+        "read",
+        "Orders the dispatcher gave up on",
+        None,
+        "DeadLetters",
+        (Code.BAD_REQUEST, Code.NOT_FOUND, Code.UNAVAILABLE),
+    ),
+    AdminRoute(
+        "POST",
+        "/campaigns/{id}/dead-letters/replay",
+        replay_dead_letters,
+        "reservations",
+        "Deliver dead letters again, taking their stock again",
+        "Replay",
+        "Replayed",
+        (Code.BAD_REQUEST, Code.NOT_FOUND, Code.TOO_LARGE, Code.UNAVAILABLE),
+    ),
+    AdminRoute(
+        "GET",
+        "/reservations/{id}",
+        show_reservation,
+        "reservations",
+        "One reservation",
+        None,
+        "Reservation",
+        _RESERVATION,
+    ),
+    AdminRoute(
+        "POST",
+        "/reservations/{id}/cancel",
+        cancel_reservation,
+        "reservations",
+        "Give a reservation's units and quota back (also of a sale)",
+        None,
+        "Cancelled",
+        (*_RESERVATION, Code.BAD_REQUEST),
+    ),
+    AdminRoute(
+        "POST",
+        "/reservations/{id}/confirm",
+        confirm_reservation,
+        "confirm",
+        "A held order was paid: the sale is final",
+        None,
+        "Confirmed",
+        (*_RESERVATION, Code.BAD_REQUEST, Code.EXPIRED, Code.NOT_HELD),
+    ),
+    AdminRoute(
+        "POST",
+        "/reload",
+        reload_config,
+        "reload",
+        "Re-read the configuration file",
+        None,
+        "Reloaded",
+        (Code.NOT_FOUND, Code.INVALID_CONFIG),
+    ),
+)
