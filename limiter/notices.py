@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 #: Called with the channel and the notice.
 Notice = Callable[[str, bytes], None]
 Channels = Callable[[], Iterable[str]]
+#: Called after each (re)subscription: notices published meanwhile were missed.
+Subscribed = Callable[[], None]
 
 
 class Notices:
@@ -34,10 +36,15 @@ class Notices:
         self.topology = topology
         self.client = client
         self.interval = interval
+        self._subscribed: Subscribed = lambda: None
 
-    async def follow(self, channels: Channels, notice: Notice) -> None:
+    async def follow(
+        self, channels: Channels, notice: Notice, subscribed: Subscribed = lambda: None
+    ) -> None:
         """Deliver every notice on ``channels`` (read again each ``interval``, so a
-        reload's campaigns are followed) until cancelled; reconnects after errors."""
+        reload's campaigns are followed) until cancelled; reconnects after errors, and
+        calls ``subscribed`` after each new subscription."""
+        self._subscribed = subscribed
         while True:
             try:
                 if self.topology.sharded:
@@ -63,6 +70,8 @@ class Notices:
                 wanted = set(channels())
                 if wanted != subscribed:
                     await _resubscribe(pubsub, subscribed, wanted, sharded)
+                    if wanted - subscribed:
+                        self._subscribed()
                     subscribed = wanted
                 if not subscribed:
                     await asyncio.sleep(self.interval)

@@ -65,6 +65,7 @@ end
 if set == 0 then
   return {0, 0, added, '', entries}
 end
+redis.call('HINCRBY', state_key, 'holders_v', 1) -- the holders may differ now: reserve.lua
 append_ledger(ledger_key, ledger_max, 'repair', '', '', set, actor, figures, figures,
               string.format('the quotas of %d user(s) made to agree with their records', set))
 local own = redis.call('XREVRANGE', ledger_key, '+', '-', 'COUNT', 1)[1][1]

@@ -123,6 +123,9 @@ end
 if figures.available ~= available_at_start then
   write_figures(state_key, figures)
   count_move(state_key, nil, 'reserved', winners)
+  -- new holders: the gateways that answer a sold-out campaign's keyed requests from
+  -- memory read this to know their set of holders is out of date
+  redis.call('HINCRBY', state_key, 'holders_v', 1)
   announce(channel, available_at_start, figures.available)
 end
 -- attempts decided (repeats not counted): the campaign view's "decided", against

@@ -329,6 +329,7 @@ class Runtime:
             await asyncio.wait(list(self._tasks), timeout=1.0)
         for upstream in self.live.current.upstreams.values():
             await upstream.close()
+        await self.watch.close()
         await self.pipe.close()
         self.guard.close()
         for client in [self.redis] + ([self.dispatcher.redis] if self.dispatcher else []):

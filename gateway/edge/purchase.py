@@ -66,7 +66,7 @@ async def purchase(
     if campaign.id in edge.watch.sold_out:
         if IDEMPOTENCY_HEADER not in request.headers:
             return Answer(SOLD_OUT, campaign.sold_out.response(), local=True)
-        return await _retry_after_sold_out(snapshot, campaign, request)
+        return await _retry_after_sold_out(edge, snapshot, campaign, request)
     started = time.perf_counter()
     user = ""
     gateway = snapshot.settings.gateway
@@ -104,17 +104,22 @@ async def purchase(
 
 
 async def _retry_after_sold_out(
-    snapshot: Snapshot, campaign: Campaign, request: web.BaseRequest
+    edge: Edge, snapshot: Snapshot, campaign: Campaign, request: web.BaseRequest
 ) -> Answer:
     """Sold out, but a request with an Idempotency-Key may be a winner's retry, owed its
-    outcome: one read of the key (never the reserve script, never a deduction); a key
-    that names nothing gets sold-out."""
+    outcome. A user who holds no unit has nothing to be owed (a released reservation
+    frees its key): sold-out from memory, once the holders are known. A holder's key is
+    read (never the reserve script, never a deduction); a key that names nothing gets
+    sold-out."""
     user = ""
     response: web.StreamResponse
     try:
         user = snapshot.identity(request)
-        field = idempotency_field(user, idempotency_key(request))
-        rid = await campaign.store.bound_reservation(field)
+        key = idempotency_key(request)
+        holders = edge.watch.holders_of(campaign.id)
+        if holders is not None and user not in holders:
+            return Answer(SOLD_OUT, campaign.sold_out.response(), user, local=True)
+        rid = await campaign.store.bound_reservation(idempotency_field(user, key))
         if rid is None:
             return Answer(SOLD_OUT, campaign.sold_out.response(), user)
         code, response = "replayed", await _replay(campaign, rid)
