@@ -267,6 +267,13 @@ class CampaignStore:
         reply = await self.pipe.call("HGET", self.keys.state, "decided", what="read counters")
         return int(reply or 0)
 
+    async def earliest_deadline(self) -> int | None:
+        """When the campaign's next deadline falls due (Redis time, ms), if any."""
+        reply = await self.pipe.call(
+            "ZRANGE", self.keys.deadlines, 0, 0, "WITHSCORES", what="read the next deadline"
+        )
+        return int(float(reply[1])) if reply else None
+
     async def due(self, limit: int = 100) -> list[str]:
         """Ids of reservations whose deadline has passed (by Redis's clock)."""
         reply = await self.pipe.script(self.scripts.due, [self.keys.deadlines], [limit], "due")

@@ -58,6 +58,17 @@ local function announce(channel, available_before, available_after)
   end
 end
 
+-- Tell the gateways' sweepers when a deadline falls due, once per stretch: when the
+-- moment last announced has passed (the sweepers then read the next deadline
+-- themselves, after sweeping), or when this deadline comes sooner.
+local function announce_due(state_key, channel, deadline, now)
+  local announced = tonumber(redis.call('HGET', state_key, 'due_at') or '0')
+  if announced <= now or deadline < announced then
+    redis.call('HSET', state_key, 'due_at', deadline)
+    redis.call(PUBLISH, channel, 'due ' .. deadline)
+  end
+end
+
 local function give_back_quota(users_key, user, qty)
   if redis.call('HINCRBY', users_key, user, -qty) <= 0 then
     redis.call('HDEL', users_key, user)

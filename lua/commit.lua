@@ -47,6 +47,7 @@ local figures = read_figures(state_key)
 local available_at_start = figures and figures.available
 local now = now_ms()
 local changed = false
+local first_hold = nil -- the earliest hold deadline this call sets
 
 -- Whether a reservation gone back to stock may be taken again: only one released
 -- from "reserved" ('left' names the state a release left; a record released before
@@ -122,6 +123,7 @@ local function settle(record_key, rid, target, hold_ms, retake, leavable, reply)
   else
     redis.call('ZADD', deadlines_key, now + hold_ms, rid)
     redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)
+    first_hold = math.min(first_hold or (now + hold_ms), now + hold_ms)
   end
   redis.call('HSET', record_key, 'state', target, 'updated_ms', now)
   redis.call('HDEL', record_key, 'payload') -- settled: the kept order is not needed now
@@ -147,5 +149,8 @@ end
 if changed then
   write_figures(state_key, figures)
   announce(channel, available_at_start, figures.available)
+end
+if first_hold then
+  announce_due(state_key, channel, first_hold, now)
 end
 return out

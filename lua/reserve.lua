@@ -127,6 +127,9 @@ if figures.available ~= available_at_start then
   -- memory read this to know their set of holders is out of date
   redis.call('HINCRBY', state_key, 'holders_v', 1)
   announce(channel, available_at_start, figures.available)
+  if deadline_after > 0 then
+    announce_due(state_key, channel, now + deadline_after, now)
+  end
 end
 -- attempts decided (repeats not counted): the campaign view's "decided", against
 -- which the admission budget's shadow-mode refusals are measured

@@ -29,7 +29,7 @@ from gateway.core.publisher import Publisher
 from gateway.core.reload import Reloaded, Reloader
 from gateway.core.snapshot import Snapshot, SnapshotHolder
 from gateway.core.stockwatch import StockWatch
-from gateway.core.sweeper import run_sweeper
+from gateway.core.sweeper import Sweeper
 from gateway.forwarding.delivery import Dispatcher, ensure_group
 from gateway.forwarding.settle import Settlement
 from gateway.forwarding.upstream import Upstream
@@ -48,7 +48,6 @@ from limiter.topology import topology_for
 log = logging.getLogger(__name__)
 throttled = Throttled(log, every=60.0)
 
-SWEEP_INTERVAL = 1.0
 PREPARE_RETRY = 1.0
 
 
@@ -80,6 +79,9 @@ class Runtime:
         )
         self.pipe = AutoPipeline(self.topology, self.guard, durability=durability)
         self.watch = StockWatch(Notices(self.topology, self.redis, interval=0.25), self.pipe)
+        self.sweeper = Sweeper(self.stores, f"sweeper@{socket.gethostname()}:{os.getpid()}")
+        self.watch.on_due = self.sweeper.announced
+        self.watch.on_resync = self.sweeper.resync
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = Heartbeat(
             self.pipe,
@@ -215,7 +217,7 @@ class Runtime:
         self._loops += [
             self.spawn(self.watch.run_poll(self.campaign_keys)),
             self.spawn(self.watch.run_listener(self.campaign_keys)),
-            self.spawn(run_sweeper(self.stores, f"sweeper@{self.actor}", SWEEP_INTERVAL)),
+            self.spawn(self.sweeper.run()),
             self.spawn(self.heartbeat.run()),
             self.spawn(self._publish_metrics()),
             self.spawn(self.access.run()),

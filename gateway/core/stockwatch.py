@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SOLD_OUT_NOTICE = b"sold-out"
 RESTOCK_NOTICE = b"restock"
+#: ``due <ms>``: a deadline of the campaign falls due then (see core/sweeper.py).
+DUE_NOTICE = b"due "
 #: Counters the backstop poll reads per second at most, per process.
 POLL_BUDGET = 10.0
 #: Users per HSCAN round trip when loading a sold-out campaign's holders.
@@ -74,6 +76,9 @@ class StockWatch:
         self._loading: dict[str, asyncio.Task[None]] = {}
         #: Set when every campaign must be polled now (a resubscription, a failover).
         self._resync = asyncio.Event()
+        #: Told of ``due`` notices, and of every resync (notices may have been missed).
+        self.on_due: Callable[[str, int], None] = lambda campaign_id, at_ms: None
+        self.on_resync: Callable[[], None] = lambda: None
         self._turn = 0
         pipe.topology.on_change(self.resync)
 
@@ -95,6 +100,7 @@ class StockWatch:
     def resync(self) -> None:
         """Poll every campaign at the next turn (notices may have been missed)."""
         self._resync.set()
+        self.on_resync()
 
     # --- polling
 
@@ -245,3 +251,5 @@ class StockWatch:
             self.mark_sold_out(campaign_id)
         elif data == RESTOCK_NOTICE:
             self.mark_restocked(campaign_id)
+        elif data.startswith(DUE_NOTICE) and data[len(DUE_NOTICE) :].isdigit():
+            self.on_due(campaign_id, int(data[len(DUE_NOTICE) :]))
