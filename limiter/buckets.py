@@ -48,6 +48,8 @@ class Verdict(NamedTuple):
     retry_after: float = 0.0
     #: The bucket can never refill: the campaign is sold out.
     exhausted: bool = False
+    #: Whole tokens left after this one, when known (-1: not known); RateLimit's "r".
+    remaining: int = -1
 
 
 ALLOW = Verdict(True)
@@ -119,6 +121,8 @@ class LeasedBucket:
         #: Tokens of the last grant owed to the requests that were waiting for it.
         self._owed = 0
         self._pending: asyncio.Task[None] | None = None
+        #: Whole tokens the Redis bucket had left after the last lease.
+        self._left = 0
 
     def try_take(self, now: float) -> Verdict | None:
         """A verdict from what this process already knows, or None: ask Redis."""
@@ -130,6 +134,11 @@ class LeasedBucket:
         if now < self._empty_until:
             return NEVER if self._exhausted else Verdict(False, self._empty_until - now)
         return None
+
+    def remaining(self, now: float) -> int:
+        """About how many tokens are left for everyone: what Redis had after the last
+        lease, plus this process's unspent share of it (other processes hold theirs)."""
+        return self._left + (self._tokens if now < self._expires else 0)
 
     async def take(self) -> Verdict:
         verdict = self.try_take(time.monotonic())
@@ -169,6 +178,7 @@ class LeasedBucket:
         finally:
             self._pending = None
         granted, wait_ms = int(reply[0]), int(reply[1])
+        self._left = int(reply[3]) if len(reply) > 3 else 0
         now = time.monotonic()
         self._tokens = granted + (self._tokens if now < self._expires else 0)
         self._expires = asked + self.lease_ttl
@@ -233,14 +243,14 @@ class ClientBuckets:
         grants: dict[str, list[int]] = {}
         for client in clients:
             if client not in grants:
-                i = 2 * len(grants)
-                grants[client] = [int(reply[i]), int(reply[i + 1])]
+                i = 3 * len(grants)
+                grants[client] = [int(reply[i]), int(reply[i + 1]), int(reply[i + 2])]
         verdicts = []
         for client in clients:
             grant = grants[client]
             if grant[0] > 0:
-                grant[0] -= 1
-                verdicts.append(ALLOW)
+                grant[0] -= 1  # the later requests of this batch took the later tokens
+                verdicts.append(Verdict(True, remaining=grant[2] + grant[0]))
             else:
-                verdicts.append(Verdict(False, max(grant[1], 1) / 1000))
+                verdicts.append(Verdict(False, max(grant[1], 1) / 1000, remaining=0))
         return verdicts

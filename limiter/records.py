@@ -82,6 +82,8 @@ class Attempt(NamedTuple):
     quantity: int
     idempotency_field: str = ""
     payload: bytes = b""
+    #: What the request asked (route, quantity, body), kept with the key's binding.
+    fingerprint: str = ""
 
 
 class Decision(NamedTuple):
@@ -165,6 +167,8 @@ class Reservation(NamedTuple):
     attempts: int
     conflict: bool
     reply: Reply | None
+    #: The fingerprint of the request its Idempotency-Key was bound with ("" for none).
+    fingerprint: str = ""
 
     def public(self) -> dict[str, object]:
         """The JSON shape of the admin and status APIs."""

@@ -95,7 +95,14 @@ class CampaignStore:
         args: list[str | int | bytes] = list(self._reserve_args)
         for a in attempts:
             keys.append(self.keys.reservation(a.reservation_id))
-            args += (a.reservation_id, a.user_id, a.quantity, a.idempotency_field, a.payload)
+            args += (
+                a.reservation_id,
+                a.user_id,
+                a.quantity,
+                a.idempotency_field,
+                a.payload,
+                a.fingerprint,
+            )
         return self.pipe.submit_script(self.scripts.reserve, keys, args)
 
     @staticmethod
@@ -414,4 +421,5 @@ def parse_reservation(reservation_id: str, campaign_id: str, raw: Mapping[Any, A
         attempts=number("attempts"),
         conflict=bool(number("conflict")),
         reply=reply,
+        fingerprint=text("fp"),
     )

@@ -81,7 +81,8 @@ end
 
 -- Take up to `want` tokens from a token bucket hash {tokens, ms}, refilled at `rate`
 -- tokens per second up to `capacity`, by Redis's clock. Returns granted, wait_ms:
--- when fewer than wanted were granted, the ms until the next whole token (-1: never).
+-- when fewer than wanted were granted, the ms until the next whole token (-1: never);
+-- and the whole tokens left (the RateLimit header fields' "remaining").
 local function take_from_bucket(key, now, rate, capacity, want)
   local b = redis.call('HMGET', key, 'tokens', 'ms')
   local tokens = tonumber(b[1]) or capacity
@@ -104,7 +105,7 @@ local function take_from_bucket(key, now, rate, capacity, want)
       wait = math.ceil((1 - tokens) * 1000 / rate)
     end
   end
-  return granted, wait
+  return granted, wait, math.floor(tokens)
 end
 
 -- Reservations by state ("n:reserved", "n:held", ...) kept beside the counters, for

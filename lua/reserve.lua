@@ -16,8 +16,10 @@
 -- ARGV[1] per-user limit in units         ARGV[2] deadline after reserving, ms (0: none)
 -- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync" or "queue"
 -- ARGV[5] events channel
--- ARGV[6 + 5 * (i - 1) ...] attempt i: reservation id, user id, quantity,
---   idempotency field ("" for none), the order for the backend (kept on the record)
+-- ARGV[6 + 6 * (i - 1) ...] attempt i: reservation id, user id, quantity,
+--   idempotency field ("" for none), the order for the backend (kept on the record),
+--   the request's fingerprint ("" for none): kept on the record with the key's binding,
+--   so that a retry with the key can be told apart from another request reusing it
 -- returns 3 values per attempt: status, reservation id, a figure
 --   0 reserved (figure: available after)     1 duplicate (id of the earlier reservation)
 --   2 sold out                              3 insufficient stock (figure: available)
@@ -30,7 +32,7 @@ local deadline_after = tonumber(ARGV[2])
 local ledger_max = tonumber(ARGV[3])
 local mode = ARGV[4]
 local channel = ARGV[5]
-local count = (#ARGV - 5) / 5
+local count = (#ARGV - 5) / 6
 
 -- Refuse the whole batch before writing anything: a script error does not roll back.
 if not user_limit or not deadline_after or not ledger_max or (mode ~= 'sync' and mode ~= 'queue')
@@ -38,7 +40,7 @@ if not user_limit or not deadline_after or not ledger_max or (mode ~= 'sync' and
   return redis.error_reply('reserve: malformed call (see the argument list at the top)')
 end
 for i = 1, count do
-  local qty = tonumber(ARGV[6 + 5 * (i - 1) + 2])
+  local qty = tonumber(ARGV[6 + 6 * (i - 1) + 2])
   if not qty or qty < 1 or qty ~= math.floor(qty) then
     return redis.error_reply('reserve: quantity must be a positive integer')
   end
@@ -49,7 +51,7 @@ local figures = read_figures(state_key)
 if not figures then
   for i = 1, count do
     out[#out + 1] = 5
-    out[#out + 1] = ARGV[6 + 5 * (i - 1)]
+    out[#out + 1] = ARGV[6 + 6 * (i - 1)]
     out[#out + 1] = 0
   end
   return out
@@ -59,7 +61,7 @@ local now = now_ms()
 local available_at_start = figures.available
 local winners, repeats = 0, 0
 
-local function reserve(record_key, rid, user, qty, idem, payload)
+local function reserve(record_key, rid, user, qty, idem, payload, fingerprint)
   local before = copy_figures(figures)
   figures.available = figures.available - qty
   figures.reserved = figures.reserved + qty
@@ -80,11 +82,14 @@ local function reserve(record_key, rid, user, qty, idem, payload)
   end
   if idem ~= '' then
     redis.call('HSET', idem_key, idem, rid)
+    if fingerprint ~= '' then
+      redis.call('HSET', record_key, 'fp', fingerprint)
+    end
   end
   append_ledger(ledger_key, ledger_max, 'reserve', rid, user, qty, 'gateway', before, figures)
 end
 
-local function decide(record_key, rid, user, qty, idem, payload)
+local function decide(record_key, rid, user, qty, idem, payload, fingerprint)
   local earlier_state = redis.call('HGET', record_key, 'state')
   if earlier_state then -- an id already used: a caller repeating a call never deducts twice
     repeats = repeats + 1
@@ -106,15 +111,16 @@ local function decide(record_key, rid, user, qty, idem, payload)
   if figures.available < qty then
     return 3, rid, figures.available
   end
-  reserve(record_key, rid, user, qty, idem, payload)
+  reserve(record_key, rid, user, qty, idem, payload, fingerprint)
   winners = winners + 1
   return 0, rid, figures.available
 end
 
 for i = 1, count do
-  local at = 6 + 5 * (i - 1)
+  local at = 6 + 6 * (i - 1)
   local status, rid, figure = decide(KEYS[6 + i], ARGV[at], ARGV[at + 1],
-                                     tonumber(ARGV[at + 2]), ARGV[at + 3], ARGV[at + 4])
+                                     tonumber(ARGV[at + 2]), ARGV[at + 3], ARGV[at + 4],
+                                     ARGV[at + 5])
   out[#out + 1] = status
   out[#out + 1] = rid
   out[#out + 1] = figure

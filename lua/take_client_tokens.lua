@@ -5,14 +5,15 @@
 -- KEYS[i] the bucket of client i (each client once per call)
 -- ARGV[1] tokens per second   ARGV[2] capacity
 -- ARGV[2 + i] requests of client i in this batch
--- returns 2 values per client: tokens granted, ms until the next token
+-- returns 3 values per client: tokens granted, ms until the next token, tokens left
 
 local rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
-  local granted, wait = take_from_bucket(key, now, rate, capacity, tonumber(ARGV[2 + i]))
+  local granted, wait, left = take_from_bucket(key, now, rate, capacity, tonumber(ARGV[2 + i]))
   out[#out + 1] = granted
   out[#out + 1] = wait
+  out[#out + 1] = left
 end
 return out

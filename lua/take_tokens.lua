@@ -11,9 +11,10 @@
 -- ARGV[2] fixed: tokens per second     stock: the ratio
 -- ARGV[3] fixed: capacity              stock: the window, seconds
 -- ARGV[4] tokens wanted
--- returns {granted, wait_ms, capacity}
+-- returns {granted, wait_ms, capacity, left}
 --   wait_ms: when fewer than wanted were granted, ms until the next token;
---   -1 when none will ever come (a stock bucket of a sold-out campaign)
+--   -1 when none will ever come (a stock bucket of a sold-out campaign);
+--   left: whole tokens still in the bucket after this grant
 -- A stock bucket of a campaign whose counters are missing grants what was asked:
 -- admission is not the place to decide that; the reservation answers it (503).
 
@@ -24,7 +25,7 @@ local rate, capacity
 if kind == 'stock' then
   local available = redis.call('HGET', state_key, 'available')
   if not available then
-    return {want, 0, 0}
+    return {want, 0, 0, 0}
   end
   available = tonumber(available)
   capacity = a * available
@@ -35,5 +36,5 @@ if kind == 'stock' then
 else
   rate, capacity = a, b
 end
-local granted, wait = take_from_bucket(bucket_key, now_ms(), rate, capacity, want)
-return {granted, wait, math.floor(capacity)}
+local granted, wait, left = take_from_bucket(bucket_key, now_ms(), rate, capacity, want)
+return {granted, wait, math.floor(capacity), left}

@@ -451,7 +451,7 @@ async def test_redis_down_fails_closed(gateway: Gateway, shop: Shop, redis_serve
         response = await gateway.buy("alice")
         problem = await problem_of(response)
         assert (response.status, problem["code"]) == (503, "unavailable")
-        assert response.headers["Retry-After"] == "1"
+        assert response.headers["Retry-After"] in ("1", "2")  # spread by the jitter
         assert shop.seen == []
     finally:
         server.start()  # type: ignore[attr-defined]

@@ -13,14 +13,15 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from aiohttp import web
 
 from gateway.admission.clientip import client_ip, rate_key
+from gateway.admission.ratelimit_fields import Policy, RateLimitFields
 from gateway.config import CampaignSettings, GatewaySettings
-from gateway.problems import Code, Problem
+from gateway.problems import Code, Problem, retry_after
 from limiter.buckets import (
     BucketSpec,
     ClientBuckets,
@@ -51,6 +52,8 @@ class Shaper:
     ) -> None:
         self.settings = settings
         self.trusted = gateway.trusted_proxies
+        #: gateway.retry_after_jitter, for every Retry-After of this campaign's answers
+        self.jitter = gateway.retry_after_jitter
         self.on_sold_out = on_sold_out
         self.starts = settings.starts_at.timestamp() if settings.starts_at else None
         self.ends = settings.ends_at.timestamp() if settings.ends_at else None
@@ -85,6 +88,7 @@ class Shaper:
             self.clients = ClientBuckets(
                 pipe, scripts, keys.client_buckets + c.key + ":", c.per_second, c.capacity
             )
+        self.fields = RateLimitFields(gateway.ratelimit_headers, _policies(settings))
 
     def share(self, processes: int) -> None:
         """Size the local fallback bucket for this many live processes."""
@@ -112,26 +116,40 @@ class Shaper:
             )
         return None
 
-    async def admit(self, request: web.BaseRequest, user: str, *, retry: bool = False) -> None:
-        """Raise a 429 (or sold-out) Problem when a limit in enforce mode says no.
+    async def admit(
+        self, request: web.BaseRequest, user: str, *, retry: bool = False
+    ) -> Mapping[str, str] | None:
+        """Raise a 429 (or sold-out) Problem when a limit in enforce mode says no; the
+        RateLimit header fields for the answer when they let it through (None: none).
 
         ``retry``: the request carries an Idempotency-Key; when the admission budget is
         gone because stock is, it still goes to Redis, which may owe it a stored answer.
         """
+        left: list[int] = []  # tokens left in each bucket of self.fields, in order
         if self.clients is not None and (c := self.settings.client_rate_limit) is not None:
             client = user if c.key == "user" else rate_key(client_ip(request, self.trusted))
             try:
                 verdict = await self.clients.take(client)
             except StorageError:
                 verdict = Verdict(True)  # the deduction decides, fail-closed, without Redis
-            self._judge(CLIENT_RATE_LIMIT, c.mode, verdict, f"this {c.key} sends too many requests")
+            if c.mode == "enforce":
+                left.append(verdict.remaining if verdict.remaining >= 0 else c.capacity)
+            self._judge(
+                CLIENT_RATE_LIMIT, c.mode, verdict, f"this {c.key} sends too many requests", left
+            )
         if self.rate is not None and (r := self.settings.rate_limit) is not None:
-            verdict = self.rate.try_take(time.monotonic()) or await self.rate.take()
-            self._judge(RATE_LIMIT, r.mode, verdict, "the campaign's request rate is exhausted")
+            now = time.monotonic()
+            verdict = self.rate.try_take(now) or await self.rate.take()
+            if r.mode == "enforce":
+                left.append(self.rate.remaining(now))
+            self._judge(
+                RATE_LIMIT, r.mode, verdict, "the campaign's request rate is exhausted", left
+            )
+        admitted = self.fields.admitted(left) if self.fields.enabled else None
         if self.admission is not None and (a := self.settings.admission_ratio) is not None:
             verdict = self.admission.try_take(time.monotonic()) or await self.admission.take()
             if verdict.exhausted and retry:
-                return
+                return admitted
             if verdict.exhausted:
                 self.on_sold_out()
                 raise Problem(
@@ -142,21 +160,33 @@ class Shaper:
             self._judge(
                 ADMISSION, a.mode, verdict, "enough buyers are already trying for what is left"
             )
+        return admitted
 
-    def _judge(self, limit: str, mode: str, verdict: Verdict, why: str) -> None:
+    def _judge(
+        self, limit: str, mode: str, verdict: Verdict, why: str, left: list[int] | None = None
+    ) -> None:
         if verdict.allowed:
             return
         if mode == "shadow":
             self.shadowed[limit] += 1
             return
         self.refused[limit] += 1
-        retry = max(1, math.ceil(verdict.retry_after))
-        raise Problem(
-            Code.RATE_LIMITED,
-            f"{why}; retry in {retry}s",
-            headers={"Retry-After": str(retry)},
-            limit=limit,
-        )
+        retry = retry_after(verdict.retry_after, self.jitter)
+        headers = {"Retry-After": retry}
+        if left is not None and self.fields.enabled:
+            headers.update(self.fields.refused(len(left) - 1, math.ceil(verdict.retry_after), left))
+        raise Problem(Code.RATE_LIMITED, f"{why}; retry in {retry}s", headers=headers, limit=limit)
+
+
+def _policies(settings: CampaignSettings) -> list[Policy]:
+    """The buckets RateLimit fields describe, in the order admit() checks them (the
+    admission budget is left out: it follows the stock, and would publish it)."""
+    policies = []
+    if (c := settings.client_rate_limit) is not None and c.mode == "enforce":
+        policies.append(Policy("client", c.capacity, c.per_second))
+    if (r := settings.rate_limit) is not None and r.mode == "enforce":
+        policies.append(Policy("campaign", r.capacity, r.per_second))
+    return policies
 
 
 def _iso(moment: datetime | None) -> str:

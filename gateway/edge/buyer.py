@@ -2,11 +2,17 @@
 
 Everything here is checked before Redis is asked anything, so bad input is
 refused with a specific problem and changes nothing.
+
+The Idempotency-Key is a structured-field string (draft-ietf-httpapi-idempotency-
+key-header, RFC 8941): ``"abc"``; the bare form ``abc`` that flashgate always took is
+the same key. A key is bound to the request's fingerprint (route, quantity, body):
+reused for another request, it gets 422 ``idempotency-key-mismatch``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from typing import Any, NamedTuple
@@ -24,17 +30,41 @@ class Order(NamedTuple):
     body: bytes
 
 
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_ESCAPE = re.compile(r'\\(["\\])')
+
+
 def idempotency_key(request: web.BaseRequest) -> str:
-    """The Idempotency-Key header ("" when absent), or a 400."""
+    """The Idempotency-Key header's key ("" when absent), or a 400."""
     values = request.headers.getall(IDEMPOTENCY_HEADER, [])
     if not values:
         return ""
-    if len(values) > 1 or not _IDEMPOTENCY_KEY.fullmatch(values[0]):
+    key = parse_key(values[0]) if len(values) == 1 else None
+    if key is None:
         raise Problem(
             Code.BAD_REQUEST,
-            f"{IDEMPOTENCY_HEADER} must be one header of 1 to 128 printable ASCII characters",
+            f'{IDEMPOTENCY_HEADER} must be one header: a string ("...") or bare text of 1 to '
+            "128 printable ASCII characters",
         )
-    return values[0]
+    return key
+
+
+def parse_key(value: str) -> str | None:
+    """The key of a header value: a structured-field string, unescaped, or today's bare
+    form as it is; None when it is neither."""
+    if value.startswith('"'):
+        match = _SF_STRING.fullmatch(value)
+        if match is None:
+            return None
+        value = _ESCAPE.sub(r"\1", match.group(1))
+    return value if _IDEMPOTENCY_KEY.fullmatch(value) else None
+
+
+def fingerprint(route: str, quantity: int, body: bytes) -> str:
+    """What a request asked, for telling a retry from another request reusing its key."""
+    digest = hashlib.blake2b(f"{route}\n{quantity}\n".encode(), digest_size=16)
+    digest.update(body)
+    return digest.hexdigest()
 
 
 async def read_order(

@@ -21,11 +21,17 @@ from gateway.admission.clientip import forwarded_for
 from gateway.config import GatewaySettings
 from gateway.core.campaigns import Campaign
 from gateway.core.snapshot import Snapshot
-from gateway.edge.buyer import IDEMPOTENCY_HEADER, Order, idempotency_key, read_order
+from gateway.edge.buyer import (
+    IDEMPOTENCY_HEADER,
+    Order,
+    fingerprint,
+    idempotency_key,
+    read_order,
+)
 from gateway.edge.context import Edge
 from gateway.forwarding.settle import accepted, replayed_headers
 from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
-from gateway.problems import Code, Problem
+from gateway.problems import Code, Problem, retry_after
 from gateway.stats import DECISION_SECONDS
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
@@ -70,19 +76,27 @@ async def purchase(
     started = time.perf_counter()
     user = ""
     gateway = snapshot.settings.gateway
+    limits = None  # RateLimit fields, once the edge limits let the request through
     try:
         user = snapshot.identity(request)
         key = idempotency_key(request)
+        if not key and campaign.settings.require_idempotency_key:
+            raise Problem(
+                Code.IDEMPOTENCY_KEY_REQUIRED,
+                f"campaign {campaign.id} needs an {IDEMPOTENCY_HEADER} header (one per purchase, "
+                "the same on every retry of it)",
+            )
         order = await read_order(
             request, campaign.settings.max_quantity, gateway.max_body_bytes, gateway.body_timeout
         )
-        await campaign.shaper.admit(request, user, retry=bool(key))
+        limits = await campaign.shaper.admit(request, user, retry=bool(key))
         rid = new_reservation_id(campaign.id)
         # The order goes to Redis with the decision: a winner's is kept on its record in
         # the same atomic step, so no crash can lose it.
         outbound = _outbound(gateway, campaign, request, rid, user, order)
         field = idempotency_field(user, key) if key else ""
-        attempt = Attempt(rid, user, order.quantity, field, outbound.encode())
+        asked = fingerprint(str(campaign.settings.route), order.quantity, order.body) if key else ""
+        attempt = Attempt(rid, user, order.quantity, field, outbound.encode(), asked)
         decision = await campaign.batcher.submit(attempt)
         DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
         if decision.status is ReserveStatus.RESERVED and campaign.settings.forward == "sync":
@@ -100,6 +114,8 @@ async def purchase(
             if exc.maybe_applied
             else "redis could not decide; nothing was reserved or charged",
         )
+    if limits:
+        response.headers.update(limits)
     return Answer(code, response, user)
 
 
@@ -122,7 +138,10 @@ async def _retry_after_sold_out(
         rid = await campaign.store.bound_reservation(idempotency_field(user, key))
         if rid is None:
             return Answer(SOLD_OUT, campaign.sold_out.response(), user)
-        code, response = "replayed", await _replay(campaign, rid)
+        code, response = (
+            "replayed",
+            await _replay(campaign, rid, await _fingerprint(snapshot, campaign, request)),
+        )
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
@@ -132,13 +151,20 @@ async def _retry_after_sold_out(
     return Answer(code, response, user)
 
 
+async def _fingerprint(snapshot: Snapshot, campaign: Campaign, request: web.BaseRequest) -> str:
+    """A retry's fingerprint, its body read as a purchase's would be."""
+    g, s = snapshot.settings.gateway, campaign.settings
+    order = await read_order(request, s.max_quantity, g.max_body_bytes, g.body_timeout)
+    return fingerprint(str(s.route), order.quantity, order.body)
+
+
 def _redis_failed(campaign: Campaign, exc: StorageError, detail: str) -> Decided:
     throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
-    return _unavailable(detail)
+    return _unavailable(detail, campaign.shaper.jitter)
 
 
-def _unavailable(detail: str) -> Decided:
-    problem = Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": "1"})
+def _unavailable(detail: str, jitter: float) -> Decided:
+    problem = Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": retry_after(1, jitter)})
     return problem.code.value, problem.response()
 
 
@@ -178,7 +204,7 @@ async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: D
                 )
             return "queued", queued(rid, State.RESERVED)
         case ReserveStatus.DUPLICATE:
-            return "replayed", await _replay(campaign, decision.reservation_id)
+            return "replayed", await _replay(campaign, decision.reservation_id, attempt.fingerprint)
         case ReserveStatus.SOLD_OUT:
             edge.watch.mark_sold_out(campaign.id)
             return SOLD_OUT, campaign.sold_out.response()
@@ -204,7 +230,9 @@ async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: D
                 "(restore it, or restart the gateways to create the campaign afresh)",
                 campaign.id,
             )
-            return _unavailable(f"campaign {campaign.id} is not initialised in Redis")
+            return _unavailable(
+                f"campaign {campaign.id} is not initialised in Redis", campaign.shaper.jitter
+            )
 
 
 def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
@@ -259,9 +287,16 @@ def _relay(reply: UpstreamReply, rid: str, replayed: bool = False) -> web.Respon
     return web.Response(status=reply.status, headers=headers, body=reply.body)
 
 
-async def _replay(campaign: Campaign, rid: str) -> web.Response:
-    """The answer to a retry whose Idempotency-Key names a live reservation."""
+async def _replay(campaign: Campaign, rid: str, asked: str) -> web.Response:
+    """The answer to a retry whose Idempotency-Key names a live reservation; 422 when
+    the key was bound to another request (``asked``: this one's fingerprint)."""
     record = await campaign.store.reservation(rid)
+    if record is not None and record.fingerprint and asked and record.fingerprint != asked:
+        raise Problem(
+            Code.IDEMPOTENCY_KEY_MISMATCH,
+            f"this {IDEMPOTENCY_HEADER} was used for another request (reservation {rid}); "
+            "use a new key for a new purchase",
+        )
     if record is not None and record.mode == "queue" and record.state is State.RESERVED:
         # The first request may have been told 503 before its order was handed over;
         # this buyer is told 202, so it is now (the undo then leaves it alone).
@@ -273,7 +308,10 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
                 Code.UNAVAILABLE,
                 f"redis did not confirm reservation {rid}; retry with the same "
                 "Idempotency-Key to learn its outcome",
-                headers={"Retry-After": "1", RESERVATION_HEADER: rid},
+                headers={
+                    "Retry-After": retry_after(1, campaign.shaper.jitter),
+                    RESERVATION_HEADER: rid,
+                },
                 reservation_id=rid,
             ) from None
     if record is not None and record.mode == "queue" and record.state in LIVE:
@@ -284,7 +322,7 @@ async def _replay(campaign: Campaign, rid: str) -> web.Response:
     raise Problem(
         Code.DUPLICATE,
         f"an earlier request with this Idempotency-Key holds reservation {rid} ({state})",
-        headers={RESERVATION_HEADER: rid},
+        headers={RESERVATION_HEADER: rid, "Retry-After": retry_after(1, campaign.shaper.jitter)},
         reservation_id=rid,
         state=state,
     )

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.snapshot import Snapshot
-from gateway.problems import Code, Problem
+from gateway.problems import Code, Problem, retry_after
 from limiter.errors import StorageError
 from limiter.keys import campaign_of
 from limiter.records import Reservation
@@ -29,7 +29,9 @@ async def reservation_status(snapshot: Snapshot, request: web.BaseRequest) -> we
         return problem.response()
     except StorageError:
         return Problem(
-            Code.UNAVAILABLE, "redis did not answer; try again", headers={"Retry-After": "1"}
+            Code.UNAVAILABLE,
+            "redis did not answer; try again",
+            headers={"Retry-After": retry_after(1, snapshot.settings.gateway.retry_after_jitter)},
         ).response()
     return web.json_response(buyer_document(record))
 
