@@ -39,7 +39,8 @@ class StallClock:
     Two kinds: ``asyncio.Timeout`` objects (rescheduled after a stall), and futures
     ``watch``ed until a deadline on a clock that stops while the loop stalls. The
     latter cost no timer of their own, which matters at one or two per request; they
-    expire on the next tick (within ``STALL_TICK``) after their deadline.
+    expire on the next tick (within ``STALL_TICK``) after their deadline. The clock
+    ticks only while it has deadlines to keep: stalls of an idle loop go unmeasured.
     """
 
     def __init__(self) -> None:
@@ -80,7 +81,6 @@ class StallClock:
         assert self._loop is not None
         now = self._loop.time()
         stall = now - self._expected
-        self._schedule(now)
         if stall > STALL_TOLERANCE:
             self.max_stall = max(self.max_stall, stall)
             self._stalled += stall
@@ -95,6 +95,10 @@ class StallClock:
             _, _, future, expire = heapq.heappop(watched)
             if not future.done():
                 expire()
+        if self.deadlines or watched:
+            self._schedule(now)
+        else:  # nothing to keep: an idle process does not wake 100 times a second
+            self._handle = None
 
     def take_max_stall(self) -> float:
         stall, self.max_stall = self.max_stall, 0.0
