@@ -28,6 +28,14 @@ GATEWAY_HEADERS = frozenset(
         "x-quantity",
     }
 )
+#: What a client says about the connection: believed only from gateway.trusted_proxies,
+#: always dropped from what the client sent and written anew by the gateway itself.
+CONNECTION_HEADERS = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+)
+#: The gateway's name in Via (RFC 9110 7.6.3) and Server: no version to fingerprint.
+PRODUCT = "flashgate"
+VIA = f"1.1 {PRODUCT}"
 #: What a configured upstream header may not name: the gateway sets these itself
 #: (identity, reservation, body framing, the forwarding chain) or they belong to one
 #: connection. Allowed: a credential for a proxy in front of the backend, the backend's

@@ -8,7 +8,9 @@ import random
 from enum import StrEnum
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
+
+from gateway.headers import PRODUCT
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "urn:flashgate:problem:"
@@ -138,3 +140,12 @@ def retry_after(seconds: float, jitter: float) -> str:
     low = max(1, math.ceil(seconds))
     high = max(low, math.ceil(low * (1 + jitter)))
     return str(low + int(random.random() * (high - low + 1)))
+
+
+def name_the_server() -> None:
+    """Every answer of this process's servers says ``Server: flashgate``, no versions (an
+    attacker's scanner learns nothing to match against advisories). aiohttp has no
+    setting for it and fills the header from this module constant when a response has
+    none: replacing the constant costs nothing per answer, where setting the header on
+    each would add to every sold-out one, and covers aiohttp's own error answers too."""
+    web_response.SERVER_SOFTWARE = PRODUCT  # type: ignore[attr-defined]

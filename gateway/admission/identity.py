@@ -23,7 +23,7 @@ from gateway.problems import Code, Problem
 Identity = Callable[[web.BaseRequest], str]
 
 _USER_ID = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
-_INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+_INVALID_TOKEN = {"WWW-Authenticate": 'Bearer realm="flashgate", error="invalid_token"'}
 
 
 def identity_for(settings: IdentitySettings) -> Identity:
@@ -45,15 +45,25 @@ def _checked(user: str, source: str, headers: dict[str, str] | None = None) -> s
 class HeaderIdentity:
     def __init__(self, header: str) -> None:
         self.header = header
+        #: RFC 9110 11.6.1: a 401 says how to authenticate; here, which header to send.
+        self.challenge = {"WWW-Authenticate": f'Header realm="flashgate", name="{header}"'}
 
     def __call__(self, request: web.BaseRequest) -> str:
         values = request.headers.getall(self.header, [])
         if len(values) > 1:  # a proxy that added its copy instead of replacing the client's
-            raise Problem(Code.UNAUTHENTICATED, f"the {self.header} header must come once")
+            raise Problem(
+                Code.UNAUTHENTICATED,
+                f"the {self.header} header must come once",
+                headers=self.challenge,
+            )
         value = values[0].strip() if values else ""
         if not value:
-            raise Problem(Code.UNAUTHENTICATED, f"the {self.header} header is missing or empty")
-        return _checked(value, f"{self.header} header")
+            raise Problem(
+                Code.UNAUTHENTICATED,
+                f"the {self.header} header is missing or empty",
+                headers=self.challenge,
+            )
+        return _checked(value, f"{self.header} header", self.challenge)
 
 
 class JwtIdentity:
@@ -77,7 +87,7 @@ class JwtIdentity:
             raise Problem(
                 Code.UNAUTHENTICATED,
                 "an 'Authorization: Bearer <token>' header is required",
-                headers={"WWW-Authenticate": "Bearer"},
+                headers={"WWW-Authenticate": 'Bearer realm="flashgate"'},
             )
         known = self._verified.get(token)
         if known is not None and known[1] + self.settings.leeway > time.time():

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
-from gateway.admission.clientip import forwarded_for
+from gateway.admission.clientip import proxy_headers
 from gateway.config import GatewaySettings
 from gateway.core.campaigns import Campaign
 from gateway.core.snapshot import Snapshot
@@ -31,6 +31,7 @@ from gateway.edge.buyer import (
 from gateway.edge.context import Edge
 from gateway.forwarding.settle import accepted, replayed_headers
 from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
+from gateway.headers import VIA
 from gateway.problems import Code, Problem, retry_after
 from gateway.stats import DECISION_SECONDS
 from limiter.errors import StorageError
@@ -181,11 +182,16 @@ def _outbound(
         "X-Campaign-Id": campaign.id,
         "X-User-Id": user,
         "X-Quantity": str(order.quantity),
-        "X-Forwarded-For": forwarded_for(request, gateway.trusted_proxies),
-        "X-Forwarded-Proto": request.scheme,
-        "X-Forwarded-Host": request.host,
+        "Via": _via(request),
+        **proxy_headers(request, gateway.trusted_proxies),
     }
     return OutboundRequest.of(request.method, request.path_qs, request.headers, order.body, extra)
+
+
+def _via(request: web.BaseRequest) -> str:
+    """Via (RFC 9110 7.6.3): the hops before this one, then this gateway."""
+    before = ", ".join(request.headers.getall("Via", []))
+    return f"{before}, {VIA}" if before else VIA
 
 
 async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: Decision) -> Decided:

@@ -19,7 +19,7 @@ from gateway.edge.context import Edge
 from gateway.edge.purchase import Answer, purchase
 from gateway.edge.reservations import PREFIX as RESERVATIONS
 from gateway.edge.reservations import reservation_status
-from gateway.problems import Code, Problem, problem
+from gateway.problems import Code, Problem, name_the_server, problem
 from limiter.logs import Throttled
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ _failures = Throttled(log)
 def create_server(edge: Edge) -> web.Server:
     """The edge server; the body limit (gateway.max_body_bytes, reloadable) is enforced
     while reading, and no access log is kept here (the access log does that)."""
+    name_the_server()
     return web.Server(edge_handler(edge), access_log=None)
 
 

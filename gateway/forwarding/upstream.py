@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from gateway.config import UpstreamSettings
 from gateway.forwarding.http1 import Http1Client, HttpFailure, NotSent
-from gateway.headers import GATEWAY_HEADERS, HOP_BY_HOP
+from gateway.headers import CONNECTION_HEADERS, GATEWAY_HEADERS, HOP_BY_HOP
 from gateway.stats import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 
 #: Credentials never rest in Redis: an order kept there (queue mode, redelivery) goes to
@@ -21,6 +21,11 @@ from gateway.stats import UPSTREAM_RESPONSES, UPSTREAM_SECONDS
 NOT_STORED = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: A backend answer larger than this is treated as a failure.
 MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+#: A client's headers the gateway drops: its own, and what it says about the connection
+#: (``extra`` says that anew; Via is extended, not replaced).
+_REPLACED = GATEWAY_HEADERS | CONNECTION_HEADERS | {"via"}
 
 
 class UpstreamError(Exception):
@@ -48,7 +53,8 @@ class OutboundRequest(NamedTuple):
         body: bytes,
         extra: Mapping[str, str],
     ) -> OutboundRequest:
-        forwarded = end_to_end(headers.items(), GATEWAY_HEADERS)
+        # what a client said about the connection is dropped: ``extra`` says it anew
+        forwarded = end_to_end(headers.items(), _REPLACED)
         forwarded.update(extra)
         return cls(method, path_qs, forwarded, body)
 

@@ -28,7 +28,7 @@ from gateway.core.publisher import Publisher, RedisFigures, exposition, read_red
 from gateway.core.reload import Reloader
 from gateway.core.snapshot import SnapshotHolder
 from gateway.core.stockwatch import StockWatch
-from gateway.problems import Code, Problem
+from gateway.problems import Code, Problem, name_the_server
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
 from limiter.records import (
@@ -95,6 +95,7 @@ class AdminRoute(NamedTuple):
 def create_admin_app(admin: Admin, *, metrics_need_token: bool = False) -> web.Application:
     """The admin API; the tokens are read from the snapshot in force at each call, so a
     reload can rotate them."""
+    name_the_server()
     scopes = {
         (r.method, r.path): ("metrics" if r.path == "/metrics" and metrics_need_token else r.scope)
         for r in ROUTES
