@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from gateway.admission.clientip import client_ip
 from gateway.core.health import Handler, health_handlers
+from gateway.core.snapshot import Snapshot
+from gateway.edge.connections import GuardedServer, connection_budget
 from gateway.edge.context import Edge
+from gateway.edge.cors import CorsPolicy, cross_origin
 from gateway.edge.purchase import Answer, purchase
 from gateway.edge.reservations import PREFIX as RESERVATIONS
 from gateway.edge.reservations import reservation_status
@@ -29,18 +34,74 @@ _failures = Throttled(log)
 
 def create_server(edge: Edge) -> web.Server:
     """The edge server; the body limit (gateway.max_body_bytes, reloadable) is enforced
-    while reading, and no access log is kept here (the access log does that)."""
+    while reading, and no access log is kept here (the access log does that). Slow and
+    greedy connections are dealt with around it (see connections.py)."""
     name_the_server()
-    return web.Server(edge_handler(edge), access_log=None)
+    settings = edge.live.current.settings
+    budget: list[Any] = [None, 0]  # the settings it was computed for, and the budget
+
+    def connections() -> int:
+        current = edge.live.current.settings
+        if budget[0] is not current:
+            budget[:] = [current, connection_budget(current)]
+        return int(budget[1])
+
+    return GuardedServer(
+        edge_handler(edge),
+        edge.live,
+        connections,
+        access_log=None,
+        keepalive_timeout=settings.gateway.keepalive_timeout,
+    )
 
 
 def edge_handler(edge: Edge) -> Handler:
+    route = _routes(edge)
+    policies: dict[int, tuple[object, CorsPolicy]] = {}
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        snapshot = edge.live.current  # this request's, to its end
+        cors = snapshot.settings.gateway.cors
+        if cors is None:
+            return await route(request, snapshot)
+        known = policies.get(id(snapshot))
+        if known is None or known[0] is not snapshot:
+            policies.clear()
+            known = policies[id(snapshot)] = (snapshot, _policy(snapshot))
+        methods = _cors_methods(snapshot, request.path)
+        return await cross_origin(known[1], request, methods, lambda: route(request, snapshot))
+
+    return handle
+
+
+def _policy(snapshot: Snapshot) -> CorsPolicy:
+    identity = snapshot.settings.identity
+    headers = ("Authorization",) if identity.jwt is not None else (identity.header,)
+    cors = snapshot.settings.gateway.cors
+    assert cors is not None
+    return CorsPolicy(cors, headers)
+
+
+def _cors_methods(snapshot: Snapshot, path: str) -> tuple[str, ...] | None:
+    """What a browser may do at ``path``: a campaign route's method, GET on a buyer's
+    reservation; None elsewhere (no CORS for the health checks)."""
+    methods = snapshot.routes.get(path)
+    if methods is not None:
+        return tuple(methods)
+    if path.startswith(RESERVATIONS):
+        return ("GET", "HEAD")
+    return None
+
+
+Route = Callable[[web.BaseRequest, Snapshot], Awaitable[web.StreamResponse]]
+
+
+def _routes(edge: Edge) -> Route:
     own = health_handlers(edge.readiness)
     count = edge.counts.request
     access = edge.access
 
-    async def route(request: web.BaseRequest) -> web.StreamResponse:
-        snapshot = edge.live.current  # this request's, to its end
+    async def route(request: web.BaseRequest, snapshot: Snapshot) -> web.StreamResponse:
         methods = snapshot.routes.get(request.path)
         if methods is None:
             handler = own.get(request.path)
