@@ -26,6 +26,7 @@ GATEWAY_HEADERS = frozenset(
         "x-campaign-id",
         "x-user-id",
         "x-quantity",
+        "x-delivery-attempt",
     }
 )
 #: What a client says about the connection: believed only from gateway.trusted_proxies,

@@ -531,8 +531,8 @@ async def test_queue_mode_answers_202_and_the_buyer_polls_to_the_outcome(
     status, problem = await status_of(gateway, "not-a-reservation")
     assert (status, problem["code"]) == (404, "not-found")
 
-    # a retry with the key replays the 202; the order is not queued or sent again
-    replay = await gateway.buy("alice", key="k-1")
+    # a retry with the key (the same request) replays the 202; not queued or sent again
+    replay = await gateway.buy("alice", key="k-1", json={"quantity": 1, "note": "gift"})
     assert replay.status == 202
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.headers["Location"] == f"/reservations/{rid}"

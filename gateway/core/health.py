@@ -15,6 +15,8 @@ from limiter.pipeline import AutoPipeline
 REDIS_SILENCE = 2.0
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+#: Answered on both ports, without a token.
+HEALTH_PATHS = ("/healthz", "/readyz")
 
 
 class Readiness:

@@ -182,6 +182,7 @@ def _outbound(
         "X-Campaign-Id": campaign.id,
         "X-User-Id": user,
         "X-Quantity": str(order.quantity),
+        "X-Delivery-Attempt": "1",
         "Via": _via(request),
         **proxy_headers(request, gateway.trusted_proxies),
     }

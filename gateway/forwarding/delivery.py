@@ -39,7 +39,7 @@ from gateway.forwarding.upstream import OutboundRequest, Upstream, UpstreamError
 from limiter.connection import RedisClient, disconnect
 from limiter.errors import StorageError
 from limiter.logs import Throttled
-from limiter.records import State
+from limiter.records import Reservation, State
 from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,18 @@ Campaigns = Callable[[], Mapping[str, Deliverable]]
 
 class _Unsent(Exception):
     """The order never left (a fault in this process): no attempt is counted."""
+
+
+#: The delivery's number: 1 for the first, more for a retry or a redelivery.
+ATTEMPT_HEADER = "X-Delivery-Attempt"
+
+
+def _numbered(order: OutboundRequest, record: Reservation) -> OutboundRequest:
+    """The order with this delivery's number: the failed deliveries before it, plus one,
+    plus the gateway's own forward when this is a sync order delivered again."""
+    headers = order.headers.copy()
+    headers[ATTEMPT_HEADER] = str(record.attempts + (2 if record.mode == "redelivery" else 1))
+    return order._replace(headers=headers)
 
 
 async def ensure_group(redis: RedisClient, orders: str) -> None:
@@ -264,7 +276,7 @@ class Dispatcher:
             return False
         unsent = timed_out = False
         try:
-            reply, failure, timed_out = await self._send(campaign, order)
+            reply, failure, timed_out = await self._send(campaign, _numbered(order, record))
         except _Unsent:
             unsent = True
         finally:

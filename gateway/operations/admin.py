@@ -432,7 +432,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     campaign = _campaign(request)
     count = _count(request.query.get("count", "100"))
     after = request.query.get("after", "")
-    if after and not _STREAM_ID.fullmatch(after):
+    if after and not _stream_id(after):
         raise Problem(Code.BAD_REQUEST, "after must be a dead letter id like 1700000000000-0")
     letters = await campaign.store.dead_letters(count, after)
     return web.json_response(
@@ -440,7 +440,13 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     )
 
 
-_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def _stream_id(text: str) -> bool:
+    """A Redis stream id: two numbers of 64 bits at most (Redis refuses any other)."""
+    match = _STREAM_ID.fullmatch(text)
+    return match is not None and all(int(part) < 2**64 for part in match.groups())
 #: Dead letters one replay call takes at most.
 MAX_REPLAY = 1000
 
@@ -477,7 +483,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     if (
         not isinstance(ids, list)
         or len(ids) > MAX_REPLAY
-        or not all(isinstance(i, str) and _STREAM_ID.fullmatch(i) for i in ids)
+        or not all(isinstance(i, str) and _stream_id(i) for i in ids)
     ):
         raise Problem(
             Code.BAD_REQUEST, f"ids must be a list of at most {MAX_REPLAY} dead letter ids"

@@ -18,7 +18,9 @@ from gateway.bench import SCENARIOS
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded.server import EmbeddedRedis, EmbeddedRedisError
 from gateway.process.env import (
+    EXIT_CODES,
     FAILED,
+    INTERRUPTED,
     INVALID,
     OK,
     UNAVAILABLE,
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flashgate: {exc}", file=sys.stderr)
         return UNAVAILABLE
     except KeyboardInterrupt:
-        return FAILED
+        return INTERRUPTED
 
 
 def _version() -> str:
@@ -57,7 +59,12 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale admission gateway.")
+    parser = argparse.ArgumentParser(
+        prog="flashgate",
+        description="Flash-sale admission gateway.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -91,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(command=cmd_check)
 
+    openapi = commands.add_parser(
+        "openapi", help="print the OpenAPI 3.1 document of a config file (JSON)"
+    )
+    openapi.add_argument("-c", "--config", required=True, help="YAML config file")
+    openapi.set_defaults(command=cmd_openapi)
+
     reconcile = commands.add_parser(
         "reconcile",
         help="check counters against reservation records and the ledger (exit 1 on drift)",
@@ -106,7 +119,26 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="a table of the campaigns, read from Redis")
     status.add_argument("-c", "--config", required=True, help="YAML config file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="a line per campaign every --interval, with what sold since (like redis-cli --stat)",
+    )
+    status.add_argument(
+        "--interval", type=_positive_float, default=1.0, help="seconds between lines (default 1)"
+    )
     status.set_defaults(command=cmd_status)
+
+    from gateway.process.admin_client import add_arguments as admin_arguments
+
+    admin = commands.add_parser(
+        "admin",
+        help="call the admin API: stock, cancel, confirm, reload, dead-letters",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    admin_arguments(admin)
+    admin.set_defaults(command=cmd_admin)
 
     bench = commands.add_parser(
         "bench", help="flash sales on this machine: flashgate vs the naive design, as ratios"
@@ -203,8 +235,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from gateway.contract.openapi import document
+
+    print(json.dumps(document(load_settings(args.config)), indent=2))
+    return OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    configure_logging(args.log_level, settings.logging.format)
     if args.workers is None:
         try:
             args.workers = default_workers()
@@ -234,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    configure_logging(args.log_level, settings.logging.format)
     url = _shared_redis(settings, args.config, "dispatch")
     install_uvloop()
     from gateway.process.serve import dispatch_only
@@ -264,11 +305,26 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return FAILED if any(a.drift for a in audits) else OK
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    from gateway.process.admin_client import run
+
+    return run(args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.operations.status import render_status, status
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "status")
+    if args.watch:
+        from gateway.operations.watch import watch
+
+        try:
+            asyncio.run(watch(settings, url, args.interval, args.json))
+        except StorageError as exc:
+            print(f"flashgate: {exc}", file=sys.stderr)
+            return UNAVAILABLE
+        return OK
     try:
         rows = asyncio.run(status(settings, url))
     except StorageError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.contract.openapi import document as openapi_document
 from gateway.core.runtime import Runtime
 from gateway.edge.context import Edge
 from gateway.edge.server import create_server
@@ -58,6 +59,7 @@ def admin_parts(runtime: Runtime, *, under_supervisor: bool = False) -> Admin:
         runtime.actor,
         lambda: runtime.heartbeat.processes,
         _reload_every_worker if under_supervisor else None,
+        lambda: openapi_document(runtime.live.current.settings),
     )
 
 
@@ -206,9 +208,11 @@ def run_worker(config_path: str, redis_url: str, log_level: str, dispatch: bool)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     die_with_parent()
     configure_logging(log_level)
+    settings = load_settings(config_path)
+    configure_logging(log_level, settings.logging.format)
     sys.exit(
         serve_forever(
-            load_settings(config_path),
+            settings,
             redis_url,
             reuse_port=True,
             dispatch=dispatch,
