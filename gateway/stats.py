@@ -8,6 +8,7 @@ an address or a reservation id: series are bounded by campaigns x codes.
 
 from __future__ import annotations
 
+import platform
 from importlib import metadata
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -25,6 +26,21 @@ REQUESTS = Counter(
     "replayed or upstream-refused).",
     ["campaign", "code"],
 )
+REQUEST_SECONDS = Histogram(
+    "flashgate_request_duration_seconds",
+    "Purchase requests from arrival to answer, the backend's time included, by campaign and "
+    "outcome class (ok, refused, upstream-refused, failed). Answers from memory (sold-out "
+    "flag, sale window) are not timed: flashgate_requests_total counts them.",
+    ["campaign", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+BUILD_INFO = Gauge(
+    "flashgate_build_info",
+    "1, labelled with the running flashgate's version and Python's.",
+    ["version", "python"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(VERSION, platform.python_version()).set(1)
 DECISION_SECONDS = Histogram(
     "flashgate_decision_seconds",
     "Time from a purchase request's arrival to Redis's decision.",

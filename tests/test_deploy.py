@@ -468,3 +468,103 @@ def test_the_dockerfile_copies_what_the_wheel_is_built_from() -> None:
     needed = {"pyproject.toml", project["project"]["readme"], *wheel["packages"]}
     needed |= set(wheel.get("force-include", {}))
     assert needed <= copied, f"not copied into the builder: {sorted(needed - copied)}"
+
+
+# ------------------------------------------------------------------------ kube-prometheus-stack
+
+PROMETHEUS_RULE = KUBERNETES / "prometheusrule.yaml"
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """What prometheusrule.yaml must hold: alerts.yml's groups, for the operator."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "flashgate",
+            "labels": {"app.kubernetes.io/name": "flashgate", "release": "kube-prometheus-stack"},
+        },
+        "spec": one_yaml(PROMETHEUS / "alerts.yml"),
+    }
+
+
+def write_prometheus_rule() -> None:
+    """Regenerate prometheusrule.yaml from alerts.yml, keeping its header comment."""
+    text = PROMETHEUS_RULE.read_text(encoding="utf-8")
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+    body = yaml.safe_dump(prometheus_rule(), sort_keys=False, width=100)
+    PROMETHEUS_RULE.write_text(header + body, encoding="utf-8")
+
+
+def test_the_prometheus_rule_is_alerts_yml() -> None:
+    assert k8s("PrometheusRule") == prometheus_rule(), "regenerate: see its header"
+
+
+def test_the_service_monitor_scrapes_every_pod_on_the_admin_port() -> None:
+    monitor = k8s("ServiceMonitor")
+    admin = k8s("Service", "flashgate-admin")
+    public = k8s("Service", "flashgate")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= admin["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in [p["name"] for p in admin["spec"]["ports"]]
+    assert endpoint["port"] not in [p["name"] for p in public["spec"]["ports"]]
+    assert (
+        monitor["metadata"]["labels"]["release"]
+        == k8s("PrometheusRule")["metadata"]["labels"]["release"]
+    )
+
+
+def test_the_network_policy_keeps_the_admin_port_inside() -> None:
+    policy = k8s("NetworkPolicy")["spec"]
+    labels = k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert "from" not in by_port["http"], "buyers come from anywhere"
+    assert by_port["admin"]["from"], "the admin port from listed peers only"
+    container = gateway_container()
+    named = {p["name"] for p in container["ports"]}
+    assert set(by_port) <= named
+    egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert {53, 6379} <= egress_ports
+
+
+def _anchor(heading: str) -> str:
+    return re.sub(r"[^a-z0-9 -]", "", heading.lower()).strip().replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_url_to_a_section_that_exists() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", operations, re.M)}
+    for rule in alert_rules():
+        if rule["labels"]["severity"] == "info":
+            continue
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/operations.md", rule["alert"]
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/operations.md"
+
+
+def _summed(name: str, expr: str) -> bool:
+    """Whether ``expr`` sums ``name`` directly: sum(x), sum by (l) (x), sum(x) by (l)."""
+    grouping = r"(?:\s*(?:by|without)\s*\([^)]*\))?"
+    return re.search(rf"\bsum\b{grouping}\s*\(\s*{name}\b", expr) is not None
+
+
+def test_summing_is_told_apart() -> None:
+    assert _summed("flashgate_stock_units", "sum by (campaign) (flashgate_stock_units)")
+    assert _summed("flashgate_stock_units", "sum(flashgate_stock_units{state='sold'})")
+    assert not _summed("flashgate_stock_units", "max by (campaign) (flashgate_stock_units)")
+
+
+def test_the_redis_read_gauges_are_never_summed() -> None:
+    """Every gateway reports the same Redis-read gauge: a sum() across pods multiplies it."""
+    redis_read = {family.name for family in RedisFigures().collect()} - {
+        "flashgate_redis_figures_up",
+        "flashgate_build",
+    }
+    for expr in [r["expr"] for r in alert_rules()] + dashboard_expressions():
+        for name in redis_read:
+            assert not _summed(name, expr), expr

@@ -38,6 +38,7 @@ from gateway.stats import (
     LOOP_STALL_SECONDS,
     REDIS_ERRORS,
     REDIS_SECONDS,
+    REQUEST_SECONDS,
     REQUESTS,
     UNREPLICATED,
     VERSION,
@@ -51,14 +52,37 @@ class HotCounters:
     """Counts taken on the hot path, published by ``flush()`` once a second."""
 
     requests: Tally[tuple[str, str]] = field(default_factory=Tally)
+    #: (campaign, outcome code, seconds) of the requests timed since the last flush
+    durations: list[tuple[str, str, float]] = field(default_factory=list)
 
     def request(self, campaign: str, code: str) -> None:
         self.requests[(campaign, code)] += 1
+
+    def duration(self, campaign: str, code: str, seconds: float) -> None:
+        """A list append on the hot path; the histogram is observed once a second."""
+        self.durations.append((campaign, code, seconds))
 
     def flush(self) -> None:
         requests, self.requests = self.requests, Tally()
         for (campaign, code), count in requests.items():
             REQUESTS.labels(campaign, code).inc(count)
+        durations, self.durations = self.durations, []
+        for campaign, code, seconds in durations:
+            REQUEST_SECONDS.labels(campaign, outcome_class(code)).observe(seconds)
+
+
+#: Outcome codes that are a success, and the problem codes that are a failure (5xx).
+SUCCESS = frozenset({"ok", "queued", "replayed"})
+FAILURE = frozenset({"internal", "upstream-failed", "upstream-timeout", "unavailable"})
+
+
+def outcome_class(code: str) -> str:
+    """ok, refused (the gateway said no: 4xx), upstream-refused, failed (5xx)."""
+    if code in SUCCESS:
+        return "ok"
+    if code in FAILURE:
+        return "failed"
+    return "upstream-refused" if code == "upstream-refused" else "refused"
 
 
 @dataclass(frozen=True)

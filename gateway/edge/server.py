@@ -99,6 +99,7 @@ Route = Callable[[web.BaseRequest, Snapshot], Awaitable[web.StreamResponse]]
 def _routes(edge: Edge) -> Route:
     own = health_handlers(edge.readiness)
     count = edge.counts.request
+    timed = edge.counts.duration
     access = edge.access
 
     async def route(request: web.BaseRequest, snapshot: Snapshot) -> web.StreamResponse:
@@ -125,6 +126,8 @@ def _routes(edge: Edge) -> Route:
             failed = problem(Code.INTERNAL, "the gateway failed; the log has the details")
             answer = Answer(Code.INTERNAL.value, failed)
         count(campaign.id, answer.code)
+        if not answer.local:  # answers from memory are counted, not timed
+            timed(campaign.id, answer.code, time.perf_counter() - started)
         if access.wants(answer.local):
             access.record(
                 campaign=campaign.id,
