@@ -176,3 +176,15 @@ async def test_schemathesis_finds_nothing_and_the_books_balance(
         await wait_for(settled, within=30.0)
         state = await check_invariant(redis, campaign, limit)
         assert state["sold"] > 0, f"the fuzzer bought nothing from {campaign}"
+
+
+def test_the_guides_cover_the_contract() -> None:
+    """docs/backend.md names every header the order webhook lists; docs/clients.md every
+    code a purchase may be answered."""
+    from gateway.contract.openapi import ORDER_HEADERS, PURCHASE_CODES
+
+    backend = (ROOT / "docs" / "backend.md").read_text(encoding="utf-8")
+    clients = (ROOT / "docs" / "clients.md").read_text(encoding="utf-8")
+    assert [h for h in ORDER_HEADERS if f"`{h}`" not in backend] == []
+    missing = [c.value for c in PURCHASE_CODES if c.value not in clients]
+    assert missing == []
