@@ -447,6 +447,8 @@ def _stream_id(text: str) -> bool:
     """A Redis stream id: two numbers of 64 bits at most (Redis refuses any other)."""
     match = _STREAM_ID.fullmatch(text)
     return match is not None and all(int(part) < 2**64 for part in match.groups())
+
+
 #: Dead letters one replay call takes at most.
 MAX_REPLAY = 1000
 
