@@ -9,6 +9,11 @@ success, else the problem's ``code``) with its latency.
 Closed loop by default (each connection sends its next request when the answer
 arrives); with ``rate`` it is paced, and latency counts from the moment a request
 was due, so a slow server cannot hide its queueing (no coordinated omission).
+
+Buyers are drawn from a population of ``buyers`` distinct users, and a share of
+requests (``keyed_share``) carries an Idempotency-Key of its own, as real clients'
+purchases do; the tally says what was sent (requests with a key, distinct users),
+so that a report can say what the crowd was, not only what it got.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Crowd:
     max_quantity: int = 1
     #: Share of requests that carry an Idempotency-Key and are sent twice.
     retry_share: float = 0.0
+    #: Share of requests that carry an Idempotency-Key of their own (sent once).
+    keyed_share: float = 0.0
     identity_header: str = "X-User-Id"
     #: Requests per second (paced); None: as fast as answers come back.
     rate: float | None = None
@@ -53,6 +60,13 @@ class Tally:
     elapsed: float = 0.0
     #: Latency quantiles over all answers, when a generator reports only those (wrk).
     quantiles: dict[float, float] | None = None
+    #: What was sent: the population the buyers came from, the requests sent (answered
+    #: or not: wrk stops with some in flight), those that carried an Idempotency-Key,
+    #: and how many distinct users sent them.
+    buyers: int = 0
+    issued: int = 0
+    keyed: int = 0
+    distinct_users: int = 0
 
     def record(self, outcome: str, latency: float) -> None:
         self.outcomes[outcome] += 1
@@ -95,8 +109,17 @@ def _plan(crowd: Crowd) -> Iterator[Planned]:
         user = f"buyer-{rng.randrange(crowd.buyers)}"
         quantity = rng.randint(1, crowd.max_quantity)
         retried = rng.random() < crowd.retry_share
-        yield user, quantity, f"req-{index}" if retried else "", 2 if retried else 1
+        keyed = retried or _drawn(rng, crowd.keyed_share)
+        yield user, quantity, f"req-{index}" if keyed else "", 2 if retried else 1
         index += 1
+
+
+def _drawn(rng: random.Random, share: float) -> bool:
+    """True for ``share`` of the calls; no draw at 0 or 1, so that a crowd without keys
+    sends the very requests it sent before keys were an option."""
+    if share <= 0.0 or share >= 1.0:
+        return share >= 1.0
+    return rng.random() < share
 
 
 class _Connection(asyncio.Protocol):
@@ -176,6 +199,7 @@ class _Run:
         self.alive = crowd.concurrency
         self.exhausted = False
         self._host = f"Host: {crowd.host}:{crowd.port}\r\n".encode()
+        self.users: set[str] = set()
 
     def request(self, planned: Planned) -> bytes:
         user, quantity, key, _ = planned
@@ -192,7 +216,7 @@ class _Run:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
         ]
         if key:
-            head += [b"Idempotency-Key: ", key.encode(), b"\r\n"]
+            head += [b'Idempotency-Key: "', key.encode(), b'"\r\n']
         return b"".join(head) + b"\r\n" + body
 
     def next_planned(self) -> Planned | None:
@@ -225,7 +249,7 @@ class _Run:
     ) -> None:
         self.in_flight -= 1
         outcome = _outcome(head, body)
-        self.tally.sent += 1
+        self.count_sent(planned)
         self.tally.record(outcome, time.perf_counter() - due)
         if outcome[0] == "2":
             rid = _header(head, b"x-reservation-id")
@@ -237,9 +261,14 @@ class _Run:
             self.on_answer()
         self.ready(connection)
 
+    def count_sent(self, planned: Planned) -> None:
+        self.tally.sent += 1
+        self.tally.keyed += bool(planned[2])
+        self.users.add(planned[0])
+
     def failed(self, planned: Planned, due: float) -> None:
         self.in_flight -= 1
-        self.tally.sent += 1
+        self.count_sent(planned)
         self.tally.record("connection-lost", time.perf_counter() - due)
         self._maybe_finish()
 
@@ -292,6 +321,9 @@ async def run_crowd(crowd: Crowd, on_answer: Callable[[], None] | None = None) -
     pacing = asyncio.ensure_future(run.pace()) if crowd.rate is not None else None
     await run.finished
     run.tally.elapsed = time.perf_counter() - started
+    run.tally.buyers = crowd.buyers
+    run.tally.issued = run.tally.sent  # the crowd waits for every answer
+    run.tally.distinct_users = len(run.users)
     if pacing is not None:
         pacing.cancel()
     for connection in connections:
