@@ -6,59 +6,78 @@ from typing import Any
 
 from gateway.operations.terminal import table
 
+RUN_COLUMNS = [
+    "scenario",
+    "system",
+    "requests",
+    "req/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "redis cmds/req*",
+    "net*",
+    "scripts/winner",
+    "trips/winner",
+    "correct",
+]
+
 
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"flashgate bench on {m['cpus']} CPU(s), {m['cpu']}, Python {m['python']}", ""]
-    rows = []
-    for group, runs in report["runs"].items():
-        for name, run in runs.items():
-            rows.append(
-                (
-                    group,
-                    name,
-                    run["requests"],
-                    run["requests_per_second"],
-                    run["p50_ms"],
-                    run["p90_ms"],
-                    run["p99_ms"],
-                    run["redis_commands_per_request"],
-                    _verdict(run.get("verdict")),
-                )
-            )
-    lines.append(
-        table(
-            [
-                "scenario",
-                "system",
-                "requests",
-                "req/s",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "redis cmds/req",
-                "correct",
-            ],
-            rows,
+    lines = [f"flashgate bench on {m['cpus']} CPU(s), {m['cpu']}, Python {m['python']}"]
+    lines.append(f"redis: {report['options'].get('redis', 'embedded')}")
+    if report["runs"]:
+        details = _details(report["runs"], report["options"].get("redis", ""))
+        lines += ["", table(RUN_COLUMNS, _run_rows(report["runs"])), *details]
+        lines.append(
+            "  * commands Redis ran per request, inside scripts too (INFO commandstats); "
+            "net: beyond the background rate measured with the system up and nobody buying"
         )
-    )
-    for group, runs in report["runs"].items():
-        for name, run in runs.items():
+    if report["targets"]:
+        rows = [(t["target"], t["goal"], t["measured"], t["met"]) for t in report["targets"]]
+        lines += ["", table(["target", "goal", "measured", "met"], rows)]
+    return "\n".join(lines)
+
+
+def _run_rows(runs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            group,
+            name,
+            run["requests"],
+            run["requests_per_second"],
+            run["p50_ms"],
+            run["p90_ms"],
+            run["p99_ms"],
+            run["redis_commands_per_request"],
+            run.get("redis_commands_per_request_net"),
+            run.get("script_calls_per_winner"),
+            run.get("redis_round_trips_per_winner"),
+            _verdict(run.get("verdict")),
+        )
+        for group, systems in runs.items()
+        for name, run in systems.items()
+    ]
+
+
+def _details(runs: dict[str, Any], redis: str) -> list[str]:
+    """What each crowd sent and what it got (and where, when not on the usual Redis)."""
+    lines = []
+    for group, systems in runs.items():
+        for name, run in systems.items():
             outcomes = ", ".join(
                 f"{code} {o['count']:,}" + (f" (p99 {o['p99_ms']} ms)" if "p99_ms" in o else "")
                 for code, o in run["outcomes"].items()
             )
-            lines.append(f"  {group} / {name} ({run.get('generator', 'crowd')}): {outcomes}")
-    lines.append("  * commands Redis ran per request, inside scripts too (INFO commandstats)")
-    if report["targets"]:
-        lines += [
-            "",
-            table(
-                ["target", "goal", "measured", "met"],
-                [(t["target"], t["goal"], t["measured"], t["met"]) for t in report["targets"]],
-            ),
-        ]
-    return "\n".join(lines)
+            sent = run.get("sent") or {}
+            what = (
+                f"{sent.get('keyed', 0):,} of {sent.get('issued', 0):,} sent keyed, "
+                f"{sent.get('distinct_users', 0):,} users of {sent.get('buyers', 0):,}"
+            )
+            lines.append(
+                f"  {group} / {name} ({run.get('generator', 'crowd')}; {what}): {outcomes}"
+            )
+    return lines
 
 
 def _verdict(verdict: dict[str, Any] | None) -> str:

@@ -140,64 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     admin_arguments(admin)
     admin.set_defaults(command=cmd_admin)
 
-    bench = commands.add_parser(
-        "bench", help="flash sales on this machine: flashgate vs the naive design, as ratios"
+    _add_bench(
+        commands.add_parser(
+            "bench", help="flash sales on this machine: flashgate vs the naive designs, as ratios"
+        )
     )
-    bench.add_argument(
-        "--requests",
-        type=_positive_int,
-        default=20_000,
-        help="requests of the oversubscribed sale (default 20000)",
-    )
-    bench.add_argument(
-        "--seconds",
-        "--duration",
-        dest="seconds",
-        type=_positive_float,
-        default=3.0,
-        help="length of each timed run, seconds (default 3)",
-    )
-    bench.add_argument(
-        "--concurrency", type=_positive_int, default=256, help="connections (default 256)"
-    )
-    bench.add_argument(
-        "--buyers",
-        type=_positive_int,
-        help="distinct buyers the crowd draws from (default: one per request, at least 1e6)",
-    )
-    bench.add_argument(
-        "--stock",
-        type=_positive_int,
-        help="stock of the oversubscribed sale (default: 1%% of --requests)",
-    )
-    bench.add_argument(
-        "--scenario",
-        action="append",
-        choices=SCENARIOS,
-        help="run only these (repeatable; default: all)",
-    )
-    bench.add_argument(
-        "--rounds",
-        type=_positive_int,
-        default=3,
-        help="runs of each comparison, alternating its systems (default 3)",
-    )
-    bench.add_argument(
-        "--generator",
-        choices=("auto", "crowd", "wrk"),
-        default="auto",
-        help="load generator of the throughput-only runs (sold-out, workers, access log): "
-        "the built-in crowd, or wrk (C, cheaper per request); auto: wrk when on PATH",
-    )
-    bench.add_argument(
-        "--latency-rate",
-        type=_positive_float,
-        help="also compare latency paced at this many requests/s (the same rate on two "
-        "versions compares their cost; the target's rate moves with the saturated rate)",
-    )
-    bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
-    bench.add_argument("--json", action="store_true", help="machine-readable report")
-    bench.set_defaults(command=cmd_bench)
 
     demo = commands.add_parser("demo", help="a whole flash sale on this machine, then a report")
     from gateway.process.demo import add_arguments
@@ -365,6 +312,97 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _add_bench(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument(
+        "--requests",
+        type=_positive_int,
+        default=20_000,
+        help="requests of the oversubscribed sale (default 20000)",
+    )
+    bench.add_argument(
+        "--seconds",
+        "--duration",
+        dest="seconds",
+        type=_positive_float,
+        default=3.0,
+        help="length of each timed run, seconds (default 3)",
+    )
+    bench.add_argument(
+        "--concurrency", type=_positive_int, default=256, help="connections (default 256)"
+    )
+    bench.add_argument(
+        "--buyers",
+        type=_positive_int,
+        help="distinct buyers the crowd draws from (default: one per request, at least 1e6)",
+    )
+    bench.add_argument(
+        "--keyed-share",
+        type=_share,
+        default=1.0,
+        help="share of requests with an Idempotency-Key of their own, in every run and "
+        "with either generator (default 1: every request, as real clients send)",
+    )
+    bench.add_argument(
+        "--stock",
+        type=_positive_int,
+        help="stock of the oversubscribed sale (default: 1%% of --requests)",
+    )
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only these (repeatable; default: all)",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="runs of each comparison, alternating its systems (default 3)",
+    )
+    bench.add_argument(
+        "--generator",
+        choices=("auto", "crowd", "wrk"),
+        default="auto",
+        help="load generator of the throughput-only runs (sold-out, workers, access log): "
+        "the built-in crowd, or wrk (C, cheaper per request); auto: wrk when on PATH",
+    )
+    bench.add_argument(
+        "--latency-rate",
+        type=_positive_float,
+        default=1000.0,
+        help="the latency target's fixed rate, winners/s (default 1000); half and a tenth "
+        "of the saturated rate are measured too",
+    )
+    bench.add_argument(
+        "--redis",
+        type=_redis_url,
+        metavar="URL",
+        help="run on this Redis (redis://, redis+sentinel://, redis+cluster://) instead of "
+        "an embedded one; its database must be empty, and is flushed between runs",
+    )
+    bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
+    bench.add_argument("--json", action="store_true", help="machine-readable report")
+    bench.set_defaults(command=cmd_bench)
+
+
+def _share(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError("must be a share from 0 to 1")
+    return number
+
+
+def _redis_url(value: str) -> str:
+    from gateway.config.redis_url import parse_redis_url
+    from gateway.config.schema import Invalid
+
+    try:
+        parse_redis_url(value)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0 or number == float("inf"):
@@ -385,11 +423,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         scenarios=tuple(args.scenario or SCENARIOS),
         generator=args.generator,
+        keyed_share=args.keyed_share,
         latency_rate=args.latency_rate,
+        redis_url=args.redis,
         progress=not args.json,
     )
     install_uvloop()
-    report = asyncio.run(bench_url(args.url, options) if args.url else bench(options))
+    try:
+        report = asyncio.run(bench_url(args.url, options) if args.url else bench(options))
+    except RuntimeError as exc:  # a system that did not start, a Redis it cannot use
+        print(f"flashgate bench: {exc}", file=sys.stderr)
+        return UNAVAILABLE
     print(json.dumps(report) if args.json else render(report))
     correct = all(
         run["verdict"]["correct"]

@@ -1,0 +1,222 @@
+"""The goals of issue 14, each with what this run measured: the ``targets`` table.
+
+Every ratio is the median of round-by-round ratios (each pair of systems ran back
+to back, so both saw the same state of a noisy machine); every other figure is the
+median over rounds. Rows marked ``met: None`` are information, not goals.
+``TARGETS`` lists one function per scenario; a scenario without goals has none.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.bench.measure import Run
+from gateway.bench.options import Options
+from gateway.bench.scenarios import (
+    EVERYONE_WINS,
+    FIXED_RATE,
+    HALF_RATE,
+    TENTH_RATE,
+    Runs,
+)
+
+Row = dict[str, Any]
+#: Below this many Redis commands per request (net of the background), none is made
+#: per request: one command per request would be 1.0, the background's noise ~1e-4.
+NO_COMMANDS = 0.001
+
+
+@dataclass(frozen=True)
+class Results:
+    runs: Runs
+    options: Options
+
+    def ratio(self, scenario: str, a: str, b: str) -> float | None:
+        """The median over rounds of round-by-round throughput ratios a / b."""
+        systems = self.runs.get(scenario, {})
+        pairs = zip(systems.get(a, []), systems.get(b, []), strict=False)
+        ratios = [x.tally.rate / y.tally.rate for x, y in pairs if y.tally.rate]
+        return round(statistics.median(ratios), 3) if ratios else None
+
+    def median(
+        self, scenario: str, name: str, figure: Callable[[Run], float | None]
+    ) -> float | None:
+        values = [
+            v for r in self.runs.get(scenario, {}).get(name, []) if (v := figure(r)) is not None
+        ]
+        return round(statistics.median(values), 4) if values else None
+
+    def correct(self, scenario: str) -> bool:
+        """Every checked run of the scenario had its books right."""
+        rounds = [r for rs in self.runs.get(scenario, {}).values() for r in rs if r.verdict]
+        return all(r.verdict is not None and r.verdict["correct"] for r in rounds)
+
+
+def _row(target: str, goal: str, measured: float | None, met: bool | None) -> Row:
+    return {"target": target, "goal": goal, "measured": measured, "met": met}
+
+
+def _at_least(value: float | None, goal: float, *also: bool) -> bool:
+    return value is not None and value >= goal and all(also)
+
+
+def _at_most(value: float | None, goal: float) -> bool:
+    return value is not None and value <= goal
+
+
+def _per_winner(run: Run) -> float | None:
+    return run.redis_work()["script_calls_per_winner"]  # type: ignore[no-any-return]
+
+
+def _trips_per_winner(run: Run) -> float | None:
+    return run.redis_work()["redis_round_trips_per_winner"]  # type: ignore[no-any-return]
+
+
+def sold_out(results: Results) -> list[Row]:
+    if "sold-out" not in results.runs:
+        return []
+    ratio = results.ratio("sold-out", "flashgate", "fixed 409")
+    net = results.median("sold-out", "flashgate", Run.net_commands_per_request)
+    return [
+        _row(
+            "a. sold out, keyed: flashgate vs aiohttp web.Server's fixed 409",
+            ">= 0.9x",
+            ratio,
+            _at_least(ratio, 0.9),
+        ),
+        _row(
+            "a. sold out: Redis commands per request, net of the background",
+            f"0 (< {NO_COMMANDS})",
+            net,
+            net is not None and net < NO_COMMANDS,
+        ),
+        _row(
+            "   sold out: flashgate vs an aiohttp Application's hello",
+            "-",
+            results.ratio("sold-out", "flashgate", "hello"),
+            None,
+        ),
+    ]
+
+
+def oversubscribed(results: Results) -> list[Row]:
+    if "oversubscribed" not in results.runs:
+        return []
+    ratio = results.ratio("oversubscribed", "flashgate", "deduct-only")
+    correct = results.correct("oversubscribed")
+    trips_per_decision = results.median(
+        "oversubscribed",
+        "flashgate",
+        lambda r: r.redis_work()["redis_round_trips_per_decision"],
+    )
+    return [
+        _row(
+            "b. oversubscribed, keyed: flashgate vs naive deduct-only",
+            ">= 4x, both correct",
+            ratio,
+            _at_least(ratio, 4.0, correct),
+        ),
+        _row(
+            "   oversubscribed: flashgate vs naive full reserve",
+            "-",
+            results.ratio("oversubscribed", "flashgate", "naive"),
+            None,
+        ),
+        *_per_winner_rows(results, "oversubscribed", "   oversubscribed"),
+        _row("   oversubscribed: Redis round trips per decision", "-", trips_per_decision, None),
+    ]
+
+
+def _per_winner_rows(results: Results, scenario: str, label: str) -> list[Row]:
+    return [
+        _row(
+            f"{label}: script calls per winner",
+            "-",
+            results.median(scenario, "flashgate", _per_winner),
+            None,
+        ),
+        _row(
+            f"{label}: Redis round trips per winner",
+            "-",
+            results.median(scenario, "flashgate", _trips_per_winner),
+            None,
+        ),
+    ]
+
+
+def everyone_wins(results: Results) -> list[Row]:
+    if EVERYONE_WINS not in results.runs:
+        return []
+    ratio = results.ratio(EVERYONE_WINS, "flashgate", "deduct-only")
+    calls = results.median(EVERYONE_WINS, "flashgate", _per_winner)
+    correct = results.correct(EVERYONE_WINS)
+    per_winner = _per_winner_rows(results, EVERYONE_WINS, "   everyone wins")
+    return [
+        _row(
+            "c. everyone wins, forwarded: flashgate vs naive deduct-only",
+            ">= 1.2x, both correct",
+            ratio,
+            _at_least(ratio, 1.2, correct),
+        ),
+        _row("c. everyone wins: script calls per winner", "<= 0.3", calls, _at_most(calls, 0.3)),
+        per_winner[1],
+    ]
+
+
+def _added_p99(results: Results, scenario: str) -> float | None:
+    """Milliseconds flashgate adds to the backend's p99 (medians over the rounds)."""
+    mine = results.median(scenario, "flashgate", lambda r: r.tally.quantile(0.99))
+    direct = results.median(scenario, "direct", lambda r: r.tally.quantile(0.99))
+    return round((mine - direct) * 1000, 3) if mine is not None and direct is not None else None
+
+
+def latency(results: Results) -> list[Row]:
+    if FIXED_RATE not in results.runs:
+        return []
+    added = _added_p99(results, FIXED_RATE)
+    rate = f"{results.options.latency_rate:,g}"
+    return [
+        _row(
+            f"d. p99 added over the backend, paced at {rate} winners/s",
+            "<= 2 ms",
+            added,
+            _at_most(added, 2.0),
+        ),
+        _row("   the same at half the saturated rate", "-", _added_p99(results, HALF_RATE), None),
+        _row("   the same at a tenth of it", "-", _added_p99(results, TENTH_RATE), None),
+    ]
+
+
+def workers(results: Results) -> list[Row]:
+    if "workers" not in results.runs:
+        return []
+    ratio = results.ratio("workers", "workers=2", "workers=1")
+    return [_row("e. --workers 2 vs 1, sold out, keyed", ">= 1.7x", ratio, _at_least(ratio, 1.7))]
+
+
+def access_log(results: Results) -> list[Row]:
+    if "access-log" not in results.runs:
+        return []
+    rate = results.median
+    quiet = rate("access-log", "not logging refusals", lambda r: r.tally.rate)
+    loud = rate("access-log", "logging every refusal", lambda r: r.tally.rate)
+    cost = round((1 / loud - 1 / quiet) * 1e6, 2) if loud and quiet else None
+    return [_row("access log: µs per logged request (from throughput)", "measured", cost, True)]
+
+
+TARGETS: list[Callable[[Results], list[Row]]] = [
+    sold_out,
+    oversubscribed,
+    everyone_wins,
+    latency,
+    workers,
+    access_log,
+]
+
+
+def targets(runs: Runs, options: Options) -> list[Row]:
+    results = Results(runs, options)
+    return [row for table in TARGETS for row in table(results)]
