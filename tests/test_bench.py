@@ -216,6 +216,42 @@ def test_latency_is_compared_at_a_fixed_rate_and_at_half_and_a_tenth() -> None:
     ]
 
 
+def test_idle_cost_is_measured_per_catalogue_and_process() -> None:
+    report = bench(
+        "--scenario",
+        "idle",
+        "--idle-campaigns",
+        "1,3",
+        "--idle-settle",
+        "1",
+        "--idle-window",
+        "1",
+    )
+    idle = report["idle"]
+    assert idle["redis_background_commands_per_second"] is not None
+    shapes = [(g["campaigns"], g["workers"]) for g in idle["gateways"]]
+    assert shapes == [(1, 1), (1, 2), (3, 1), (3, 2)]
+    for gateway in idle["gateways"]:
+        assert gateway["redis_commands_per_second"] > 0  # a gateway polls, even idle
+        assert gateway["redis_commands_per_second_net"] is not None
+        assert gateway["redis_commands_per_second_by_name"]
+        roles = sorted(p["role"] for p in gateway["processes"])
+        if gateway["workers"] == 1:
+            assert roles == ["gateway"]
+        else:
+            assert roles.count("worker") == 2, roles
+            assert "supervisor" in roles
+        assert all(p["cpu_percent_of_a_core"] is not None for p in gateway["processes"])
+        assert gateway["max_cpu_percent_of_a_core"] is not None
+    assert targets(report) == [
+        "idle, 3 campaigns, 1 worker(s): Redis commands/s",
+        "idle, 3 campaigns, 1 worker(s): CPU per process, % of a core (most)",
+        "idle, 3 campaigns, 2 worker(s): Redis commands/s",
+        "idle, 3 campaigns, 2 worker(s): CPU per process, % of a core (most)",
+    ]
+    assert all(t["met"] is None for t in report["targets"])  # the goals are at 1,000
+
+
 SMALL_SALE = ("--requests", "600", "--stock", "10", "--duration", "1", "--concurrency", "32")
 
 

@@ -12,4 +12,5 @@ SCENARIOS = (
     "latency",
     "workers",
     "access-log",
+    "idle",
 )

@@ -66,6 +66,16 @@ class Datastore:
         total.pop("info", None)
         return total
 
+    async def processed(self) -> tuple[int, Counter[str]]:
+        """total_commands_processed, and the calls of each command, summed over the
+        primaries: one INFO per node."""
+        total, calls = 0, Counter[str]()
+        for node in self.primaries:
+            info: dict[str, Any] = await self.client(node).info("stats", "commandstats")
+            total += int(info["total_commands_processed"])
+            calls.update(_calls(info))
+        return total, calls
+
     async def keys(self) -> int:
         return sum([int(await self.client(node).dbsize()) for node in self.primaries])
 

@@ -9,8 +9,8 @@ backend forgets its orders. The parts, by job:
 * ``systems.py``: starting flashgate and the reference servers (``servers.py``);
 * ``datastore.py``: the Redis it runs on (embedded, or ``--redis URL``: one
   server, Sentinel or Cluster), flushing and counting on every primary;
-* ``measure.py``: a run's figures and the verdicts on the books; ``targets.py``:
-  the goals; ``report.py``: the printed report;
+* ``measure.py``: a run's figures and the verdicts on the books; ``idle.py``: the
+  idle scenario; ``targets.py``: the goals; ``report.py``: the printed report;
 * ``crowd.py`` and ``wrk.py``: the load generators.
 """
 
@@ -70,7 +70,8 @@ def report(runner: Bench) -> dict[str, Any]:
         "machine": machine(),
         "options": {**runner.options.report(), "redis": runner.store.description},
         "runs": runs,
-        "targets": targets(runner.runs, runner.options),
+        "idle": runner.idle,
+        "targets": targets(runner.runs, runner.idle, runner.options),
     }
 
 
@@ -116,5 +117,6 @@ async def bench_url(url: str, options: Options) -> dict[str, Any]:
         "machine": machine(),
         "options": options.report(),
         "runs": {"running": {"gateway": median_run([Run("gateway", tally)])}},
+        "idle": None,
         "targets": [],
     }

@@ -31,6 +31,10 @@ class Options:
     #: The Redis every run uses (redis://, redis+sentinel://, redis+cluster://); None:
     #: an embedded redis-server of the bench's own. Flushed between runs.
     redis_url: str | None = None
+    #: The idle scenario: catalogue sizes, the wait after start, the measured window.
+    idle_campaigns: tuple[int, ...] = (1, 100, 1000)
+    idle_settle: float = 5.0
+    idle_window: float = 10.0
     progress: bool = True
 
     def buyers_for(self, requests: int | None) -> int:
@@ -48,6 +52,9 @@ class Options:
             "keyed_share": self.keyed_share,
             "latency_rate": self.latency_rate,
             "redis": _shown(self.redis_url) if self.redis_url else "embedded redis-server",
+            "idle_campaigns": list(self.idle_campaigns),
+            "idle_settle": self.idle_settle,
+            "idle_window": self.idle_window,
         }
 
 

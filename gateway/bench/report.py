@@ -33,6 +33,8 @@ def render(report: dict[str, Any]) -> str:
             "  * commands Redis ran per request, inside scripts too (INFO commandstats); "
             "net: beyond the background rate measured with the system up and nobody buying"
         )
+    if report.get("idle"):
+        lines += ["", *_idle(report["idle"])]
     if report["targets"]:
         rows = [(t["target"], t["goal"], t["measured"], t["met"]) for t in report["targets"]]
         lines += ["", table(["target", "goal", "measured", "met"], rows)]
@@ -78,6 +80,24 @@ def _details(runs: dict[str, Any], redis: str) -> list[str]:
                 f"  {group} / {name} ({run.get('generator', 'crowd')}; {what}): {outcomes}"
             )
     return lines
+
+
+def _idle(idle: dict[str, Any]) -> list[str]:
+    rows = [
+        (
+            g["campaigns"],
+            g["workers"],
+            g["redis_commands_per_second"],
+            g["redis_commands_per_second_net"],
+            ", ".join(f"{p['role']} {p['cpu_percent_of_a_core']}" for p in g["processes"]),
+        )
+        for g in idle["gateways"]
+    ]
+    return [
+        f"idle: {idle['window_seconds']:g} s measured after {idle['settle_seconds']:g} s; "
+        f"Redis alone ran {idle['redis_background_commands_per_second']} commands/s",
+        table(["campaigns", "workers", "redis cmds/s", "net", "CPU % of a core"], rows),
+    ]
 
 
 def _verdict(verdict: dict[str, Any] | None) -> str:

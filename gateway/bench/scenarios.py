@@ -18,7 +18,9 @@ with either generator. Scenarios:
   ``--latency-rate`` winners/s (the target), and at half and a tenth of the
   saturated rate (information);
 * ``workers``: the sold-out path with ``--workers 2`` against one worker;
-* ``access-log``: the sold-out path logging every refusal against not logging.
+* ``access-log``: the sold-out path logging every refusal against not logging;
+* ``idle``: Redis commands a second and CPU per process of a gateway nobody buys
+  from, with 1, 100 and 1,000 campaigns (``idle.py``).
 
 ``SCENARIO_RUNS`` maps each name (``gateway/bench/__init__.py`` lists them for the
 CLI) to its coroutine; a new scenario is a method, a line there, and its name there.
@@ -37,6 +39,7 @@ from typing import Any
 from gateway.bench import SCENARIOS
 from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.datastore import Datastore
+from gateway.bench.idle import measure_idle
 from gateway.bench.measure import Run, background_rate, counter_books, reservation_books
 from gateway.bench.options import Options
 from gateway.bench.systems import (
@@ -80,6 +83,8 @@ class Bench:
         self.store = store
         self.backend = backend
         self.runs: Runs = {}
+        #: The idle scenario's figures, once measured.
+        self.idle: dict[str, Any] | None = None
 
     async def run(self) -> None:
         """The chosen scenarios, in the order of SCENARIOS (each once)."""
@@ -339,6 +344,10 @@ class Bench:
         load = self.timed(throughput_only=True, background=True)
         await self.compare("access-log", systems, load)
 
+    async def idle_cost(self) -> None:
+        """Nobody buying, by catalogue size (idle.py): its figures are not runs."""
+        self.idle = await measure_idle(self.options, self.store, self.backend, self.fresh)
+
 
 SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "oversubscribed": Bench.oversubscribed,
@@ -348,6 +357,7 @@ SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "latency": Bench.latency,
     "workers": Bench.workers,
     "access-log": Bench.access_log,
+    "idle": Bench.idle_cost,
 }
 
 

@@ -113,12 +113,18 @@ def reference(kind: str, *extra: str) -> Iterator[Served]:
 # ------------------------------------------------------------------ flashgate
 
 
+def campaign_ids(count: int) -> list[str]:
+    """The bench campaign, and ``count - 1`` more beside it (the idle catalogue)."""
+    return [CAMPAIGN, *(f"{CAMPAIGN}-{i}" for i in range(1, count))]
+
+
 def flashgate_config(
     redis_url: str,
     backend: str,
     ports: tuple[int, int],
     stock: int,
     *,
+    campaigns: int = 1,
     local_refusals: bool = False,
     per_user_limit: int = 1,
 ) -> dict[str, Any]:
@@ -134,12 +140,13 @@ def flashgate_config(
         "upstreams": {"shop": {"url": backend, "timeout": 5.0}},
         "campaigns": [
             {
-                "id": CAMPAIGN,
-                "route": f"POST {PATH}",
+                "id": campaign,
+                "route": f"POST /seckill/{campaign}",
                 "upstream": "shop",
                 "stock": stock,
                 "per_user_limit": per_user_limit,
             }
+            for campaign in campaign_ids(campaigns)
         ],
     }
 

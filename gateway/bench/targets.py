@@ -32,6 +32,7 @@ NO_COMMANDS = 0.001
 @dataclass(frozen=True)
 class Results:
     runs: Runs
+    idle: dict[str, Any] | None
     options: Options
 
     def ratio(self, scenario: str, a: str, b: str) -> float | None:
@@ -207,6 +208,29 @@ def access_log(results: Results) -> list[Row]:
     return [_row("access log: µs per logged request (from throughput)", "measured", cost, True)]
 
 
+def idle(results: Results) -> list[Row]:
+    """At the largest catalogue measured; goals only at 1,000 campaigns or more."""
+    if not results.idle or not results.idle["gateways"]:
+        return []
+    gateways = results.idle["gateways"]
+    largest = max(g["campaigns"] for g in gateways)
+    rows = []
+    for g in (g for g in gateways if g["campaigns"] == largest):
+        label = f"idle, {largest:,} campaigns, {g['workers']} worker(s)"
+        goal = largest >= 1000
+        commands, cpu = g["redis_commands_per_second_net"], g["max_cpu_percent_of_a_core"]
+        rows += [
+            _row(f"{label}: Redis commands/s", "< 50", commands, commands < 50 if goal else None),
+            _row(
+                f"{label}: CPU per process, % of a core (most)",
+                "< 2",
+                cpu,
+                (cpu is not None and cpu < 2) if goal else None,
+            ),
+        ]
+    return rows
+
+
 TARGETS: list[Callable[[Results], list[Row]]] = [
     sold_out,
     oversubscribed,
@@ -214,9 +238,10 @@ TARGETS: list[Callable[[Results], list[Row]]] = [
     latency,
     workers,
     access_log,
+    idle,
 ]
 
 
-def targets(runs: Runs, options: Options) -> list[Row]:
-    results = Results(runs, options)
+def targets(runs: Runs, idle_figures: dict[str, Any] | None, options: Options) -> list[Row]:
+    results = Results(runs, idle_figures, options)
     return [row for table in TARGETS for row in table(results)]

@@ -380,6 +380,25 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         help="run on this Redis (redis://, redis+sentinel://, redis+cluster://) instead of "
         "an embedded one; its database must be empty, and is flushed between runs",
     )
+    bench.add_argument(
+        "--idle-campaigns",
+        type=_counts,
+        default=(1, 100, 1000),
+        metavar="N,N,...",
+        help="catalogue sizes of the idle scenario (default 1,100,1000)",
+    )
+    bench.add_argument(
+        "--idle-settle",
+        type=_positive_float,
+        default=5.0,
+        help="idle scenario: seconds after start before measuring (default 5)",
+    )
+    bench.add_argument(
+        "--idle-window",
+        type=_positive_float,
+        default=10.0,
+        help="idle scenario: seconds measured (default 10)",
+    )
     bench.add_argument("--url", help="crowd a running gateway at this purchase URL instead")
     bench.add_argument("--json", action="store_true", help="machine-readable report")
     bench.set_defaults(command=cmd_bench)
@@ -390,6 +409,10 @@ def _share(value: str) -> float:
     if not 0 <= number <= 1:
         raise argparse.ArgumentTypeError("must be a share from 0 to 1")
     return number
+
+
+def _counts(value: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in value.split(","))
 
 
 def _redis_url(value: str) -> str:
@@ -426,6 +449,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         keyed_share=args.keyed_share,
         latency_rate=args.latency_rate,
         redis_url=args.redis,
+        idle_campaigns=args.idle_campaigns,
+        idle_settle=args.idle_settle,
+        idle_window=args.idle_window,
         progress=not args.json,
     )
     install_uvloop()
