@@ -19,7 +19,7 @@ from gateway.bench.crowd import Crowd, _plan
 from gateway.bench.scenarios import SCENARIO_RUNS
 from gateway.bench.wrk import script
 from gateway.embedded.server import EmbeddedRedis
-from gateway.embedded.topology import ClusterTopology
+from gateway.embedded.topology import ClusterTopology, SentinelTopology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -252,7 +252,38 @@ def test_idle_cost_is_measured_per_catalogue_and_process() -> None:
     assert all(t["met"] is None for t in report["targets"])  # the goals are at 1,000
 
 
+def assert_replicas_compared(report: dict[str, Any]) -> None:
+    for scenario in ("replicas: oversubscribed", "replicas: everyone-wins"):
+        runs = report["runs"][scenario]
+        assert set(runs) == {"wait_for_replicas=0", "wait_for_replicas=1"}
+        for name, run in runs.items():
+            assert run["verdict"]["correct"] is True, (scenario, name, run["verdict"])
+        assert "wait" not in runs["wait_for_replicas=0"]["redis_commands_by_name"]
+        assert runs["wait_for_replicas=1"]["redis_commands_by_name"]["wait"] > 0
+    assert targets(report) == [
+        "replicas, oversubscribed: wait_for_replicas 1 vs 0 throughput",
+        "replicas, everyone wins: wait_for_replicas 1 vs 0 throughput",
+    ]
+    assert all(t["measured"] is not None for t in report["targets"])
+
+
 SMALL_SALE = ("--requests", "600", "--stock", "10", "--duration", "1", "--concurrency", "32")
+
+
+def test_replicas_are_compared_on_a_sentinel_topology_of_the_benchs_own() -> None:
+    report = bench("--scenario", "replicas", *SMALL_SALE)
+    assert_replicas_compared(report)
+    run = report["runs"]["replicas: oversubscribed"]["wait_for_replicas=1"]
+    assert "Sentinel" in run["redis"]
+
+
+def test_redis_url_runs_every_design_on_a_sentinel_primary(
+    fresh_sentinel: Callable[..., SentinelTopology],
+) -> None:
+    topology = fresh_sentinel()
+    report = bench("--redis", topology.url, "--scenario", "replicas", *SMALL_SALE)
+    assert report["options"]["redis"].startswith(topology.url)
+    assert_replicas_compared(report)
 
 
 def test_redis_url_runs_the_baselines_on_the_campaigns_cluster_node(
@@ -276,8 +307,11 @@ def test_redis_url_runs_the_baselines_on_the_campaigns_cluster_node(
     assert report["runs"]["sold-out"]["flashgate"]["redis_commands_per_request_net"] < 0.05
 
 
-def test_redis_url_must_be_empty() -> None:
+def test_redis_url_must_be_empty_and_have_replicas_for_the_replicas_scenario() -> None:
     with EmbeddedRedis() as server:
+        refused = run_bench("--redis", server.url, "--scenario", "replicas")
+        assert refused.returncode == 3
+        assert "needs a primary with replicas" in refused.stderr
         client = SyncRedis.from_url(server.url)
         client.set("someone-elses", "data")
         client.close()

@@ -13,4 +13,5 @@ SCENARIOS = (
     "workers",
     "access-log",
     "idle",
+    "replicas",
 )

@@ -24,6 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
+from gateway.embedded.topology import SentinelTopology
 from limiter.keys import CampaignKeys
 from limiter.topology import Address, Topology, topology_for
 
@@ -78,6 +79,11 @@ class Datastore:
 
     async def keys(self) -> int:
         return sum([int(await self.client(node).dbsize()) for node in self.primaries])
+
+    async def replicas(self) -> int:
+        """Replicas connected to the campaign's node."""
+        info: dict[str, Any] = await self.campaign.info("replication")
+        return int(info.get("connected_slaves", 0))
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -137,6 +143,16 @@ async def embedded(campaign: str) -> AsyncIterator[Datastore]:
             yield store
 
 
+@contextlib.asynccontextmanager
+async def sentinel(campaign: str) -> AsyncIterator[Datastore]:
+    """A Sentinel topology of the bench's own: one primary, two replicas, three
+    sentinels (started here, in the main thread, as gateway/embedded/topology.py asks)."""
+    with SentinelTopology() as topology:
+        async with opened(topology.url, campaign) as store:
+            store.description = "the bench's Sentinel topology: a primary, two replicas"
+            yield store
+
+
 async def require_empty(store: Datastore) -> None:
     """A Redis given with --redis is flushed between runs: refuse one holding data."""
     held = await store.keys()
@@ -145,4 +161,12 @@ async def require_empty(store: Datastore) -> None:
             f"{store.url.rpartition('@')[2]} holds {held} keys; the bench flushes its "
             "database between runs: give it an empty one (FLUSHDB it yourself if it only "
             "holds an earlier bench's keys)"
+        )
+
+
+async def require_replicas(store: Datastore) -> None:
+    if await store.replicas() < 1:
+        raise RuntimeError(
+            f"{store.url.rpartition('@')[2]}: the replicas scenario needs a primary with "
+            "replicas (wait_for_replicas: 1 waits for one)"
         )

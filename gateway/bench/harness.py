@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.bench.datastore import Datastore, embedded, opened, require_empty
+from gateway.bench.datastore import Datastore, embedded, opened, require_empty, require_replicas
 from gateway.bench.measure import Run
 from gateway.bench.options import Options
 from gateway.bench.scenarios import Bench, crowd_run
@@ -44,7 +44,8 @@ async def bench(options: Options) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def datastore(options: Options) -> AsyncIterator[Datastore]:
-    """--redis (empty: it is flushed between runs), or an embedded redis-server."""
+    """--redis (empty, and with replicas when the replicas scenario needs them), or an
+    embedded redis-server."""
     if options.redis_url is None:
         async with embedded(CAMPAIGN) as store:
             yield store
@@ -52,6 +53,8 @@ async def datastore(options: Options) -> AsyncIterator[Datastore]:
     async with opened(options.redis_url, CAMPAIGN) as store:
         store.description = f"{options.report()['redis']} ({store.description})"
         await require_empty(store)
+        if "replicas" in options.scenarios:
+            await require_replicas(store)
         yield store
 
 

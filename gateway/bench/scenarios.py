@@ -20,7 +20,10 @@ with either generator. Scenarios:
 * ``workers``: the sold-out path with ``--workers 2`` against one worker;
 * ``access-log``: the sold-out path logging every refusal against not logging;
 * ``idle``: Redis commands a second and CPU per process of a gateway nobody buys
-  from, with 1, 100 and 1,000 campaigns (``idle.py``).
+  from, with 1, 100 and 1,000 campaigns (``idle.py``);
+* ``replicas``: flashgate with ``redis.wait_for_replicas: 0`` against ``1`` on a
+  primary with replicas (``--redis`` if given, else a Sentinel topology of the
+  bench's own), in an oversubscribed sale and with everyone winning.
 
 ``SCENARIO_RUNS`` maps each name (``gateway/bench/__init__.py`` lists them for the
 CLI) to its coroutine; a new scenario is a method, a line there, and its name there.
@@ -33,12 +36,12 @@ import contextlib
 import functools
 import statistics
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from gateway.bench import SCENARIOS
 from gateway.bench.crowd import Crowd, Tally, run_crowd
-from gateway.bench.datastore import Datastore
+from gateway.bench.datastore import Datastore, sentinel
 from gateway.bench.idle import measure_idle
 from gateway.bench.measure import Run, background_rate, counter_books, reservation_books
 from gateway.bench.options import Options
@@ -68,6 +71,8 @@ EVERYONE_WINS = "everyone-wins"
 FIXED_RATE = "latency at a fixed rate"
 HALF_RATE = "latency at half the saturated rate"
 TENTH_RATE = "latency at a tenth"
+REPLICAS_SALE = "replicas: oversubscribed"
+REPLICAS_EVERYONE = "replicas: everyone-wins"
 #: The gateway publishes its counters every second.
 PUBLISH_WAIT = 1.2
 
@@ -78,11 +83,13 @@ Runs = dict[str, dict[str, list[Run]]]
 
 
 class Bench:
-    def __init__(self, options: Options, store: Datastore, backend: str) -> None:
+    def __init__(
+        self, options: Options, store: Datastore, backend: str, runs: Runs | None = None
+    ) -> None:
         self.options = options
         self.store = store
         self.backend = backend
-        self.runs: Runs = {}
+        self.runs: Runs = {} if runs is None else runs
         #: The idle scenario's figures, once measured.
         self.idle: dict[str, Any] | None = None
 
@@ -348,6 +355,34 @@ class Bench:
         """Nobody buying, by catalogue size (idle.py): its figures are not runs."""
         self.idle = await measure_idle(self.options, self.store, self.backend, self.fresh)
 
+    async def replicas(self) -> None:
+        """wait_for_replicas 0 against 1, selling out and with everyone winning."""
+        async with self.replicated() as store:
+            other = Bench(self.options, store, self.backend, self.runs)
+            sale = {
+                f"wait_for_replicas={n}": other.flashgate(self.sale_stock(), wait_for_replicas=n)
+                for n in (0, 1)
+            }
+            await other.compare(REPLICAS_SALE, sale, other.sale(self.options.requests))
+            everyone = {
+                f"wait_for_replicas={n}": other.flashgate(
+                    EVERYONE, per_user_limit=EVERYONE, wait_for_replicas=n
+                )
+                for n in (0, 1)
+            }
+            load = other.timed(sells_out=False, trips=True)
+            await other.compare(REPLICAS_EVERYONE, everyone, load)
+
+    @contextlib.asynccontextmanager
+    async def replicated(self) -> AsyncIterator[Datastore]:
+        """--redis (checked for replicas before the bench began), else a Sentinel
+        topology started for this scenario."""
+        if self.options.redis_url:
+            yield self.store
+            return
+        async with sentinel(CAMPAIGN) as store:
+            yield store
+
 
 SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "oversubscribed": Bench.oversubscribed,
@@ -358,6 +393,7 @@ SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "workers": Bench.workers,
     "access-log": Bench.access_log,
     "idle": Bench.idle_cost,
+    "replicas": Bench.replicas,
 }
 
 

@@ -127,9 +127,10 @@ def flashgate_config(
     campaigns: int = 1,
     local_refusals: bool = False,
     per_user_limit: int = 1,
+    wait_for_replicas: int = 0,
 ) -> dict[str, Any]:
     return {
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, "wait_for_replicas": wait_for_replicas},
         "gateway": {"port": ports[0]},
         "admin": {"port": ports[1], "token": TOKEN},
         "access_log": {

@@ -19,6 +19,8 @@ from gateway.bench.scenarios import (
     EVERYONE_WINS,
     FIXED_RATE,
     HALF_RATE,
+    REPLICAS_EVERYONE,
+    REPLICAS_SALE,
     TENTH_RATE,
     Runs,
 )
@@ -231,6 +233,22 @@ def idle(results: Results) -> list[Row]:
     return rows
 
 
+def replicas(results: Results) -> list[Row]:
+    rows = []
+    for scenario, what in ((REPLICAS_SALE, "oversubscribed"), (REPLICAS_EVERYONE, "everyone wins")):
+        if scenario in results.runs:
+            ratio = results.ratio(scenario, "wait_for_replicas=1", "wait_for_replicas=0")
+            rows.append(
+                _row(
+                    f"replicas, {what}: wait_for_replicas 1 vs 0 throughput",
+                    "measured, both correct",
+                    ratio,
+                    results.correct(scenario),
+                )
+            )
+    return rows
+
+
 TARGETS: list[Callable[[Results], list[Row]]] = [
     sold_out,
     oversubscribed,
@@ -239,6 +257,7 @@ TARGETS: list[Callable[[Results], list[Row]]] = [
     workers,
     access_log,
     idle,
+    replicas,
 ]
 
 
