@@ -23,6 +23,7 @@ from gateway.config.settings import (
     JwtSettings,
     RedisSettings,
     Settings,
+    WaitingRoomSettings,
 )
 from gateway.config.values import Route
 
@@ -100,6 +101,7 @@ def _check_relations(s: View, problems: Problems) -> None:
     jwt = _get(_get(s, "identity"), "jwt")
     if isinstance(jwt, JwtSettings):
         _check_jwt(jwt, problems)
+    _check_waiting_rooms(_get(s, "campaigns", ()) or (), jwt, problems)
     redis = _get(s, "redis")
     if isinstance(redis, RedisSettings):
         _check_redis(redis, problems)
@@ -148,6 +150,28 @@ def _check_campaign(c: View, at: str, upstreams: Mapping[str, Any], problems: Pr
         problems.add(
             f"{at}.max_retry_backoff", f"must not be shorter than retry_backoff ({backoff:g}s)"
         )
+
+
+def _check_waiting_rooms(campaigns: Any, jwt: View, problems: Problems) -> None:
+    """A waiting room where it makes sense: a shuffle needs a start and a pre-queue to
+    shuffle, a pre-queue needs a start to open before, and its secret must not be the
+    identity's (a pass would then pass for a login)."""
+    for i, c in enumerate(campaigns):
+        room = _get(c, "waiting_room")
+        if not isinstance(room, WaitingRoomSettings):
+            continue
+        at = f"campaigns[{i}].waiting_room"
+        starts = _get(c, "starts_at")
+        if room.mode == "random" and starts is None:
+            problems.add(f"{at}.mode", "random shuffles who joined before starts_at: set starts_at")
+        elif room.mode == "random" and room.opens_before is None:
+            problems.add(
+                f"{at}.mode", "random shuffles a pre-queue: set opens_before (how long before)"
+            )
+        if room.opens_before is not None and starts is None:
+            problems.add(f"{at}.opens_before", "applies only with the campaign's starts_at")
+        if room.secret == _get(jwt, "secret"):
+            problems.add(f"{at}.secret", "must differ from identity.jwt.secret")
 
 
 def _check_admin(admin: View, problems: Problems) -> None:

@@ -236,6 +236,45 @@ def _ratio(value: Any) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class ProofOfWorkSettings:
+    """A join costs the client CPU: SHA-256 of a signed salt and a nonce must start with
+    ``difficulty`` zero bits (each bit doubles the work: 16 is about 65,000 hashes, a
+    second or two in a browser)."""
+
+    difficulty: int = spec(min=1, max=32)
+    #: A challenge must be solved and used within this (and is remembered as used so long).
+    ttl: float = spec(120.0, parse=duration, min=5, max=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingRoomSettings:
+    """A queue in front of the sale: buyers join, wait their turn, and buy with a pass.
+    Shared by every gateway through Redis, under the campaign's hash tag."""
+
+    #: Passes issued per second, at most, by every gateway together.
+    admit_rate: float = spec(parse=positive, max=10_000)
+    #: Signs tickets, challenges and passes; the same on every gateway.
+    secret: str = spec(parse=lambda v: secret(v, 32))
+    #: random: who joined before starts_at gets a random place at starts_at; fifo: arrival order.
+    mode: Literal["fifo", "random"] = "fifo"
+    #: Joining opens this long before starts_at (the pre-queue); None: at starts_at.
+    opens_before: float | None = spec(None, parse=duration, max=7 * 86400)
+    #: Passes outstanding (issued, unexpired, not used) <= this x available.
+    max_passes_per_unit: float = spec(2.0, parse=positive, min=1, max=1000)
+    #: A waiter further back than this x available is told closed (an honest sold-out).
+    close_factor: float = spec(3.0, parse=positive, min=1, max=1_000_000)
+    #: A pass not used within this is void; its slot goes to the next waiter.
+    pass_ttl: float = spec(60.0, parse=duration, min=1, max=86400)
+    #: A waiter who has not polled for this long loses the place.
+    heartbeat: float = spec(20.0, parse=duration, min=1, max=3600)
+    #: Absent: joining costs nothing but the identity.
+    proof_of_work: ProofOfWorkSettings | None = None
+    #: The browser page hands an admitted buyer over to this URL (the pass in its
+    #: fragment) instead of buying itself.
+    shop_url: str | None = spec(None, parse=http_url)
+
+
+@dataclass(frozen=True, slots=True)
 class CampaignSettings:
     id: str = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
     route: Route = spec(parse=route)
@@ -263,6 +302,8 @@ class CampaignSettings:
     #: The sale window; before it 403 not-started, after it 403 ended.
     starts_at: datetime | None = spec(None, parse=instant)
     ends_at: datetime | None = spec(None, parse=instant)
+    #: A queue in front of the sale; buying then needs its pass (X-Queue-Pass).
+    waiting_room: WaitingRoomSettings | None = None
     rate_limit: RateLimitSettings | None = None
     client_rate_limit: ClientRateLimitSettings | None = None
     #: A number (the ratio) or {ratio, window, mode}.

@@ -19,7 +19,7 @@ from gateway.headers import NOT_CONFIGURABLE
 
 #: Campaign ids are also the Redis hash tag and the prefix of reservation ids.
 CAMPAIGN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/reservations/")
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/reservations/", "/queue/")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 HEADER_NAME = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
