@@ -97,6 +97,110 @@ class CampaignKeys:
         """Hash holding one reservation record."""
         return f"{self.base}:r:{reservation_id.rpartition('.')[2]}"
 
+    @property
+    def queue(self) -> QueueKeys:
+        """The waiting room's keys, under this campaign's hash tag."""
+        return QueueKeys(f"{self.base}:q")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """Names of one campaign's waiting-room keys. They share the campaign's hash tag, so
+    a queue script reads the stock and changes the queue in one slot, atomically."""
+
+    base: str
+
+    @property
+    def line(self) -> str:
+        """Sorted set: waiting user -> place (the order of admission)."""
+        return f"{self.base}:line"
+
+    @property
+    def seen(self) -> str:
+        """Sorted set: waiting user -> when a gateway last saw them poll (ms, Redis time)."""
+        return f"{self.base}:seen"
+
+    @property
+    def members(self) -> str:
+        """Hash: user -> "place:joined_ms" of their latest join."""
+        return f"{self.base}:members"
+
+    @property
+    def passes(self) -> str:
+        """Sorted set: user holding an unused pass -> its expiry (ms)."""
+        return f"{self.base}:passes"
+
+    @property
+    def used(self) -> str:
+        """Sorted set: user whose pass bought -> its expiry (still good for retries)."""
+        return f"{self.base}:used"
+
+    @property
+    def closed(self) -> str:
+        """Set: users told closed (too far back for the stock left, or sold out)."""
+        return f"{self.base}:closed"
+
+    @property
+    def meta(self) -> str:
+        """Hash: the join counter, the shuffle's seed and instant, and the totals."""
+        return f"{self.base}:meta"
+
+    @property
+    def bucket(self) -> str:
+        """Hash: the admission token bucket (admit_rate, by Redis's clock)."""
+        return f"{self.base}:bucket"
+
+    @property
+    def view(self) -> str:
+        """String: the last view computed, shared by every gateway for a moment."""
+        return f"{self.base}:view"
+
+    @property
+    def blocks(self) -> str:
+        """Hash: waiters in line per block of places (see _prelude.lua's queue_count)."""
+        return f"{self.base}:blocks"
+
+    @property
+    def admitted(self) -> str:
+        """List: the latest passes issued, "user expiry_ms" (newest first, capped)."""
+        return f"{self.base}:admitted"
+
+    @property
+    def withdrawn(self) -> str:
+        """List: the latest users whose pass was withdrawn (newest first, capped)."""
+        return f"{self.base}:withdrawn"
+
+    @property
+    def solved(self) -> str:
+        """Sorted set: salts of proof-of-work challenges used -> their expiry (ms)."""
+        return f"{self.base}:solved"
+
+    def all(self) -> list[str]:
+        return [
+            self.line,
+            self.seen,
+            self.members,
+            self.passes,
+            self.used,
+            self.closed,
+            self.meta,
+            self.bucket,
+            self.view,
+            self.blocks,
+            self.admitted,
+            self.withdrawn,
+            self.solved,
+        ]
+
+
+def cart_keys(cart_id: str, prefix: str = "fg") -> CampaignKeys:
+    """A cart's keys: a campaign's layout under the cart's own tag ``{<cart id>}`` (cart
+    and campaign ids never clash), without counters. Its ``state`` hash keeps only the
+    orders' counts by state and the sweepers' ``due_at``; ``reservation`` names an
+    order's record; ``orders``, ``dead_letters`` and ``delivery_slots`` serve its
+    deliveries as a campaign's do."""
+    return CampaignKeys(cart_id, prefix)
+
 
 def processes_key(prefix: str = "fg") -> str:
     """Sorted set of live gateway processes (not campaign data: any slot will do)."""

@@ -89,6 +89,11 @@ class Scripts:
     audit_close: Script
     repair_counters: Script
     repair_quotas: Script
+    queue_join: Script
+    queue_tick: Script
+    queue_touch: Script
+    queue_pass_check: Script
+    queue_pass_use: Script
 
     @classmethod
     def read(cls) -> Scripts:

@@ -198,3 +198,50 @@ local function resets(entries)
   end
   return false
 end
+
+-- Waiting rooms: the places in a line are counted per block in a hash beside it, by
+-- every script that adds or removes a waiter, so that a view can tell any position
+-- (within a block's count) in one HGETALL instead of a command per sampled rank.
+-- Arrival places (2^40 + the join counter) go 256 to a block; the random pre-queue's
+-- places (below 2^40) into 4,096 blocks of 2^28.
+local QUEUE_LATE = 1099511627776
+
+local function queue_block(place)
+  if place >= QUEUE_LATE then
+    return 'l' .. math.floor((place - QUEUE_LATE) / 256)
+  end
+  return 'p' .. math.floor(place / 268435456)
+end
+
+-- Count each place of `places` (numbers) into its block, `sign` 1 (joined) or -1 (left).
+local function queue_count(blocks_key, places, sign)
+  local by = {}
+  for _, place in ipairs(places) do
+    local block = queue_block(place)
+    by[block] = (by[block] or 0) + sign
+  end
+  for block, n in pairs(by) do
+    if redis.call('HINCRBY', blocks_key, block, n) <= 0 then
+      redis.call('HDEL', blocks_key, block)
+    end
+  end
+end
+
+-- Remove `users` from a line (and their heartbeats), counting the blocks they leave;
+-- returns the places of those that were in it.
+local function queue_leave(line_key, seen_key, blocks_key, users)
+  local places = {}
+  for i = 1, #users, 1000 do
+    local chunk = {unpack(users, i, math.min(i + 999, #users))}
+    local scores = redis.call('ZMSCORE', line_key, unpack(chunk))
+    redis.call('ZREM', line_key, unpack(chunk))
+    redis.call('ZREM', seen_key, unpack(chunk))
+    for _, score in ipairs(scores) do
+      if score then
+        places[#places + 1] = tonumber(score)
+      end
+    end
+  end
+  queue_count(blocks_key, places, -1)
+  return places
+end
