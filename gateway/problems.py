@@ -43,6 +43,10 @@ class Code(StrEnum):
     UPSTREAM_FAILED = "upstream-failed"  #: the backend failed (5xx, refused, broken)
     UNAVAILABLE = "unavailable"  #: Redis could not decide: fail closed
     UPSTREAM_TIMEOUT = "upstream-timeout"  #: the backend did not answer in time
+    CHALLENGE_FAILED = "challenge-failed"  #: a wrong, expired, forged or used proof of work
+    QUEUE_PASS_REQUIRED = "queue-pass-required"  #: the campaign has a waiting room: join it
+    QUEUE_PASS_INVALID = "queue-pass-invalid"  #: a bad, expired, withdrawn or foreign pass
+    TICKET_INVALID = "ticket-invalid"  #: a forged, expired or foreign waiting-room ticket
 
 
 STATUS: dict[Code, tuple[int, str]] = {
@@ -70,6 +74,10 @@ STATUS: dict[Code, tuple[int, str]] = {
     Code.UPSTREAM_FAILED: (502, "Upstream failed"),
     Code.UNAVAILABLE: (503, "Service unavailable"),
     Code.UPSTREAM_TIMEOUT: (504, "Upstream timeout"),
+    Code.CHALLENGE_FAILED: (403, "Challenge failed"),
+    Code.QUEUE_PASS_REQUIRED: (403, "Queue pass required"),
+    Code.QUEUE_PASS_INVALID: (403, "Queue pass invalid"),
+    Code.TICKET_INVALID: (403, "Ticket invalid"),
 }
 
 

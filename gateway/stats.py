@@ -98,3 +98,22 @@ LOOP_STALL_SECONDS = Gauge(
     "Longest event-loop stall in the last second (the process was too busy to run).",
     multiprocess_mode="livemax",
 )
+#: From a few seconds (a small sale) to an hour (a pre-queue opened long before the start).
+WAIT_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+WAITING_ROOM_WAIT_SECONDS = Histogram(
+    "flashgate_waiting_room_wait_seconds",
+    "Time from joining a waiting room to the pass, observed by the process that issued it.",
+    ["campaign"],
+    buckets=WAIT_BUCKETS,
+)
+WAITING_ROOM_POLLS = Counter(
+    "flashgate_waiting_room_polls_total",
+    "Waiting-room polls answered by this process.",
+    ["campaign"],
+)
+WAITING_ROOM_REDIS_CHECKS = Counter(
+    "flashgate_waiting_room_redis_checks_total",
+    "Waiting-room polls that asked Redis (a waiter this process had no recent word on); "
+    "the rest were answered from memory.",
+    ["campaign"],
+)

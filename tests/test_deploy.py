@@ -26,6 +26,7 @@ from gateway import stats as metrics
 from gateway.core.publisher import CampaignFigures, RedisFigures
 from gateway.process.serve import DRAIN_SECONDS
 from gateway.process.supervisor import STOP_GRACE
+from limiter.waiting import View
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -71,6 +72,7 @@ def exported() -> dict[str, frozenset[str]]:
     figures = RedisFigures()
     figures.campaigns = [CampaignFigures("c", {"available": 1}, {"reserved": 1}, 0, 0)]
     figures.processes = 1
+    figures.rooms = [("c", View(now_ms=0, length=1))]
     for family in figures.collect():
         assert family.samples, f"{family.name} yielded no sample to learn its labels from"
         for sample in family.samples:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.admission.room import WaitingRoom
 from gateway.admission.shaping import Shaper
 from gateway.config import CampaignSettings, Settings
 from gateway.forwarding.settle import Settlement
@@ -16,6 +17,7 @@ from limiter.pipeline import AutoPipeline
 from limiter.records import Attempt, Decision
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore, StorePolicy
+from limiter.waiting import QueuePolicy, QueueStore
 
 
 @dataclass(eq=False, slots=True)
@@ -28,6 +30,8 @@ class Campaign:
     upstream: Upstream
     shaper: Shaper
     settle: Settlement
+    #: its waiting room (waiting_room), whose pass buying then needs
+    room: WaitingRoom | None = None
     sold_out: CannedProblem = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,3 +57,22 @@ def store_for(
     )
     keys = CampaignKeys(campaign.id, settings.redis.key_prefix)
     return CampaignStore(pipe, scripts, keys, policy)
+
+
+def queue_store_for(
+    settings: Settings, campaign: CampaignSettings, pipe: AutoPipeline, scripts: Scripts
+) -> QueueStore | None:
+    """The Redis side of a campaign's waiting room (None: it has none)."""
+    room = campaign.waiting_room
+    if room is None:
+        return None
+    policy = QueuePolicy(
+        mode=room.mode,
+        starts_at_ms=round(campaign.starts_at.timestamp() * 1000) if campaign.starts_at else 0,
+        admit_rate=room.admit_rate,
+        max_passes_per_unit=room.max_passes_per_unit,
+        close_factor=room.close_factor,
+        pass_ttl_ms=round(room.pass_ttl * 1000),
+        heartbeat_ms=round(room.heartbeat * 1000),
+    )
+    return QueueStore(pipe, scripts, CampaignKeys(campaign.id, settings.redis.key_prefix), policy)

@@ -29,6 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.core.campaigns import Campaign
+from gateway.core.room_metrics import read_room_views, room_families
 from gateway.core.snapshot import SnapshotHolder
 from gateway.stats import (
     CIRCUIT_OPEN,
@@ -42,9 +43,12 @@ from gateway.stats import (
     REQUESTS,
     UNREPLICATED,
     VERSION,
+    WAITING_ROOM_POLLS,
+    WAITING_ROOM_REDIS_CHECKS,
 )
 from limiter.guard import RedisGuard
 from limiter.pipeline import AutoPipeline
+from limiter.waiting import View
 
 
 @dataclass
@@ -106,6 +110,8 @@ class RedisFigures(Collector):
         self.processes: int | None = None
         #: Whether Redis answered for this scrape (without it the figures are missing).
         self.read = False
+        #: The waiting rooms' views, by campaign.
+        self.rooms: Sequence[tuple[str, View]] = ()
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -162,6 +168,7 @@ class RedisFigures(Collector):
             )
             alive.add_metric([], self.processes)
             yield alive
+        yield from room_families(self.rooms)
 
 
 def exposition(redis_figures: RedisFigures) -> tuple[bytes, str]:
@@ -211,6 +218,7 @@ class Publisher:
         for what, count in list(guard.errors.items()):
             self._add(REDIS_ERRORS, ("redis", what), count, what)
         self._limit_refusals()
+        self._waiting_rooms()
         for (campaign_id, result), count in list((self.deliveries or {}).items()):
             self._add(DELIVERIES, ("delivery", campaign_id, result), count, campaign_id, result)
         breakers = {id(b): b for b in self.pipe.breakers()}.values()
@@ -234,6 +242,15 @@ class Publisher:
                     self._add(LIMIT_REFUSALS, (id(counts), limit), count, campaign.id, limit, mode)
         for key in [k for k in self._seen if isinstance(k[0], int) and k[0] not in current]:
             del self._seen[key]
+
+    def _waiting_rooms(self) -> None:
+        # a room's counts live in its memory, which a reload keeps: they only grow
+        for campaign in self.live.current.campaigns.values():
+            if campaign.room is not None:
+                counts, campaign_id = campaign.room.memory.counts, campaign.id
+                self._add(WAITING_ROOM_POLLS, ("polls", campaign_id), counts["polls"], campaign_id)
+                checks = counts["redis_checks"]
+                self._add(WAITING_ROOM_REDIS_CHECKS, ("checks", campaign_id), checks, campaign_id)
 
     def _add(self, counter: Counter, key: tuple[object, ...], total: int, *labels: str) -> None:
         """Add what ``total`` (a cumulative count) grew by since the last flush."""
@@ -269,5 +286,6 @@ async def read_redis_figures(
     figures = RedisFigures()
     figures.campaigns = read
     figures.processes = processes
+    figures.rooms = await read_room_views(campaigns)
     figures.read = True
     return figures

@@ -19,10 +19,11 @@ from functools import partial
 from typing import Any
 
 from gateway.admission.identity import identity_for
+from gateway.admission.room import RoomMemory, WaitingRoom, run_rooms
 from gateway.admission.shaping import Shaper
 from gateway.config import CampaignSettings, Settings, UpstreamSettings
 from gateway.core.accesslog import AccessLog
-from gateway.core.campaigns import Campaign, store_for
+from gateway.core.campaigns import Campaign, queue_store_for, store_for
 from gateway.core.health import Readiness
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.publisher import Publisher
@@ -91,6 +92,8 @@ class Runtime:
             on_count=self._share,
         )
         upstreams = {name: Upstream(name, u) for name, u in settings.upstreams.items()}
+        #: What this process knows of each waiting room, kept across reloads.
+        self.rooms: dict[str, RoomMemory] = {}
         self.live = SnapshotHolder(self._snapshot(settings, upstreams))
         self.readiness = Readiness(self.live, self.watch, self.pipe)
         self.reloader = Reloader(self.live, self.apply, self.readiness, config_path)
@@ -172,7 +175,19 @@ class Runtime:
             upstream,
             shaper,
             Settlement(store, campaign, self.actor, self.spawn),
+            self._room(settings, campaign),
         )
+
+    def _room(self, settings: Settings, campaign: CampaignSettings) -> WaitingRoom | None:
+        queue = queue_store_for(settings, campaign, self.pipe, self.scripts)
+        if queue is None:
+            return None
+        memory = self.rooms.setdefault(campaign.id, RoomMemory())
+        watch, campaign_id = self.watch, campaign.id
+        return WaitingRoom(campaign, queue, memory, sold_out=lambda: campaign_id in watch.sold_out)
+
+    def waiting_rooms(self) -> list[WaitingRoom]:
+        return [c.room for c in self.live.current.campaigns.values() if c.room is not None]
 
     async def apply(self, new: Settings) -> Reloaded:
         """Swap in a snapshot built from ``new``: new and changed backends open, changed
@@ -221,6 +236,7 @@ class Runtime:
             self.spawn(self.heartbeat.run()),
             self.spawn(self._publish_metrics()),
             self.spawn(self.access.run()),
+            self.spawn(run_rooms(self.waiting_rooms)),
         ]
         if self.dispatcher is not None:
             self._loops.append(self.spawn(self.dispatcher.run()))

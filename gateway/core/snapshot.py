@@ -27,6 +27,8 @@ class Snapshot:
     routes: Mapping[str, Mapping[str, Campaign]]
     upstreams: Mapping[str, Upstream]
     identity: Identity
+    #: waiting-room path -> (campaign, endpoint): "queue", "challenge" or "page"
+    queues: Mapping[str, tuple[Campaign, str]]
 
     @classmethod
     def of(
@@ -38,16 +40,23 @@ class Snapshot:
     ) -> Snapshot:
         by_id: dict[str, Campaign] = {}
         routes: dict[str, dict[str, Campaign]] = {}
+        queues: dict[str, tuple[Campaign, str]] = {}
         for campaign in campaigns:
             by_id[campaign.id] = campaign
             route = campaign.settings.route
             routes.setdefault(route.path, {})[route.method] = campaign
+            if campaign.room is not None:
+                base = campaign.room.join_path
+                queues[base] = (campaign, "queue")
+                queues[f"{base}/challenge"] = (campaign, "challenge")
+                queues[f"{base}/page"] = (campaign, "page")
         return cls(
             settings,
             MappingProxyType(by_id),
             MappingProxyType({path: MappingProxyType(m) for path, m in routes.items()}),
             MappingProxyType(dict(upstreams)),
             identity,
+            MappingProxyType(queues),
         )
 
 

@@ -78,8 +78,11 @@ async def purchase(
     user = ""
     gateway = snapshot.settings.gateway
     limits = None  # RateLimit fields, once the edge limits let the request through
+    room = campaign.room
     try:
         user = snapshot.identity(request)
+        if room is not None:  # a waiting room's pass, checked before anything else is read
+            room.read_pass(request.headers, user)
         key = idempotency_key(request)
         if not key and campaign.settings.require_idempotency_key:
             raise Problem(
@@ -98,8 +101,12 @@ async def purchase(
         field = idempotency_field(user, key) if key else ""
         asked = fingerprint(str(campaign.settings.route), order.quantity, order.body) if key else ""
         attempt = Attempt(rid, user, order.quantity, field, outbound.encode(), asked)
+        if room is not None:  # Redis's word that the pass was not withdrawn meanwhile
+            await room.confirm_pass(user)
         decision = await campaign.batcher.submit(attempt)
         DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
+        if room is not None and decision.status is ReserveStatus.RESERVED:
+            room.pass_used(user)
         if decision.status is ReserveStatus.RESERVED and campaign.settings.forward == "sync":
             code, response = await _forward(edge, campaign, rid, outbound)
         else:

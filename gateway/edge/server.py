@@ -16,12 +16,14 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admission.clientip import client_ip
+from gateway.admission.room import QUEUE_PASS_HEADER
 from gateway.core.health import Handler, health_handlers
 from gateway.core.snapshot import Snapshot
 from gateway.edge.connections import GuardedServer, connection_budget
 from gateway.edge.context import Edge
 from gateway.edge.cors import CorsPolicy, cross_origin
 from gateway.edge.purchase import Answer, purchase
+from gateway.edge.queue import queue_request
 from gateway.edge.reservations import PREFIX as RESERVATIONS
 from gateway.edge.reservations import reservation_status
 from gateway.problems import Code, Problem, name_the_server, problem
@@ -79,15 +81,18 @@ def _policy(snapshot: Snapshot) -> CorsPolicy:
     headers = ("Authorization",) if identity.jwt is not None else (identity.header,)
     cors = snapshot.settings.gateway.cors
     assert cors is not None
-    return CorsPolicy(cors, headers)
+    return CorsPolicy(cors, (*headers, QUEUE_PASS_HEADER))
 
 
 def _cors_methods(snapshot: Snapshot, path: str) -> tuple[str, ...] | None:
     """What a browser may do at ``path``: a campaign route's method, GET on a buyer's
-    reservation; None elsewhere (no CORS for the health checks)."""
+    reservation, a waiting room's calls; None elsewhere (no CORS for the health checks)."""
     methods = snapshot.routes.get(path)
     if methods is not None:
         return tuple(methods)
+    queue = snapshot.queues.get(path)
+    if queue is not None:
+        return ("GET", "HEAD", "POST") if queue[1] == "queue" else ("GET", "HEAD")
     if path.startswith(RESERVATIONS):
         return ("GET", "HEAD")
     return None
@@ -105,6 +110,9 @@ def _routes(edge: Edge) -> Route:
     async def route(request: web.BaseRequest, snapshot: Snapshot) -> web.StreamResponse:
         methods = snapshot.routes.get(request.path)
         if methods is None:
+            queue = snapshot.queues.get(request.path)
+            if queue is not None:
+                return await queue_request(snapshot, *queue, request)
             handler = own.get(request.path)
             if handler is None and request.path.startswith(RESERVATIONS):
                 return await _guarded(

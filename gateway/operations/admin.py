@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
+from gateway.admission.room import VIEW_TTL_MS
 from gateway.config import AdminSettings, CampaignSettings, ConfigError
 from gateway.config.settings import SCOPES, Scope
 from gateway.core.campaigns import Campaign
@@ -212,7 +213,22 @@ async def campaign_document(admin: Admin, campaign: Campaign) -> dict[str, Any]:
         raise Problem(
             Code.UNAVAILABLE, f"{exc}; the gateway creates it when Redis is reachable"
         ) from None
-    return {**_document(campaign, figures), "decided": decided, **_process_view(admin, campaign)}
+    return {
+        **_document(campaign, figures),
+        "decided": decided,
+        **_process_view(admin, campaign),
+        **await _waiting_room(campaign),
+    }
+
+
+async def _waiting_room(campaign: Campaign) -> dict[str, Any]:
+    """The queue from a view computed now (with the admission that comes with it), and
+    what this process knows of its waiters."""
+    room = campaign.room
+    if room is None:
+        return {}
+    view = (await room.store.tick(VIEW_TTL_MS, force=True)).view
+    return {"waiting_room": {**view.document(), "process": room.figures()}}
 
 
 def _process_view(admin: Admin, campaign: Campaign) -> dict[str, Any]:

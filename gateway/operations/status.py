@@ -8,6 +8,7 @@ from typing import Any
 from gateway.config import Settings
 from gateway.operations.stores import STATUS_TIMEOUT, campaign_stores
 from gateway.operations.terminal import table
+from gateway.operations.waiting_rooms import render_waiting_rooms, waiting_room
 from limiter.errors import CampaignMissing
 
 
@@ -36,6 +37,7 @@ async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
                     "forward": campaign.forward,
                 }
             )
+            rows[-1]["waiting_room"] = await waiting_room(settings, campaign, store)
     return rows
 
 
@@ -92,4 +94,5 @@ def render_status(rows: Sequence[dict[str, Any]]) -> str:
             f"\nthe books do not balance for {', '.join(drifting)}: "
             "run `flashgate reconcile` (docs/operations.md, Recover)"
         )
+    text += render_waiting_rooms(rows)
     return text
