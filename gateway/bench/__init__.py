@@ -14,4 +14,5 @@ SCENARIOS = (
     "access-log",
     "idle",
     "replicas",
+    "waiting-room",
 )

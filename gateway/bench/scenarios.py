@@ -24,6 +24,8 @@ with either generator. Scenarios:
 * ``replicas``: flashgate with ``redis.wait_for_replicas: 0`` against ``1`` on a
   primary with replicas (``--redis`` if given, else a Sentinel topology of the
   bench's own), in an oversubscribed sale and with everyone winning.
+* ``waiting-room``: a waiting room's polls against the sold-out path, Redis commands
+  per poll, passes issued against ``admit_rate`` (``waiting_room.py``).
 
 ``SCENARIO_RUNS`` maps each name (``gateway/bench/__init__.py`` lists them for the
 CLI) to its coroutine; a new scenario is a method, a line there, and its name there.
@@ -39,7 +41,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from gateway.bench import SCENARIOS
+from gateway.bench import SCENARIOS, waiting_room
 from gateway.bench.crowd import Crowd, Tally, run_crowd
 from gateway.bench.datastore import Datastore, sentinel
 from gateway.bench.idle import measure_idle
@@ -383,6 +385,15 @@ class Bench:
         async with sentinel(CAMPAIGN) as store:
             yield store
 
+    async def waiting_room(self) -> None:
+        """Polls of a waiting room against the sold-out path (waiting_room.py)."""
+        runs = self.runs.setdefault(waiting_room.SCENARIO, {})
+        for _ in range(self.options.rounds):
+            await self.fresh()
+            measured = await waiting_room.one_round(self.store, self.backend, self.options)
+            for name, run in measured.items():
+                runs.setdefault(name, []).append(run)
+
 
 SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "oversubscribed": Bench.oversubscribed,
@@ -394,6 +405,7 @@ SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "access-log": Bench.access_log,
     "idle": Bench.idle_cost,
     "replicas": Bench.replicas,
+    "waiting-room": Bench.waiting_room,
 }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.bench import waiting_room
 from gateway.bench.measure import Run
 from gateway.bench.options import Options
 from gateway.bench.scenarios import (
@@ -258,6 +259,7 @@ TARGETS: list[Callable[[Results], list[Row]]] = [
     access_log,
     idle,
     replicas,
+    lambda results: waiting_room.targets(results.runs),
 ]
 
 
