@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.config import CampaignSettings, Settings
 from gateway.contract.schemas import schemas
+from gateway.contract.waiting_room import PASS_CODES, pass_parameter, queue_schemas
 from gateway.core.health import HEALTH_PATHS
 from gateway.edge.buyer import IDEMPOTENCY_HEADER
 from gateway.edge.reservations import PREFIX as RESERVATIONS
@@ -80,7 +81,7 @@ def document(settings: Settings) -> Document:
         "paths": {},
         "webhooks": {"order": _order_webhook(settings)},
         "components": {
-            "schemas": schemas(),
+            "schemas": {**schemas(), **queue_schemas()},
             "headers": {
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in _HEADERS.items()
@@ -92,6 +93,8 @@ def document(settings: Settings) -> Document:
     for campaign in settings.campaigns:
         item = paths.setdefault(campaign.route.path, {})
         item[campaign.route.method.lower()] = _purchase(settings, campaign)
+        if campaign.waiting_room is not None:
+            paths.update(_queue(settings, campaign))
     paths[RESERVATIONS + "{id}"] = {"get": _buyer_reservation(settings)}
     admin = [_server(settings.admin.host, settings.admin.port, "admin")] if settings.admin else []
     for path in HEALTH_PATHS:
@@ -174,13 +177,16 @@ def _purchase(settings: Settings, campaign: CampaignSettings) -> dict[str, Any]:
         name: {"$ref": f"#/components/headers/{name}"}
         for name in ("X-Reservation-Id", "Idempotent-Replayed", "RateLimit", "RateLimit-Policy")
     }
+    room = campaign.waiting_room is not None
+    if room:
+        parameters.append(pass_parameter())
     responses: dict[str, Any] = {
         "2XX": {
             "description": "The backend accepted the order: its own answer, relayed.",
             "headers": headers,
             "content": {"*/*": {"schema": {}}},
         },
-        **_problems(PURCHASE_CODES),
+        **_problems(PURCHASE_CODES + (PASS_CODES if room else ())),
     }
     if campaign.forward == "queue":
         responses["202"] = {**_json("Queued", "Queued: poll status_url."), "headers": headers}
@@ -205,6 +211,83 @@ def _purchase(settings: Settings, campaign: CampaignSettings) -> dict[str, Any]:
     if security:
         operation["security"] = security
     return operation
+
+
+def _queue(settings: Settings, campaign: CampaignSettings) -> dict[str, Any]:
+    """A waiting room's paths: join and poll, its challenge, its page."""
+    from gateway.contract.waiting_room import (
+        CHALLENGE_CODES,
+        JOIN_CODES,
+        POLL_CODES,
+        ticket_parameter,
+    )
+
+    base = f"/queue/{campaign.id}"
+    name = campaign.id.replace("-", "_")
+
+    def operation(
+        verb: str, summary: str, responses: dict[str, Any], **more: Any
+    ) -> dict[str, Any]:
+        parameters, security = _identity(settings)
+        found: dict[str, Any] = {
+            "operationId": f"{verb}_{name}",
+            "summary": summary,
+            "tags": ["waiting room"],
+            "parameters": parameters + more.pop("parameters", []),
+            "responses": responses,
+            **more,
+        }
+        if security:
+            found["security"] = security
+        return found
+
+    join = operation(
+        "join",
+        f"Join the waiting room of {campaign.id} (again: the same place)",
+        {
+            "202": _json("QueueJoined", "In the room: the ticket to poll with."),
+            **_problems(JOIN_CODES),
+        },
+        requestBody={
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/QueueJoin"}}},
+        },
+    )
+    poll = operation(
+        "poll",
+        f"A waiter's state in {campaign.id}'s waiting room (admitted: the pass)",
+        {
+            "200": _json("QueueState", "The state; poll again after poll_after."),
+            **_problems(POLL_CODES),
+        },
+        parameters=[ticket_parameter()],
+    )
+    paths: dict[str, Any] = {base: {"post": join, "get": poll}}
+    if campaign.waiting_room is not None and campaign.waiting_room.proof_of_work is not None:
+        paths[f"{base}/challenge"] = {
+            "get": operation(
+                "challenge",
+                "A proof-of-work challenge to join with",
+                {
+                    "200": _json("Challenge", "Valid for a short time."),
+                    **_problems(CHALLENGE_CODES),
+                },
+            )
+        }
+    page = {
+        "operationId": f"page_{name}",
+        "summary": "The waiting room's page for browsers",
+        "tags": ["waiting room"],
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "HTML.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        },
+    }
+    paths[f"{base}/page"] = {"get": page}
+    return paths
 
 
 def _order(campaign: CampaignSettings) -> dict[str, Any]:
