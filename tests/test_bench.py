@@ -5,6 +5,7 @@ here (docs/benchmarks.md has the figures and how to get them)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,45 @@ def test_a_redis_url_that_is_not_one_is_refused() -> None:
     refused = run_bench("--redis", "http://127.0.0.1:6379")
     assert refused.returncode == 2
     assert "--redis" in refused.stderr
+
+
+SHARDED_SALE = ("--requests", "300", "--stock", "12", "--concurrency", "16", "--duration", "0.3")
+
+
+def test_shards_sell_exactly_the_stock_and_reserve_lua_is_driven_on_every_node() -> None:
+    """On the bench's own cluster: both sales correct per shard and in total, the script
+    time read from every primary, every Redis-side call a reservation (no timing)."""
+    report = bench("--scenario", "shards", *SHARDED_SALE)
+    sale = report["runs"]["shards: flashgate"]
+    assert set(sale) == {"shards=1", "shards=6"}
+    for name, run in sale.items():
+        verdict = run["verdict"]
+        assert verdict["correct"] is True, (name, verdict)
+        assert (verdict["stock_total"], verdict["sold"], verdict["oversold"]) == (12, 12, 0)
+        assert verdict["nothing_in_flight"] is True
+        assert verdict["shards_hold_the_stock"] is True
+        assert run["winners"] == 12
+        assert len(run["script_usec_by_node"]) == 3, run["script_usec_by_node"]
+        assert run["busiest_node_script_share"] is not None
+        assert_every_request_keyed(run)
+    assert "Cluster: 3 primaries" in sale["shards=6"]["redis"]
+    assert [s["sold"] for s in sale["shards=1"]["verdict"]["shards"]] == [12]
+    assert len(sale["shards=6"]["verdict"]["shards"]) == 6
+    assert sorted(sale["shards=6"]["shards_by_node"].values()) == [2, 2, 2]
+    redis_side = report["runs"]["shards: Redis side"]
+    assert set(redis_side) == {"one node", "cluster"}
+    for name, run in redis_side.items():
+        assert run["verdict"]["correct"] is True, (name, run["verdict"])
+        assert set(run["outcomes"]) == {"reserved"}
+        assert run["script_time_capacity"] is not None
+    assert redis_side["one node"]["verdict"]["nodes_driven"] == 1
+    assert redis_side["cluster"]["verdict"]["nodes_driven"] == 3
+    assert targets(report) == [
+        "shards: busiest node's share of script time, 6 shards",
+        "the same with one shard",
+        "flashgate throughput, 6 shards vs 1",
+        "shards, Redis side: script-time capacity, cluster vs one node",
+        "Redis side: decisions/s, cluster vs one node",
+        f"the bound that applies ({os.cpu_count()} CPUs, 3 nodes and 3 drivers)",
+    ]
+    assert all(t["measured"] is not None for t in report["targets"])

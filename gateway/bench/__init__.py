@@ -15,4 +15,5 @@ SCENARIOS = (
     "idle",
     "replicas",
     "waiting-room",
+    "shards",
 )

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
 from gateway.embedded.server import EmbeddedRedis
-from gateway.embedded.topology import SentinelTopology
+from gateway.embedded.topology import ClusterTopology, SentinelTopology
 from limiter.keys import CampaignKeys
 from limiter.topology import Address, Topology, topology_for
 
@@ -118,6 +118,20 @@ async def locate(url: str, campaign: str) -> Datastore:
     return Datastore(url, _node_url(topology, owner), tuple(nodes), shown)
 
 
+async def owners(url: str, keys: Sequence[str]) -> list[str]:
+    """The primary holding each of ``keys`` under ``url`` (its URL, as ``primaries``
+    name it), found as flashgate finds it."""
+    topology = topology_for(url, timeout=ASK_TIMEOUT)
+    await topology.start()
+    try:
+        found = [topology.address(key) for key in keys]
+        if None in found:
+            raise RuntimeError(f"{url.rpartition('@')[2]}: a key's slot has no primary")
+        return [_node_url(topology, address) for address in found if address is not None]
+    finally:
+        await topology.close()
+
+
 def _node_url(topology: Topology, address: Address) -> str:
     location = topology.options.location
     if location.kind == "standalone":
@@ -150,6 +164,16 @@ async def sentinel(campaign: str) -> AsyncIterator[Datastore]:
     with SentinelTopology() as topology:
         async with opened(topology.url, campaign) as store:
             store.description = "the bench's Sentinel topology: a primary, two replicas"
+            yield store
+
+
+@contextlib.asynccontextmanager
+async def cluster(campaign: str) -> AsyncIterator[Datastore]:
+    """A Redis Cluster of the bench's own: three primaries, no replicas (started here,
+    in the main thread, as gateway/embedded/topology.py asks)."""
+    with ClusterTopology(primaries=3, replicas_per_primary=0) as topology:
+        async with opened(topology.url, campaign) as store:
+            store.description = "the bench's Redis Cluster: 3 primaries on loopback"
             yield store
 
 

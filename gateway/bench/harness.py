@@ -10,7 +10,9 @@ backend forgets its orders. The parts, by job:
 * ``datastore.py``: the Redis it runs on (embedded, or ``--redis URL``: one
   server, Sentinel or Cluster), flushing and counting on every primary;
 * ``measure.py``: a run's figures and the verdicts on the books; ``idle.py``: the
-  idle scenario; ``targets.py``: the goals; ``report.py``: the printed report;
+  idle scenario; ``shards.py``: the shards scenario (``script_driver.py``: its
+  processes calling reserve.lua on each Redis node); ``targets.py``: the goals;
+  ``report.py``: the printed report;
 * ``crowd.py`` and ``wrk.py``: the load generators.
 """
 

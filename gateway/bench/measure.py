@@ -24,6 +24,7 @@ import asyncio
 import json
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,17 +166,68 @@ async def reservation_books(
     redis: Redis, backend: str, tally: Tally, *, per_user_limit: int, sells_out: bool
 ) -> dict[str, Any]:
     """The books of a design that keeps reservations (flashgate, naive)."""
-    raw: dict[bytes, bytes] = await redis.hgetall(CampaignKeys(CAMPAIGN).state)  # type: ignore[assignment]
-    state = {k.decode(): int(v) for k, v in raw.items() if v.lstrip(b"-").isdigit()}
+    state = await _state(redis, CampaignKeys(CAMPAIGN).state)
+    return await _books([state], backend, tally, per_user_limit=per_user_limit, sells_out=sells_out)
+
+
+async def sharded_books(
+    shards: Sequence[tuple[Redis, str]],
+    backend: str,
+    tally: Tally,
+    *,
+    stock: int,
+    per_user_limit: int,
+    sells_out: bool,
+) -> dict[str, Any]:
+    """The same books of a campaign with ``shards: K`` (each shard's state hash, read on
+    its node): every shard balances and the totals are checked as above; besides,
+    nothing is left in flight between shards and the shards hold the campaign's stock."""
+    states = [await _state(redis, key) for redis, key in shards]
+    limit = per_user_limit
+    verdict = await _books(states, backend, tally, per_user_limit=limit, sells_out=sells_out)
+    in_flight = sum(s.get("out_units", 0) for s in states)
+    checks = {
+        "nothing_in_flight": in_flight == 0,
+        "shards_hold_the_stock": verdict["stock_total"] + in_flight == stock,
+    }
+    verdict.update(checks)
+    verdict["correct"] = verdict["correct"] and all(checks.values())
+    verdict["shards"] = [{k: s.get(k, 0) for k in _FIGURES} for s in states]
+    return verdict
+
+
+_FIGURES = ("stock_total", "available", "reserved", "sold")
+
+
+def _balances(state: dict[str, int]) -> bool:
+    total, available, reserved, sold = (state.get(k, 0) for k in _FIGURES)
+    return total == available + reserved + sold
+
+
+async def _state(redis: Redis, key: str) -> dict[str, int]:
+    raw: dict[bytes, bytes] = await redis.hgetall(key)  # type: ignore[assignment]
+    return {k.decode(): int(v) for k, v in raw.items() if v.lstrip(b"-").isdigit()}
+
+
+async def _books(
+    states: Sequence[dict[str, int]],
+    backend: str,
+    tally: Tally,
+    *,
+    per_user_limit: int,
+    sells_out: bool,
+) -> dict[str, Any]:
+    """The checks of a reservation design, on the counters of each shard (one when the
+    campaign has one)."""
     seen = await asyncio.to_thread(_get_json, f"{backend}/_orders")
     units: dict[str, int] = {}
     for user, quantity in seen["orders"].values():
         units[user] = units.get(user, 0) + quantity
     delivered = sum(units.values())
     won = sum(quantity for _, quantity in tally.wins.values())
-    total, sold = state.get("stock_total", 0), state.get("sold", 0)
+    total, sold = (sum(s.get(k, 0) for s in states) for k in ("stock_total", "sold"))
     checks = {
-        "books_balance": total == state.get("available", 0) + state.get("reserved", 0) + sold,
+        "books_balance": all(_balances(s) for s in states),
         "sold_what_was_won": sold == won == delivered,
         "nobody_above_the_limit": all(u <= per_user_limit for u in units.values()),
         "backend_saw_exactly_the_winners": set(seen["orders"]) == set(tally.wins),

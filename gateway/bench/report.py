@@ -79,7 +79,20 @@ def _details(runs: dict[str, Any], redis: str) -> list[str]:
             lines.append(
                 f"  {group} / {name} ({run.get('generator', 'crowd')}; {what}): {outcomes}"
             )
+            if run.get("script_share_by_node"):
+                lines.append(f"    {_by_node(run)}")
     return lines
+
+
+def _by_node(run: dict[str, Any]) -> str:
+    """Where a shards run's script time went, and where its shards are."""
+    held = run.get("shards_by_node", {})
+    nodes = ", ".join(
+        f"{node} {share:.1%} ({held.get(node, 0)} shard{'' if held.get(node) == 1 else 's'})"
+        for node, share in run["script_share_by_node"].items()
+        if share is not None
+    )
+    return f"script time by primary: {nodes}"
 
 
 def _idle(idle: dict[str, Any]) -> list[str]:

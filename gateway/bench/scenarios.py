@@ -26,6 +26,10 @@ with either generator. Scenarios:
   bench's own), in an oversubscribed sale and with everyone winning.
 * ``waiting-room``: a waiting room's polls against the sold-out path, Redis commands
   per poll, passes issued against ``admit_rate`` (``waiting_room.py``).
+* ``shards``: the oversubscribed sale with ``shards: 1`` against ``shards: 6`` on a
+  Redis Cluster (``--redis`` if it is one, else three primaries of the bench's
+  own), each primary's script time; then reserve.lua driven on the cluster's nodes
+  without a gateway, one node against all (``shards.py``).
 
 ``SCENARIO_RUNS`` maps each name (``gateway/bench/__init__.py`` lists them for the
 CLI) to its coroutine; a new scenario is a method, a line there, and its name there.
@@ -47,6 +51,8 @@ from gateway.bench.datastore import Datastore, sentinel
 from gateway.bench.idle import measure_idle
 from gateway.bench.measure import Run, background_rate, counter_books, reservation_books
 from gateway.bench.options import Options
+from gateway.bench.shards import SALE as SHARDS_SALE
+from gateway.bench.shards import SALES, by_node, clustered, redis_side, sharded_flashgate
 from gateway.bench.systems import (
     CAMPAIGN,
     PATH,
@@ -394,6 +400,19 @@ class Bench:
             for name, run in measured.items():
                 runs.setdefault(name, []).append(run)
 
+    async def shards(self) -> None:
+        """shards: 1 against 6 through flashgate, then the Redis side alone (shards.py)."""
+        async with clustered(self.options, self.store) as store:
+            other = Bench(self.options, store, self.backend, self.runs)
+            stock = other.sale_stock()
+            systems = {
+                name: sharded_flashgate(store, self.backend, stock, shards)
+                for name, shards in SALES.items()
+            }
+            load = await by_node(store, other.sale(self.options.requests))
+            await other.compare(SHARDS_SALE, systems, load)
+            await redis_side(self.options, store, self.runs, other.fresh)
+
 
 SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "oversubscribed": Bench.oversubscribed,
@@ -406,6 +425,7 @@ SCENARIO_RUNS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "idle": Bench.idle_cost,
     "replicas": Bench.replicas,
     "waiting-room": Bench.waiting_room,
+    "shards": Bench.shards,
 }
 
 

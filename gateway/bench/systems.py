@@ -128,7 +128,9 @@ def flashgate_config(
     local_refusals: bool = False,
     per_user_limit: int = 1,
     wait_for_replicas: int = 0,
+    shards: int = 1,
 ) -> dict[str, Any]:
+    sharded = {"shards": shards} if shards > 1 else {}
     return {
         "redis": {"url": redis_url, "wait_for_replicas": wait_for_replicas},
         "gateway": {"port": ports[0]},
@@ -146,6 +148,7 @@ def flashgate_config(
                 "upstream": "shop",
                 "stock": stock,
                 "per_user_limit": per_user_limit,
+                **sharded,
             }
             for campaign in campaign_ids(campaigns)
         ],

@@ -8,6 +8,7 @@ median over rounds. Rows marked ``met: None`` are information, not goals.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from gateway.bench.scenarios import (
     TENTH_RATE,
     Runs,
 )
+from gateway.bench.shards import CLUSTER, ONE_NODE, REDIS_SIDE, SALE, SHARDS, ShardRun
 
 Row = dict[str, Any]
 #: Below this many Redis commands per request (net of the background), none is made
@@ -59,7 +61,7 @@ class Results:
         return all(r.verdict is not None and r.verdict["correct"] for r in rounds)
 
 
-def _row(target: str, goal: str, measured: float | None, met: bool | None) -> Row:
+def _row(target: str, goal: str, measured: float | str | None, met: bool | None) -> Row:
     return {"target": target, "goal": goal, "measured": measured, "met": met}
 
 
@@ -250,6 +252,72 @@ def replicas(results: Results) -> list[Row]:
     return rows
 
 
+def _busiest(run: Run) -> float | None:
+    return run.busiest_share if isinstance(run, ShardRun) else None
+
+
+def _capacity(run: Run) -> float | None:
+    return run.capacity if isinstance(run, ShardRun) else None
+
+
+def shards(results: Results) -> list[Row]:
+    """The busiest node's share of script time through flashgate; the Redis side's
+    capacity, cluster against one node (by script time, and by decisions a second)."""
+    rows = []
+    if SALE in results.runs:
+        many, one = f"shards={SHARDS}", "shards=1"
+        share = results.median(SALE, many, _busiest)
+        rows += [
+            _row(
+                f"shards: busiest node's share of script time, {SHARDS} shards",
+                "<= 0.45, both correct",
+                share,
+                _at_most(share, 0.45) and results.correct(SALE),
+            ),
+            _row("   the same with one shard", "-", results.median(SALE, one, _busiest), None),
+            _row(
+                f"   flashgate throughput, {SHARDS} shards vs 1",
+                "-",
+                results.ratio(SALE, many, one),
+                None,
+            ),
+        ]
+    if REDIS_SIDE in results.runs:
+        rows += _redis_side(results)
+    return rows
+
+
+def _redis_side(results: Results) -> list[Row]:
+    capacity = results.median(REDIS_SIDE, CLUSTER, _capacity)
+    decisions = results.ratio(REDIS_SIDE, CLUSTER, ONE_NODE)
+    nodes = max(
+        (
+            sum(1 for n in r.shards_by_node.values() if n)
+            for r in results.runs[REDIS_SIDE].get(CLUSTER, [])
+            if isinstance(r, ShardRun)
+        ),
+        default=0,
+    )
+    cpus = os.cpu_count() or 1
+    # a node and its driver each need a core for the decisions' ratio to be the cluster's
+    applies = "decisions/s" if cpus >= 2 * nodes else "script time"
+    return [
+        _row(
+            "shards, Redis side: script-time capacity, cluster vs one node",
+            ">= 2.5, correct",
+            capacity,
+            _at_least(capacity, 2.5, results.correct(REDIS_SIDE)),
+        ),
+        _row("   Redis side: decisions/s, cluster vs one node", "-", decisions, None),
+        _row(
+            f"   the bound that applies ({cpus} CPUs, {nodes} nodes and {nodes} drivers)",
+            "-",
+            applies,
+            None,
+        ),
+    ]
+
+
 TARGETS: list[Callable[[Results], list[Row]]] = [
     sold_out,
     oversubscribed,
@@ -260,6 +328,7 @@ TARGETS: list[Callable[[Results], list[Row]]] = [
     idle,
     replicas,
     lambda results: waiting_room.targets(results.runs),
+    shards,
 ]
 
 
