@@ -105,6 +105,8 @@ EFFECTS: dict[str, Effect] = {
     "redeliver": Effect(None, False),
     "hand-over": Effect(None, False),
     "adjust": Effect(None, False),
+    "transfer-out": Effect(None, False),  # stock sent to another shard (shards: K)
+    "transfer-in": Effect(None, False),  # stock taken in from another shard
 }
 #: Ops that rewrite quotas and counts without naming them: what was read is out of date.
 RESETS = frozenset({"init", "repair"})

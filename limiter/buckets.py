@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -104,11 +104,15 @@ class LeasedBucket:
         lease: int,
         fallback: LocalBucket | None,
         lease_ttl: float = LEASE_TTL,
+        known_available: Callable[[], int] | None = None,
     ) -> None:
         self.pipe = pipe
         self.scripts = scripts
         self.keys = list(keys)
         self.spec = spec
+        #: A stock bucket of a campaign of several shards: their available units as
+        #: this process knows them (no one-slot script can add them up).
+        self.known_available = known_available
         self.lease = max(1, lease)
         self.lease_ttl = lease_ttl
         self.fallback = fallback
@@ -166,6 +170,8 @@ class LeasedBucket:
     async def _lease(self) -> None:
         want = max(self.lease, self._waiting)
         args: list[str | float] = [self.spec.kind, self.spec.a, self.spec.b, want]
+        if self.known_available is not None:
+            args.append(self.known_available())
         # A lease lives lease_ttl from when it was asked for, not from when the answer
         # arrived: a slow reply or a busy loop must not stretch the documented bound.
         asked = time.monotonic()

@@ -3,13 +3,25 @@
 Every key of one campaign carries the same hash tag, ``{<campaign id>}``, so that
 all of them live in one Redis Cluster slot and every script touches one slot.
 Key names are built here and nowhere else; scripts receive them through KEYS.
+
+A campaign with ``shards: K`` (K > 1) spreads its stock over K shards, each with the
+keys of a whole campaign under a tag of its own: shard 0 keeps ``{<campaign id>}``,
+shard j the tag ``{<campaign id>~<n>}`` whose slot falls in the j-th K-th of the
+16384 slots (``shard_tags``), so that the shards land on different cluster nodes.
+Keys that belong to the campaign as a whole (its token buckets, delivery slots,
+waiting room, rebalancing lease) stay under shard 0's tag. A reservation id names
+its shard in the first two hex digits of its token.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from dataclasses import dataclass
+from functools import cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from gateway.config.values import CAMPAIGN_ID
 
@@ -19,13 +31,22 @@ RESERVATION_ID = re.compile(rf"^({CAMPAIGN_ID.pattern.strip('^$')})\.([0-9a-f]{{
 
 @dataclass(frozen=True, slots=True)
 class CampaignKeys:
-    """Names of one campaign's keys (and its pub/sub channel)."""
+    """Names of one campaign's keys (and its pub/sub channel); of one of its shards
+    when it has several (``shard``, under ``tag``)."""
 
     campaign_id: str
     prefix: str = "fg"
+    shard: int = 0
+    #: The hash tag of this shard's keys (None: the campaign id, shard 0's).
+    tag: str | None = None
 
     @property
     def base(self) -> str:
+        return f"{self.prefix}:{{{self.tag or self.campaign_id}}}"
+
+    @property
+    def campaign_base(self) -> str:
+        """Where the keys of the campaign as a whole live: shard 0's tag."""
         return f"{self.prefix}:{{{self.campaign_id}}}"
 
     @property
@@ -70,23 +91,47 @@ class CampaignKeys:
 
     @property
     def delivery_slots(self) -> str:
-        """Sorted set: deliveries in flight to the backend (holder -> expiry, ms)."""
-        return f"{self.base}:inflight"
+        """Sorted set: deliveries in flight to the backend (holder -> expiry, ms); one
+        for the whole campaign."""
+        return f"{self.campaign_base}:inflight"
 
     @property
     def bucket(self) -> str:
-        """Hash: the campaign's distributed token bucket."""
-        return f"{self.base}:bucket"
+        """Hash: the campaign's distributed token bucket (one for the whole campaign)."""
+        return f"{self.campaign_base}:bucket"
 
     @property
     def client_buckets(self) -> str:
         """Key prefix of per-client buckets (one small hash per client)."""
-        return f"{self.base}:cb:"
+        return f"{self.campaign_base}:cb:"
 
     @property
     def admission(self) -> str:
-        """Hash: admission-ratio budget (requests let through to the deduction stage)."""
+        """Hash: admission-ratio budget (requests let through to the deduction stage),
+        of this shard: each shard admits in proportion to its own stock."""
         return f"{self.base}:admit"
+
+    @property
+    def transfers(self) -> str:
+        """Sorted set: stock sent from this shard to another and not yet known to have
+        arrived (transfer id -> deadline, ms); each has a record (``transfer``)."""
+        return f"{self.base}:transfers"
+
+    def transfer(self, transfer_id: str) -> str:
+        """Hash: one transfer of stock (to, units, state)."""
+        return f"{self.base}:t:{transfer_id}"
+
+    @property
+    def received(self) -> str:
+        """Hash: transfer id -> units, of the transfers this shard has taken in (a
+        transfer arrives once however often it is sent)."""
+        return f"{self.base}:received"
+
+    @property
+    def rebalancer(self) -> str:
+        """String: the gateway process that moves stock between the shards now (a
+        lease, so that one at a time does)."""
+        return f"{self.campaign_base}:rebalancer"
 
     @property
     def events(self) -> str:
@@ -230,9 +275,56 @@ class _Entropy:
 _entropy = _Entropy()
 
 
-def new_reservation_id(campaign_id: str) -> str:
-    """A fresh, unguessable reservation id that names its campaign."""
-    return f"{campaign_id}.{_entropy.take(10).hex()}"
+def new_reservation_id(campaign_id: str, shard: int | None = None) -> str:
+    """A fresh, unguessable reservation id that names its campaign (and, for a
+    sharded campaign, its shard: the token's first byte)."""
+    if shard is None:
+        return f"{campaign_id}.{_entropy.take(10).hex()}"
+    return f"{campaign_id}.{shard:02x}{_entropy.take(9).hex()}"
+
+
+def shard_of(reservation_id: str) -> int:
+    """The shard a sharded campaign's reservation id names (its token's first byte)."""
+    token = reservation_id.rpartition(".")[2]
+    return int(token[:2], 16) if len(token) == 20 else 0
+
+
+@cache
+def shard_tags(campaign_id: str, shards: int) -> tuple[str, ...]:
+    """The hash tags of a campaign's shards: the campaign id for shard 0 (so that one
+    shard is today's layout), and for the others a suffix searched so that their slots
+    fall in distinct K-ths of the slot space, the ones shard 0's slot does not (a
+    cluster gives each node a range of slots: the shards land on different nodes)."""
+    if shards == 1:
+        return (campaign_id,)
+    width = REDIS_CLUSTER_HASH_SLOTS / shards
+    taken = {int(key_slot(campaign_id.encode()) // width)}
+    tags = [campaign_id]
+    suffix = 0
+    while len(tags) < shards:
+        candidate = f"{campaign_id}~{suffix}"
+        part = int(key_slot(candidate.encode()) // width)
+        if part not in taken:
+            taken.add(part)
+            tags.append(candidate)
+        suffix += 1
+    return tuple(tags)
+
+
+def shard_keys(campaign_id: str, prefix: str, shards: int) -> tuple[CampaignKeys, ...]:
+    """The keys of every shard of a campaign (one: exactly the unsharded layout)."""
+    tags = shard_tags(campaign_id, shards)
+    return tuple(
+        CampaignKeys(campaign_id, prefix, j, None if j == 0 else tag) for j, tag in enumerate(tags)
+    )
+
+
+def home_shard(user_id: str, shards: int) -> int:
+    """The shard that keeps a user's quota and Idempotency-Keys (and decides their
+    purchases): stable across processes and restarts."""
+    if shards == 1:
+        return 0
+    return zlib.crc32(user_id.encode()) % shards
 
 
 def campaign_of(reservation_id: str) -> str | None:

@@ -106,8 +106,9 @@ class CommitItem(NamedTuple):
     target: State
     hold_ms: int = 0
     retake: bool = False
-    #: The state it may leave: RESERVED for the backend's answer, HELD for a confirm.
-    leavable: State = State.RESERVED
+    #: The state it may leave: RESERVED for the backend's answer, HELD for a confirm
+    #: (either, for an item of a cart confirmed before its hold was applied).
+    leavable: State | tuple[State, ...] = State.RESERVED
     reply: Reply | None = None
 
 
@@ -169,6 +170,8 @@ class Reservation(NamedTuple):
     reply: Reply | None
     #: The fingerprint of the request its Idempotency-Key was bound with ("" for none).
     fingerprint: str = ""
+    #: An item of a cart: its order's id, which decides its fate ("" for none).
+    cart_order: str = ""
 
     def public(self) -> dict[str, object]:
         """The JSON shape of the admin and status APIs."""
@@ -185,4 +188,5 @@ class Reservation(NamedTuple):
             "reason": self.reason or None,
             "failed_deliveries": self.attempts,
             "conflict": self.conflict,
+            "cart_order": self.cart_order or None,
         }

@@ -84,7 +84,13 @@ class Scripts:
     heartbeat: Script
     delivery_slot: Script
     hand_over: Script
+    transfer_out: Script
+    transfer_in: Script
+    transfer_done: Script
     replay_dead_letter: Script
+    cart_open: Script
+    cart_move: Script
+    cart_settled: Script
     follow_ledger: Script
     audit_close: Script
     repair_counters: Script

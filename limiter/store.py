@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from limiter.errors import CampaignMissing
 from limiter.keys import CampaignKeys
+from limiter.orderbook import OrderBook, RecordFields, dead_letter_of
 from limiter.pipeline import AutoPipeline
 from limiter.records import (
     Adjustment,
@@ -16,7 +18,6 @@ from limiter.records import (
     Attempt,
     CommitItem,
     CommitStatus,
-    DeadLetter,
     Decision,
     Figures,
     ReleaseItem,
@@ -44,8 +45,8 @@ class StorePolicy:
     mode: str = "sync"
 
 
-class CampaignStore:
-    """All Redis operations of one campaign."""
+class CampaignStore(OrderBook):
+    """All Redis operations of one campaign (of one shard of it)."""
 
     def __init__(
         self,
@@ -54,9 +55,7 @@ class CampaignStore:
         keys: CampaignKeys,
         policy: StorePolicy,
     ) -> None:
-        self.pipe = pipe
-        self.scripts = scripts
-        self.keys = keys
+        super().__init__(pipe, scripts, keys)
         self.policy = policy
         k = keys
         self._reserve_keys: list[str] = [
@@ -75,19 +74,107 @@ class CampaignStore:
             k.events,
         ]
 
-    @property
-    def campaign_id(self) -> str:
-        return self.keys.campaign_id
+    def for_carts(self) -> CampaignStore:
+        """This shard deciding the items of carts: reserve.lua's mode "cart", without a
+        deadline of their own (their cart's order keeps it, and decides their fate)."""
+        policy = replace(self.policy, mode="cart", reserve_deadline_ms=0)
+        return CampaignStore(self.pipe, self.scripts, self.keys, policy)
 
     async def init(self, stock: int, actor: str = "config") -> tuple[bool, Figures]:
         """Create the counters with ``stock`` unless they exist; returns (created, figures)."""
+        created, figures, _ = await self.create(stock, actor)
+        return created, figures
+
+    async def create(self, stock: int, actor: str, shards: int = 1) -> tuple[bool, Figures, int]:
+        """Create the counters of this shard unless they exist: (created, figures, the
+        shards the campaign was created with)."""
         reply = await self.pipe.script(
             self.scripts.init_campaign,
             [self.keys.state, self.keys.ledger],
-            [stock, actor, self.policy.ledger_max_length],
+            [stock, actor, self.policy.ledger_max_length, shards],
             "init_campaign",
         )
-        return bool(reply[0]), Figures(*map(int, reply[1:]))
+        return bool(reply[0]), Figures(*map(int, reply[1:5])), int(reply[5])
+
+    async def shape(self) -> int | None:
+        """The shards the campaign was created with, read from this (its first) shard;
+        None when the shard has no counters."""
+        available, shards = await self.pipe.call(
+            "HMGET", self.keys.state, "available", "shards", what="read counters"
+        )
+        return None if available is None else int(shards or 1)
+
+    # --- moving stock between the shards of a campaign (shards: K)
+
+    async def transfer_out(self, transfer_id: str, to: int, want: int, actor: str) -> int:
+        """Send up to ``want`` units to shard ``to``; the units sent (0: none here)."""
+        k = self.keys
+        reply = await self.pipe.script(
+            self.scripts.transfer_out,
+            [k.state, k.ledger, k.transfers, k.transfer(transfer_id)],
+            [
+                transfer_id,
+                to,
+                want,
+                self.policy.reserve_deadline_ms or 30_000,
+                actor,
+                self.policy.ledger_max_length,
+                k.events,
+            ],
+            "send stock to a shard",
+        )
+        return int(reply[0])
+
+    async def transfer_in(self, transfer_id: str, source: int, units: int, actor: str) -> int:
+        """Take in a transfer from shard ``source`` (once); see transfer_in.lua."""
+        k = self.keys
+        reply = await self.pipe.script(
+            self.scripts.transfer_in,
+            [k.state, k.ledger, k.received],
+            [transfer_id, source, units, actor, self.policy.ledger_max_length, k.events],
+            "take in stock from a shard",
+        )
+        return int(reply)
+
+    async def transfer_done(self, transfer_id: str) -> None:
+        k = self.keys
+        await self.pipe.script(
+            self.scripts.transfer_done,
+            [k.state, k.transfers, k.transfer(transfer_id)],
+            [transfer_id],
+            "finish a transfer",
+        )
+
+    async def due_transfers(self, limit: int = 100) -> list[tuple[str, int, int]]:
+        """Transfers sent from here whose deadline passed: (id, receiving shard, units)."""
+        ids = await self.pipe.call(
+            "ZRANGEBYSCORE",
+            self.keys.transfers,
+            "-inf",
+            int(time.time() * 1000),
+            "LIMIT",
+            0,
+            limit,
+            what="read due transfers",
+        )
+        found = []
+        for raw in ids:
+            transfer_id = raw.decode()
+            to, units = await self.pipe.call(
+                "HMGET", self.keys.transfer(transfer_id), "to", "units", what="read a transfer"
+            )
+            if to is not None and units is not None:
+                found.append((transfer_id, int(to), int(units)))
+        return found
+
+    async def balance(self) -> tuple[int, int]:
+        """(available, units sent to other shards and not known to have arrived)."""
+        available, out = await self.pipe.call(
+            "HMGET", self.keys.state, "available", "out_units", what="read counters"
+        )
+        if available is None:
+            raise CampaignMissing(self.campaign_id)
+        return int(available), int(out or 0)
 
     def submit_reserve(self, attempts: Sequence[Attempt]) -> asyncio.Future[Any]:
         """Queue one reserve.lua call deciding ``attempts``; see ``decisions()``."""
@@ -171,27 +258,6 @@ class CampaignStore:
         reply = await self.pipe.guard.wait(self.submit_releases(items, actor), "release")
         return self.releases(items, reply)
 
-    async def keep_reply(self, reservation_id: str, reply: Reply) -> None:
-        await self.pipe.call(
-            "HSET",
-            self.keys.reservation(reservation_id),
-            "reply_status",
-            reply.status,
-            "reply_type",
-            reply.content_type,
-            "reply_body",
-            reply.body,
-            "reply_headers",
-            reply.headers,
-            what="keep the reply",
-        )
-
-    async def count_attempt(self, reservation_id: str) -> int:
-        reply = await self.pipe.call(
-            "HINCRBY", self.keys.reservation(reservation_id), "attempts", 1, what="count attempt"
-        )
-        return int(reply)
-
     def submit_commits(self, items: Sequence[CommitItem], actor: str) -> asyncio.Future[Any]:
         """Queue one commit.lua call for ``items`` (see ``commits()``)."""
         k = self.keys
@@ -210,7 +276,7 @@ class CampaignStore:
                 item.target.value,
                 item.hold_ms,
                 "retake" if item.retake else "",
-                item.leavable.value,
+                item.leavable if isinstance(item.leavable, str) else ",".join(item.leavable),
                 str(reply.status) if reply else "",
                 reply.content_type if reply else "",
                 reply.body if reply else b"",
@@ -225,6 +291,11 @@ class CampaignStore:
             for i in range(0, len(reply), 2)
         ]
 
+    async def commit_all(self, items: Sequence[CommitItem], actor: str) -> list[Transition]:
+        """Settle several reservations in one script call."""
+        reply = await self.pipe.guard.wait(self.submit_commits(items, actor), "commit")
+        return self.commits(items, reply)
+
     async def commit(
         self,
         reservation_id: str,
@@ -238,8 +309,7 @@ class CampaignStore:
     ) -> Transition:
         """Settle a reservation (commit, hold or confirm); see commit.lua for the statuses."""
         item = CommitItem(reservation_id, target, hold_ms, retake, leavable, reply)
-        reply_ = await self.pipe.guard.wait(self.submit_commits([item], actor), "commit")
-        (result,) = self.commits([item], reply_)
+        (result,) = await self.commit_all([item], actor)
         return result
 
     async def adjust(
@@ -274,18 +344,6 @@ class CampaignStore:
         reply = await self.pipe.call("HGET", self.keys.state, "decided", what="read counters")
         return int(reply or 0)
 
-    async def earliest_deadline(self) -> int | None:
-        """When the campaign's next deadline falls due (Redis time, ms), if any."""
-        reply = await self.pipe.call(
-            "ZRANGE", self.keys.deadlines, 0, 0, "WITHSCORES", what="read the next deadline"
-        )
-        return int(float(reply[1])) if reply else None
-
-    async def due(self, limit: int = 100) -> list[str]:
-        """Ids of reservations whose deadline has passed (by Redis's clock)."""
-        reply = await self.pipe.script(self.scripts.due, [self.keys.deadlines], [limit], "due")
-        return [item.decode() for item in reply]
-
     async def hand_over(self, reservation_id: str) -> bool:
         """Queue mode: the buyer is being told 202; the order goes to the orders stream
         (see hand_over.lua). False when it is no longer reserved, or was handed over."""
@@ -298,48 +356,6 @@ class CampaignStore:
         )
         return int(reply) == 1
 
-    async def delivery_slot(self, how: str, holder: str, max_inflight: int, ttl_ms: int) -> int:
-        """Take, give back or linger one of the backend's delivery slots (see
-        delivery_slot.lua): 1 done, 0 every slot busy, -1 this holder has one already."""
-        reply = await self.pipe.script(
-            self.scripts.delivery_slot,
-            [self.keys.delivery_slots],
-            [how, holder, max_inflight, ttl_ms],
-            f"{how} a delivery slot",
-        )
-        return int(reply)
-
-    async def keep_order(self, group: str, consumer: str, message_id: bytes) -> None:
-        """Reset a queued order's idle time: its consumer is still working on it."""
-        await self.pipe.call(
-            "XCLAIM", self.keys.orders, group, consumer, 0, message_id, what="keep an order"
-        )
-
-    async def drop_order(self, group: str, message_id: bytes) -> None:
-        """Done with an order: out of the group's pending list and out of the stream, so
-        the stream's length is the queue's depth."""
-        orders = self.keys.orders
-        await asyncio.gather(
-            self.pipe.call("XACK", orders, group, message_id, what="ack an order"),
-            self.pipe.call("XDEL", orders, message_id, what="drop an order"),
-        )
-
-    async def bound_reservation(self, idempotency_field: str) -> str | None:
-        """The reservation an Idempotency-Key names while it is held or committed (a
-        release unbinds it), or None."""
-        reply = await self.pipe.call(
-            "HGET", self.keys.idempotency, idempotency_field, what="read idempotency key"
-        )
-        return reply.decode() if reply else None
-
-    async def dead_letters(self, count: int = 100, after: str = "") -> list[DeadLetter]:
-        """Dead letters, oldest first: up to ``count`` after the entry id ``after``."""
-        start = f"({after}" if after else "-"
-        reply = await self.pipe.call(
-            "XRANGE", self.keys.dead_letters, start, "+", "COUNT", count, what="read dead letters"
-        )
-        return [_dead_letter(entry_id, fields) for entry_id, fields in reply or []]
-
     async def replay_dead_letter(self, entry_id: str, actor: str) -> Replay:
         """Take a dead letter's stock again and queue its order (replay_dead_letter.lua)."""
         k = self.keys
@@ -348,7 +364,7 @@ class CampaignStore:
         )
         if not entries:
             return Replay(ReplayStatus.NO_LETTER, "no such dead letter")
-        rid = _dead_letter(*entries[0]).reservation_id
+        rid = dead_letter_of(*entries[0]).reservation_id
         keys = [
             k.state,
             k.users,
@@ -378,48 +394,22 @@ class CampaignStore:
         return parse_reservation(reservation_id, self.campaign_id, raw) if raw else None
 
 
-def _dead_letter(entry_id: Any, raw: Any) -> DeadLetter:
-    fields = (
-        {k: v for k, v in zip(raw[::2], raw[1::2], strict=True)} if isinstance(raw, list) else raw
-    )
-    return DeadLetter(
-        entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
-        fields.get(b"rid", b"").decode(),
-        fields.get(b"reason", b"").decode(errors="replace"),
-        int(fields.get(b"attempts", b"0") or 0),
-        fields.get(b"payload", b""),
-    )
-
-
 def parse_reservation(reservation_id: str, campaign_id: str, raw: Mapping[Any, Any]) -> Reservation:
-    def text(field: str) -> str:
-        value: bytes = raw.get(field.encode(), b"")
-        return value.decode()
-
-    def number(field: str) -> int:
-        return int(raw.get(field.encode(), b"0") or 0)
-
-    reply = None
-    if raw.get(b"reply_status"):
-        reply = Reply(
-            number("reply_status"),
-            text("reply_type"),
-            raw.get(b"reply_body", b""),
-            text("reply_headers"),
-        )
+    f = RecordFields(raw)
     return Reservation(
         id=reservation_id,
         campaign_id=campaign_id,
-        user_id=text("user"),
-        quantity=number("qty"),
-        state=State(text("state")),
-        mode=text("mode"),
-        created_ms=number("created_ms"),
-        updated_ms=number("updated_ms"),
-        deadline_ms=number("deadline_ms"),
-        reason=text("reason"),
-        attempts=number("attempts"),
-        conflict=bool(number("conflict")),
-        reply=reply,
-        fingerprint=text("fp"),
+        user_id=f.text("user"),
+        quantity=f.number("qty"),
+        state=State(f.text("state")),
+        mode=f.text("mode"),
+        created_ms=f.number("created_ms"),
+        updated_ms=f.number("updated_ms"),
+        deadline_ms=f.number("deadline_ms"),
+        reason=f.text("reason"),
+        attempts=f.number("attempts"),
+        conflict=bool(f.number("conflict")),
+        reply=f.reply(),
+        fingerprint=f.text("fp"),
+        cart_order=f.text("cart"),
     )

@@ -34,10 +34,9 @@ local function figures_text(f)
   return string.format('%d/%d/%d/%d', f.available, f.reserved, f.sold, f.total)
 end
 
--- `why` (optional) says what caused a release: an upstream status, a deadline, ...
-local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, before, after, why)
-  local fields = {'op', op, 'rid', rid, 'user', user, 'qty', qty, 'by', actor,
-                  'before', figures_text(before), 'after', figures_text(after)}
+-- Append an entry to a ledger stream, trimmed to about `max_len` (0: no cap); `why`
+-- (optional) says what caused it.
+local function add_ledger_entry(ledger_key, max_len, fields, why)
   if why and why ~= '' then
     fields[#fields + 1] = 'why'
     fields[#fields + 1] = why
@@ -47,6 +46,20 @@ local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, bef
   else
     redis.call('XADD', ledger_key, '*', unpack(fields))
   end
+end
+
+-- `why` (optional) says what caused a release: an upstream status, a deadline, ...
+local function append_ledger(ledger_key, max_len, op, rid, user, qty, actor, before, after, why)
+  local fields = {'op', op, 'rid', rid, 'user', user, 'qty', qty, 'by', actor,
+                  'before', figures_text(before), 'after', figures_text(after)}
+  add_ledger_entry(ledger_key, max_len, fields, why)
+end
+
+-- A cart's ledger entry: what happened to one order of several items (the units are
+-- in each item's campaign's own ledger).
+local function append_cart_ledger(ledger_key, max_len, op, id, user, items, actor, why)
+  local fields = {'op', op, 'rid', id, 'user', user, 'items', items, 'by', actor}
+  add_ledger_entry(ledger_key, max_len, fields, why)
 end
 
 -- Tell every gateway when a campaign sells out or gets stock back.

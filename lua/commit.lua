@@ -86,7 +86,7 @@ end
 
 local function settle(record_key, rid, target, hold_ms, retake, leavable, reply)
   local record = redis.call('HMGET', record_key, 'state', 'user', 'qty', 'idem', 'left',
-                           'reply_status')
+                           'reply_status', 'mode')
   local state, user, qty = record[1], record[2], tonumber(record[3])
   if not state then
     return 3, ''
@@ -120,7 +120,7 @@ local function settle(record_key, rid, target, hold_ms, retake, leavable, reply)
     figures.sold = figures.sold + qty
     redis.call('ZREM', deadlines_key, rid)
     redis.call('HSET', record_key, 'deadline_ms', 0)
-  else
+  elseif record[7] ~= 'cart' then -- a cart's order keeps the deadline of its items' hold
     redis.call('ZADD', deadlines_key, now + hold_ms, rid)
     redis.call('HSET', record_key, 'deadline_ms', now + hold_ms)
     first_hold = math.min(first_hold or (now + hold_ms), now + hold_ms)

@@ -14,10 +14,12 @@
 -- KEYS[4] ledger stream    KEYS[5] index zset        KEYS[6] deadlines zset
 -- KEYS[6 + i] reservation record of attempt i
 -- ARGV[1] per-user limit in units         ARGV[2] deadline after reserving, ms (0: none)
--- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync" or "queue"
--- ARGV[5] events channel
+-- ARGV[3] ledger max length (0: no cap)   ARGV[4] mode, "sync", "queue" or "cart" (an
+--   item of an order of several items: its order's record keeps the order and the
+--   deadline, and decides its fate; see cart_open.lua)   ARGV[5] events channel
 -- ARGV[6 + 6 * (i - 1) ...] attempt i: reservation id, user id, quantity,
---   idempotency field ("" for none), the order for the backend (kept on the record),
+--   idempotency field ("" for none), the order for the backend (kept on the record;
+--   an item of a cart: the id of its cart's order, kept as 'cart'),
 --   the request's fingerprint ("" for none): kept on the record with the key's binding,
 --   so that a retry with the key can be told apart from another request reusing it
 -- returns 3 values per attempt: status, reservation id, a figure
@@ -35,7 +37,7 @@ local channel = ARGV[5]
 local count = (#ARGV - 5) / 6
 
 -- Refuse the whole batch before writing anything: a script error does not roll back.
-if not user_limit or not deadline_after or not ledger_max or (mode ~= 'sync' and mode ~= 'queue')
+if not user_limit or not deadline_after or not ledger_max or not listed('sync,queue,cart', mode)
     or count ~= math.floor(count) or #KEYS ~= 6 + count then
   return redis.error_reply('reserve: malformed call (see the argument list at the top)')
 end
@@ -75,7 +77,9 @@ local function reserve(record_key, rid, user, qty, idem, payload, fingerprint)
              'mode', mode, 'idem', idem, 'created_ms', now, 'updated_ms', now,
              'deadline_ms', deadline, 'attempts', 0)
   redis.call('ZADD', index_key, now, rid)
-  if payload ~= '' then
+  if mode == 'cart' then
+    redis.call('HSET', record_key, 'cart', payload)
+  elseif payload ~= '' then
     -- what will be sent to the backend, kept in the same step: should this gateway die
     -- before the backend's answer, a sweeper delivers it instead of guessing
     redis.call('HSET', record_key, 'payload', payload)

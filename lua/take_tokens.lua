@@ -11,6 +11,8 @@
 -- ARGV[2] fixed: tokens per second     stock: the ratio
 -- ARGV[3] fixed: capacity              stock: the window, seconds
 -- ARGV[4] tokens wanted
+-- ARGV[5] stock kind, optional: the available units to size it by, as the caller knows
+--   them (a campaign of several shards: their sum, which no script of one slot can read)
 -- returns {granted, wait_ms, capacity, left}
 --   wait_ms: when fewer than wanted were granted, ms until the next token;
 --   -1 when none will ever come (a stock bucket of a sold-out campaign);
@@ -23,7 +25,7 @@ local kind, a, b, want = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber
 
 local rate, capacity
 if kind == 'stock' then
-  local available = redis.call('HGET', state_key, 'available')
+  local available = ARGV[5] or redis.call('HGET', state_key, 'available')
   if not available then
     return {want, 0, 0, 0}
   end

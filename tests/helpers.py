@@ -10,12 +10,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import RawTestServer, TestClient, TestServer
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import Settings, parse_settings
 from gateway.core.runtime import Runtime
@@ -166,10 +166,13 @@ async def ledger(redis: Redis, campaign_id: str) -> list[dict[str, str]]:
     return [as_text(fields or {}) for _, fields in entries]
 
 
-async def check_invariant(redis: Redis, campaign_id: str, per_user_limit: int) -> dict[str, int]:
+async def check_invariant(
+    redis: Redis | RedisCluster, campaign_id: str, per_user_limit: int, prefix: str = "fg"
+) -> dict[str, int]:
     """stock_total == available + reserved + sold; the reservation records and the
-    users' quotas agree with the counters; nobody above the limit. Returns the counters."""
-    base = f"fg:{{{campaign_id}}}"
+    users' quotas agree with the counters; nobody above the limit. Returns the counters.
+    (``campaign_id``: a shard's tag for a shard of a sharded campaign.)"""
+    base = f"{prefix}:{{{campaign_id}}}"
     raw = as_text(await redis.hgetall(f"{base}:state"))
     state = {k: int(v) for k, v in raw.items() if k != "created_ms"}
     assert state["stock_total"] == state["available"] + state["reserved"] + state["sold"], state
@@ -192,6 +195,12 @@ async def check_invariant(redis: Redis, campaign_id: str, per_user_limit: int) -
     assert quotas == held_by_user, "users' quotas disagree with their reservations"
     assert all(units <= per_user_limit for units in quotas.values()), "someone is above the limit"
     return state
+
+
+async def order_ids(redis: Redis, cart: str = "bundle") -> list[str]:
+    """Every order of a cart, oldest first (its index)."""
+    raw = cast(list[bytes], await redis.zrange(f"fg:{{{cart}}}:rids", 0, -1))
+    return [r.decode() for r in raw]
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> float:

@@ -146,9 +146,9 @@ def test_demo_reports_a_correct_sale() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["sentinel", "cluster"])
 def test_the_demo_on_a_topology_sells_through_a_primary_killed_mid_sale(topology: str) -> None:
+    demo = ["demo", "--redis", topology, "--stock", "60", "--rate", "60", "--json"]
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--log-level", "error", "demo", "--redis", topology]
-        + ["--stock", "60", "--rate", "60", "--json"],
+        [sys.executable, "-m", "gateway", "--log-level", "error", *demo],
         capture_output=True,
         timeout=240,
         check=False,

@@ -46,6 +46,7 @@ async def test_five_thousand_concurrent_purchases(
         headers = {"X-User-Id": user}
         if i % 5 == 0:  # some buyers send keys (and some of those retry below)
             headers["Idempotency-Key"] = f"key-{i % USERS}"
+            quantity = 1 + (i % USERS) % 2  # a retry asks what its key asked (else 422)
         waiting += 1
         await start.wait()
         async with session.post(url, json={"quantity": quantity}, headers=headers) as response:

@@ -1204,7 +1204,7 @@ async def test_the_ledger_keeps_about_max_length_entries(
 async def audit_once(
     settings: Settings, url: str, *, repair: bool = False, only: str | None = None
 ) -> Audit:
-    (audit,) = await reconcile(settings, url, only=only, repair=repair, progress=False)
+    (audit,) = (await reconcile(settings, url, only=only, repair=repair, progress=False)).campaigns
     return audit
 
 

@@ -49,6 +49,7 @@ class Shaper:
         scripts: Scripts,
         keys: CampaignKeys,
         on_sold_out: Callable[[], None],
+        known_available: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.trusted = gateway.trusted_proxies
@@ -83,6 +84,7 @@ class Shaper:
                     a.ratio * settings.stock / a.window, round(a.ratio * settings.stock)
                 ),
                 fallback=None,  # without Redis nothing is admitted anyway
+                known_available=known_available,  # several shards: what this process knows
             )
         if (c := settings.client_rate_limit) is not None:
             self.clients = ClientBuckets(
@@ -148,7 +150,9 @@ class Shaper:
         admitted = self.fields.admitted(left) if self.fields.enabled else None
         if self.admission is not None and (a := self.settings.admission_ratio) is not None:
             verdict = self.admission.try_take(time.monotonic()) or await self.admission.take()
-            if verdict.exhausted and retry:
+            if verdict.exhausted and (retry or self.admission.known_available is not None):
+                # a keyed request may be owed a stored answer; a campaign of several
+                # shards is sold out only when Redis says so after looking at every shard
                 return admitted
             if verdict.exhausted:
                 self.on_sold_out()

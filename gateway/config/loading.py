@@ -82,6 +82,7 @@ def _check_relations(s: View, problems: Problems) -> None:
             if not _UPSTREAM_NAME.fullmatch(name):
                 problems.add(f"upstreams.{name}", "names are 1 to 64 letters, digits, _ or -")
     _check_campaigns(_get(s, "campaigns", ()) or (), upstreams, problems)
+    _check_carts(_get(s, "carts", ()) or (), _get(s, "campaigns", ()) or (), upstreams, problems)
     admin, gateway = _get(s, "admin"), _get(s, "gateway")
     if admin is not None:
         _check_admin(admin, problems)
@@ -142,6 +143,13 @@ def _check_campaign(c: View, at: str, upstreams: Mapping[str, Any], problems: Pr
                 f"{at}.forward_deadline",
                 f"must be longer than upstream {name!r}'s timeout ({timeout:g}s)",
             )
+    shards = _get(c, "shards")
+    if _get(c, "waiting_room") is not None and isinstance(shards, int) and shards > 1:
+        problems.add(
+            f"{at}.waiting_room",
+            f"a waiting room admits by the stock of one shard; this campaign has {shards} "
+            "(use shards: 1 with a waiting room)",
+        )
     starts, ends = _get(c, "starts_at"), _get(c, "ends_at")
     if starts and ends and ends <= starts:
         problems.add(f"{at}.ends_at", "must be after starts_at")
@@ -150,6 +158,61 @@ def _check_campaign(c: View, at: str, upstreams: Mapping[str, Any], problems: Pr
         problems.add(
             f"{at}.max_retry_backoff", f"must not be shorter than retry_backoff ({backoff:g}s)"
         )
+
+
+def _check_carts(carts: Any, campaigns: Any, upstreams: Any, problems: Problems) -> None:
+    """A cart sells campaigns of this file, each listed once, none behind a waiting room
+    (a cart has no pass to show); its id and route are its own."""
+    by_id = {_get(c, "id"): c for c in campaigns if _get(c, "id") is not None}
+    routes = {_get(c, "route"): f"campaigns[{i}]" for i, c in enumerate(campaigns)}
+    known = upstreams if isinstance(upstreams, Mapping) else {}
+    seen_ids: dict[str, int] = {}
+    for i, cart in enumerate(carts):
+        at = f"carts[{i}]"
+        cart_id, path = _get(cart, "id"), _get(cart, "route")
+        if cart_id in by_id:
+            problems.add(f"{at}.id", f"{cart_id!r} is already a campaign's id")
+        elif cart_id in seen_ids:
+            problems.add(f"{at}.id", f"{cart_id!r} is already used by carts[{seen_ids[cart_id]}]")
+        if cart_id is not None:
+            seen_ids.setdefault(cart_id, i)
+        if path is not None and path in routes:
+            problems.add(f"{at}.route", f"'{path}' is already used by {routes[path]}")
+        elif path is not None:
+            routes[path] = at
+        listed = _get(cart, "campaigns")
+        if listed is not None:
+            _check_cart_campaigns(listed, by_id, f"{at}.campaigns", problems)
+        most = _get(cart, "max_items")
+        if most is not None and listed and most > len(listed):
+            problems.add(
+                f"{at}.max_items", f"must not be more than the campaigns listed ({len(listed)})"
+            )
+        _check_campaign(cart, at, known, problems)
+
+
+def _check_cart_campaigns(
+    listed: Any, campaigns: Mapping[str, Any], at: str, problems: Problems
+) -> None:
+    if not listed:
+        problems.add(at, "must list at least one campaign")
+    seen: dict[str, int] = {}
+    for j, campaign_id in enumerate(listed):
+        campaign = campaigns.get(campaign_id)
+        if campaign_id in seen:
+            problems.add(
+                f"{at}[{j}]", f"{campaign_id!r} is listed already, at [{seen[campaign_id]}]"
+            )
+        elif campaign is None:
+            shown = ", ".join(campaigns) or "none defined"
+            problems.add(f"{at}[{j}]", f"no campaign {campaign_id!r} (known: {shown})")
+        elif _get(campaign, "waiting_room") is not None:
+            problems.add(
+                f"{at}[{j}]",
+                f"campaign {campaign_id!r} has a waiting room: its items are bought with a "
+                "pass, which a cart does not carry",
+            )
+        seen.setdefault(campaign_id, j)
 
 
 def _check_waiting_rooms(campaigns: Any, jwt: View, problems: Problems) -> None:

@@ -282,6 +282,9 @@ class CampaignSettings:
     stock: int = spec(min=0, max=10**12)
     per_user_limit: int = spec(1, min=1, max=10**9)
     max_quantity: int = spec(1, min=1, max=10**9)
+    #: The stock spread over this many shards, each its own Redis Cluster slot (on a
+    #: cluster, its own node): one hot item beyond one Redis core. 1: one slot.
+    shards: int = spec(1, min=1, max=64)
     #: sync: forward each winner now; queue: a dispatcher delivers from a Redis stream.
     forward: Literal["sync", "queue"] = "sync"
     #: A reservation still unsettled this long after it was made (its gateway died, or
@@ -313,6 +316,34 @@ class CampaignSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CartSettings:
+    """One order of several items, each from its own campaign (its own Redis slot and
+    node): every item is reserved, or none is. The delivery fields mean what they mean
+    for a campaign, for the order as a whole."""
+
+    id: str = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
+    route: Route = spec(parse=route)
+    upstream: str = spec()
+    #: The campaigns whose items it may sell, each at most once per order.
+    campaigns: tuple[str, ...] = spec(pattern=CAMPAIGN_ID.pattern.strip("^$"))
+    #: Items per order at most (default: one per campaign listed).
+    max_items: int | None = spec(None, min=1, max=64)
+    forward: Literal["sync", "queue"] = "sync"
+    forward_deadline: float = spec(30.0, parse=duration)
+    on_success: Literal["commit", "hold"] = "commit"
+    hold_seconds: float = spec(900.0, parse=duration)
+    max_inflight: int = spec(16, min=1, max=100_000)
+    max_attempts: int = spec(5, min=1, max=1000)
+    retry_backoff: float = spec(0.5, parse=duration)
+    max_retry_backoff: float = spec(30.0, parse=duration)
+    require_idempotency_key: bool = False
+
+    @property
+    def most_items(self) -> int:
+        return self.max_items or len(self.campaigns)
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     #: text: one line per record; json: one JSON object per line (the access log is
     #: JSON lines either way).
@@ -322,6 +353,8 @@ class LoggingSettings:
 @dataclass(frozen=True, slots=True)
 class Settings:
     campaigns: tuple[CampaignSettings, ...] = ()
+    #: Orders of several items across campaigns (all or nothing).
+    carts: tuple[CartSettings, ...] = ()
     upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: MappingProxyType({}))
     redis: RedisSettings = RedisSettings()
     gateway: GatewaySettings = GatewaySettings()
@@ -333,3 +366,6 @@ class Settings:
 
     def campaign(self, campaign_id: str) -> CampaignSettings | None:
         return next((c for c in self.campaigns if c.id == campaign_id), None)
+
+    def cart(self, cart_id: str) -> CartSettings | None:
+        return next((c for c in self.carts if c.id == cart_id), None)

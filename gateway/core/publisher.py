@@ -263,29 +263,50 @@ class Publisher:
 async def read_redis_figures(
     pipe: AutoPipeline, campaigns: Iterable[Campaign], processes: int
 ) -> RedisFigures:
-    """The figures Redis holds: counters, reservations by state, queue, dead letters."""
+    """The figures Redis holds: counters, reservations by state, queue, dead letters;
+    a campaign of several shards as the sum of them."""
     campaigns = list(campaigns)
+    shards = [(c.id, s.store.keys) for c in campaigns for s in c.shards]
     replies = await asyncio.gather(
         *(
             reply
-            for c in campaigns
+            for _, keys in shards
             for reply in (
-                pipe.call("HGETALL", c.store.keys.state, what="read metrics"),
-                pipe.call("XLEN", c.store.keys.orders, what="read metrics"),
-                pipe.call("XLEN", c.store.keys.dead_letters, what="read metrics"),
+                pipe.call("HGETALL", keys.state, what="read metrics"),
+                pipe.call("XLEN", keys.orders, what="read metrics"),
+                pipe.call("XLEN", keys.dead_letters, what="read metrics"),
             )
         )
     )
-    read = []
-    for i, campaign in enumerate(campaigns):
+    summed: dict[str, CampaignFigures] = {}
+    for i, (campaign_id, _) in enumerate(shards):
         state, queued, dead = replies[3 * i : 3 * i + 3]
         values = {k.decode(): int(v) for k, v in state.items() if v.lstrip(b"-").isdigit()}
         counters = {k: v for k, v in values.items() if not k.startswith("n:")}
+        # units on their way between shards are stock, available once they land
+        for name in ("available", "stock_total"):
+            counters[name] = counters.get(name, 0) + counters.get("out_units", 0)
         by_state = {k[2:]: v for k, v in values.items() if k.startswith("n:")}
-        read.append(CampaignFigures(campaign.id, counters, by_state, int(queued), int(dead)))
-    figures = RedisFigures()
-    figures.campaigns = read
-    figures.processes = processes
-    figures.rooms = await read_room_views(campaigns)
-    figures.read = True
-    return figures
+        figures = CampaignFigures(campaign_id, counters, by_state, int(queued), int(dead))
+        summed[campaign_id] = (
+            _add(summed[campaign_id], figures) if campaign_id in summed else figures
+        )
+    result = RedisFigures()
+    result.campaigns = [summed[c.id] for c in campaigns if c.id in summed]
+    result.processes = processes
+    result.rooms = await read_room_views(campaigns)
+    result.read = True
+    return result
+
+
+def _add(a: CampaignFigures, b: CampaignFigures) -> CampaignFigures:
+    def plus(x: dict[str, int], y: dict[str, int]) -> dict[str, int]:
+        return {k: x.get(k, 0) + y.get(k, 0) for k in x.keys() | y.keys()}
+
+    return CampaignFigures(
+        a.campaign,
+        plus(a.counters, b.counters),
+        plus(a.reservations, b.reservations),
+        a.queue_depth + b.queue_depth,
+        a.dead_letters + b.dead_letters,
+    )

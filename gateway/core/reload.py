@@ -51,7 +51,23 @@ def restart_only(old: Settings, new: Settings) -> list[tuple[str, str]]:
             old.admin.metrics_need_token,
             new.admin.metrics_need_token,
         )
-    return [(path, "changing it needs a restart") for path, (a, b) in fixed.items() if a != b]
+    problems = [(path, "changing it needs a restart") for path, (a, b) in fixed.items() if a != b]
+    return problems + _reshard(old, new)
+
+
+def _reshard(old: Settings, new: Settings) -> list[tuple[str, str]]:
+    """A running campaign keeps its shards: its stock, quotas and records are spread
+    over that many shards in Redis, which a reload cannot move."""
+    before = {c.id: c.shards for c in old.campaigns}
+    return [
+        (
+            f"campaigns[{i}].shards",
+            f"campaign {c.id!r} runs on {before[c.id]} shard(s): its stock, quotas and "
+            "records are spread over them in Redis; a new campaign id can have other shards",
+        )
+        for i, c in enumerate(new.campaigns)
+        if c.id in before and before[c.id] != c.shards
+    ]
 
 
 class Reloader:

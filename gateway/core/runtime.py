@@ -21,17 +21,19 @@ from typing import Any
 from gateway.admission.identity import identity_for
 from gateway.admission.room import RoomMemory, WaitingRoom, run_rooms
 from gateway.admission.shaping import Shaper
-from gateway.config import CampaignSettings, Settings, UpstreamSettings
+from gateway.config import CampaignSettings, CartSettings, Settings, UpstreamSettings
 from gateway.core.accesslog import AccessLog
-from gateway.core.campaigns import Campaign, queue_store_for, store_for
+from gateway.core.campaigns import Campaign, Shard, queue_store_for, stores_for
+from gateway.core.carts import Cart, CartSweep, cart_store_for
 from gateway.core.health import Readiness
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.publisher import Publisher
+from gateway.core.rebalancer import Rebalancer
 from gateway.core.reload import Reloaded, Reloader
 from gateway.core.snapshot import Snapshot, SnapshotHolder
 from gateway.core.stockwatch import StockWatch
-from gateway.core.sweeper import Sweeper
-from gateway.forwarding.delivery import Dispatcher, ensure_group
+from gateway.core.sweeper import CampaignSweep, Sweepable, Sweeper
+from gateway.forwarding.delivery import Deliverable, Dispatcher, ensure_group
 from gateway.forwarding.settle import Settlement
 from gateway.forwarding.upstream import Upstream
 from limiter.connection import close, connect
@@ -41,6 +43,7 @@ from limiter.keys import CampaignKeys, processes_key
 from limiter.logs import Throttled
 from limiter.notices import Notices
 from limiter.pipeline import AutoPipeline, Durability
+from limiter.records import Figures
 from limiter.reserving import reserve_batcher
 from limiter.scripts import Scripts
 from limiter.store import CampaignStore
@@ -80,9 +83,13 @@ class Runtime:
         )
         self.pipe = AutoPipeline(self.topology, self.guard, durability=durability)
         self.watch = StockWatch(Notices(self.topology, self.redis, interval=0.25), self.pipe)
-        self.sweeper = Sweeper(self.stores, f"sweeper@{socket.gethostname()}:{os.getpid()}")
+        self.sweeper = Sweeper(self.sweepables, f"sweeper@{socket.gethostname()}:{os.getpid()}")
         self.watch.on_due = self.sweeper.announced
         self.watch.on_resync = self.sweeper.resync
+        self.rebalancer = Rebalancer(
+            lambda: self.live.current.campaigns.values(),
+            f"rebalancer@{socket.gethostname()}:{os.getpid()}",
+        )
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = Heartbeat(
             self.pipe,
@@ -105,7 +112,7 @@ class Runtime:
                 redis_url, self.topology, max_connections=64, timeout=r.timeout, retries=0
             )
             self.dispatcher = Dispatcher(
-                self.live.campaigns,
+                self.deliverables,
                 blocking,
                 consumer=self.actor,
                 redis_timeout=r.timeout,
@@ -153,30 +160,56 @@ class Runtime:
             (self._campaign(settings, c, upstreams[c.upstream]) for c in settings.campaigns),
             upstreams,
             identity_for(settings.identity),
+            lambda campaigns: (
+                self._cart(settings, c, upstreams[c.upstream], campaigns) for c in settings.carts
+            ),
+        )
+
+    def _cart(
+        self,
+        settings: Settings,
+        cart: CartSettings,
+        upstream: Upstream,
+        campaigns: Mapping[str, Campaign],
+    ) -> Cart:
+        return Cart(
+            cart,
+            upstream,
+            cart_store_for(settings, cart, self.pipe, self.scripts),
+            {cid: campaigns[cid] for cid in cart.campaigns},
+            self.actor,
+            self.spawn,
         )
 
     def _campaign(
         self, settings: Settings, campaign: CampaignSettings, upstream: Upstream
     ) -> Campaign:
-        store = store_for(settings, campaign, self.pipe, self.scripts)
+        stores = stores_for(settings, campaign, self.pipe, self.scripts)
         shaper = Shaper(
             campaign,
             settings.gateway,
             self.pipe,
             self.scripts,
-            store.keys,
+            stores[0].keys,
             on_sold_out=partial(self.watch.mark_sold_out, campaign.id),
+            known_available=(
+                partial(self.watch.total_available, campaign.id) if len(stores) > 1 else None
+            ),
         )
         shaper.share(self.heartbeat.processes)  # a reload's new shaper has its share at once
-        return Campaign(
-            campaign,
-            store,
-            reserve_batcher(store, self.actor, self.spawn),
-            upstream,
-            shaper,
-            Settlement(store, campaign, self.actor, self.spawn),
-            self._room(settings, campaign),
+        built = Campaign(campaign, upstream, shaper, self._room(settings, campaign))
+        built.shards = tuple(
+            Shard(
+                built,
+                index,
+                store,
+                reserve_batcher(store, self.actor, self.spawn),
+                Settlement(store, campaign, self.actor, self.spawn),
+                reserve_batcher(store.for_carts(), self.actor, self.spawn),
+            )
+            for index, store in enumerate(stores)
         )
+        return built
 
     def _room(self, settings: Settings, campaign: CampaignSettings) -> WaitingRoom | None:
         queue = queue_store_for(settings, campaign, self.pipe, self.scripts)
@@ -216,11 +249,35 @@ class Runtime:
         for campaign in self.live.current.campaigns.values():
             campaign.shaper.share(processes)
 
+    def shards(self) -> Iterable[Shard]:
+        return [s for c in self.live.current.campaigns.values() for s in c.shards]
+
     def stores(self) -> Iterable[CampaignStore]:
-        return [c.store for c in self.live.current.campaigns.values()]
+        return [s.store for s in self.shards()]
 
     def campaign_keys(self) -> Iterable[CampaignKeys]:
-        return [c.store.keys for c in self.live.current.campaigns.values()]
+        return [s.store.keys for s in self.shards()]
+
+    def carts(self) -> Iterable[Cart]:
+        return self.live.current.carts.values()
+
+    def notice_keys(self) -> Iterable[CampaignKeys]:
+        """Whose events channels to follow: every shard's, and every cart's (deadlines)."""
+        return [*self.campaign_keys(), *(c.store.keys for c in self.carts())]
+
+    def sweepables(self) -> Iterable[Sweepable]:
+        """What has deadlines to keep: every shard of every campaign, every cart."""
+        return [
+            *(CampaignSweep(s.store) for s in self.shards()),
+            *(CartSweep(c) for c in self.carts()),
+        ]
+
+    def deliverables(self) -> Mapping[str, Deliverable]:
+        """Every shard of every campaign and every cart in force, by key: what
+        dispatchers deliver."""
+        found: dict[str, Deliverable] = {s.key: s for s in self.shards()}
+        found.update((c.key, c) for c in self.carts())
+        return found
 
     # --- running
 
@@ -231,8 +288,9 @@ class Runtime:
         await self.prepare_or_retry()
         self._loops += [
             self.spawn(self.watch.run_poll(self.campaign_keys)),
-            self.spawn(self.watch.run_listener(self.campaign_keys)),
+            self.spawn(self.watch.run_listener(self.notice_keys)),
             self.spawn(self.sweeper.run()),
+            self.spawn(self.rebalancer.run()),
             self.spawn(self.heartbeat.run()),
             self.spawn(self._publish_metrics()),
             self.spawn(self.access.run()),
@@ -255,10 +313,14 @@ class Runtime:
                 except CampaignMissing:
                     absent.append(campaign.id)
                     continue
-            create = partial(ensure_group, self.redis, campaign.store.keys.orders)
-            await self.guard.run(create, "create the order queue")
+            for shard in campaign.shards:
+                create = partial(ensure_group, self.redis, shard.store.keys.orders)
+                await self.guard.run(create, "create the order queue")
             await self._create_counters(campaign)
             self.readiness.initialised.add(campaign.id)
+        for cart in self.live.current.carts.values():
+            create = partial(ensure_group, self.redis, cart.store.keys.orders)
+            await self.guard.run(create, "create the cart's order queue")
         await self.watch.poll(self.campaign_keys())
         if absent:
             raise StorageError(
@@ -267,19 +329,41 @@ class Runtime:
             )
 
     async def _create_counters(self, campaign: Campaign) -> None:
-        stock = campaign.settings.stock
-        created, figures = await campaign.store.init(stock, f"config@{self.actor}")
-        if created:
-            log.info("campaign %s created with stock %d", campaign.id, figures.stock_total)
-        elif figures.stock_total != stock:
-            log.info(
-                "campaign %s already in Redis: kept its stock (total %d, available %d), "
-                "not the file's %d",
-                campaign.id,
-                figures.stock_total,
-                figures.available,
-                stock,
+        """Create the shards' counters, each with its share of the file's stock, unless
+        the campaign exists; shard 0 last, so that a start cut short creates what is
+        missing next time, while a campaign whose shard 0 exists is never given stock
+        again (a missing shard then means Redis lost it)."""
+        stock, actor, count = campaign.settings.stock, f"config@{self.actor}", len(campaign.shards)
+        kept = await campaign.store.shape()
+        if kept is not None and kept != count:
+            raise StorageError(
+                f"campaign {campaign.id} exists in Redis with {kept} shard(s) and the file "
+                f"says {count}: its stock, quotas and records are spread over {kept}; run it "
+                "with that many, or sell under a new campaign id",
+                maybe_applied=False,
             )
+        if kept is not None:
+            for shard in campaign.shards[1:]:
+                await shard.store.figures()  # CampaignMissing: Redis lost a shard
+            figures = await self._totals(campaign)
+            if figures.stock_total != stock:
+                log.info(
+                    "campaign %s already in Redis: kept its stock (total %d, available %d), "
+                    "not the file's %d",
+                    campaign.id,
+                    figures.stock_total,
+                    figures.available,
+                    stock,
+                )
+            return
+        for shard in reversed(campaign.shards):
+            share = stock // count + (1 if shard.index < stock % count else 0)
+            await shard.store.create(share, actor, count)
+        log.info("campaign %s created with stock %d in %d shard(s)", campaign.id, stock, count)
+
+    async def _totals(self, campaign: Campaign) -> Figures:
+        each = [await shard.store.figures() for shard in campaign.shards]
+        return Figures(*(sum(column) for column in zip(*each, strict=True)))
 
     async def prepare_or_retry(self) -> None:
         """Prepare now, or keep trying in the background (answering 503 meanwhile)."""
@@ -333,9 +417,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + grace
         campaigns = self.live.current.campaigns.values()
+        shards = [s for c in campaigns for s in c.shards]
         await asyncio.gather(
-            *(c.batcher.close(grace) for c in campaigns),
-            *(c.settle.close(grace) for c in campaigns),
+            *(s.batcher.close(grace) for s in shards),
+            *(s.settle.close(grace) for s in shards),
         )
         pending = [t for t in self._tasks if not t.done()]
         if pending:

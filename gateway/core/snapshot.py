@@ -9,13 +9,14 @@ old one in place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.admission.identity import Identity
 from gateway.config import Settings
 from gateway.core.campaigns import Campaign
+from gateway.core.carts import Cart
 from gateway.forwarding.upstream import Upstream
 
 
@@ -23,12 +24,13 @@ from gateway.forwarding.upstream import Upstream
 class Snapshot:
     settings: Settings
     campaigns: Mapping[str, Campaign]
-    #: path -> method -> campaign
-    routes: Mapping[str, Mapping[str, Campaign]]
+    #: path -> method -> the campaign or cart sold there
+    routes: Mapping[str, Mapping[str, Campaign | Cart]]
     upstreams: Mapping[str, Upstream]
     identity: Identity
     #: waiting-room path -> (campaign, endpoint): "queue", "challenge" or "page"
     queues: Mapping[str, tuple[Campaign, str]]
+    carts: Mapping[str, Cart]
 
     @classmethod
     def of(
@@ -37,9 +39,11 @@ class Snapshot:
         campaigns: Iterable[Campaign],
         upstreams: Mapping[str, Upstream],
         identity: Identity,
+        carts: Callable[[Mapping[str, Campaign]], Iterable[Cart]] = lambda campaigns: (),
     ) -> Snapshot:
+        """``carts`` builds the carts from the campaigns (they sell those objects)."""
         by_id: dict[str, Campaign] = {}
-        routes: dict[str, dict[str, Campaign]] = {}
+        routes: dict[str, dict[str, Campaign | Cart]] = {}
         queues: dict[str, tuple[Campaign, str]] = {}
         for campaign in campaigns:
             by_id[campaign.id] = campaign
@@ -50,6 +54,11 @@ class Snapshot:
                 queues[base] = (campaign, "queue")
                 queues[f"{base}/challenge"] = (campaign, "challenge")
                 queues[f"{base}/page"] = (campaign, "page")
+        by_cart: dict[str, Cart] = {}
+        for cart in carts(by_id):
+            by_cart[cart.id] = cart
+            route = cart.settings.route
+            routes.setdefault(route.path, {})[route.method] = cart
         return cls(
             settings,
             MappingProxyType(by_id),
@@ -57,6 +66,7 @@ class Snapshot:
             MappingProxyType(dict(upstreams)),
             identity,
             MappingProxyType(queues),
+            MappingProxyType(by_cart),
         )
 
 

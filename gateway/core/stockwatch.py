@@ -70,32 +70,66 @@ class StockWatch:
         self._epoch = 0
         #: When a poll last got an answer from Redis (monotonic), for readiness.
         self.last_success = float("-inf")
-        #: The holders of sold-out campaigns, once loaded.
+        #: The holders of sold-out shards (by key base), once loaded.
         self.holders: dict[str, Holders] = {}
+        #: Every shard known, by key base; and each campaign's shards.
         self._keys: dict[str, CampaignKeys] = {}
+        self._shards: dict[str, set[str]] = {}
+        #: Shards (by key base) with nothing left.
+        self._empty: set[str] = set()
+        #: Each shard's available as last read or decided (a sharded campaign's total
+        #: is their sum).
+        self.available: dict[str, int] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         #: Set when every campaign must be polled now (a resubscription, a failover).
         self._resync = asyncio.Event()
         #: Told of ``due`` notices, and of every resync (notices may have been missed).
-        self.on_due: Callable[[str, int], None] = lambda campaign_id, at_ms: None
+        self.on_due: Callable[[str, int], None] = lambda name, at_ms: None
         self.on_resync: Callable[[], None] = lambda: None
         self._turn = 0
         pipe.topology.on_change(self.resync)
 
     def mark_sold_out(self, campaign_id: str) -> None:
-        self.sold_out.add(campaign_id)
+        """Redis said the campaign (every shard of it) has nothing left."""
         self._epoch += 1
-        self._load_holders(campaign_id)
+        for base in self._shards.get(campaign_id, ()):
+            self._shard_out(base)
+        self.sold_out.add(campaign_id)
 
     def mark_restocked(self, campaign_id: str) -> None:
-        self.sold_out.discard(campaign_id)
         self._epoch += 1
-        self.holders.pop(campaign_id, None)
+        for base in self._shards.get(campaign_id, ()):
+            self._shard_in(base)
+        self.sold_out.discard(campaign_id)
+
+    def _shard_out(self, base: str) -> None:
+        self._empty.add(base)
+        self.available[base] = 0
+        keys = self._keys.get(base)
+        if keys is not None:
+            if self._shards.get(keys.campaign_id, set()) <= self._empty:
+                self.sold_out.add(keys.campaign_id)
+            self._load_holders(base)
+
+    def _shard_in(self, base: str) -> None:
+        self._empty.discard(base)
+        self.holders.pop(base, None)
+        keys = self._keys.get(base)
+        if keys is not None:
+            self.sold_out.discard(keys.campaign_id)
 
     def holders_of(self, campaign_id: str) -> frozenset[str] | None:
-        """The users holding units of a sold-out campaign, if known."""
-        known = self.holders.get(campaign_id)
-        return known.users if known is not None and campaign_id in self.sold_out else None
+        """The users holding units of a sold-out campaign, if known (of every shard)."""
+        if campaign_id not in self.sold_out:
+            return None
+        known = [self.holders.get(base) for base in self._shards.get(campaign_id, ())]
+        if not known or any(h is None for h in known):
+            return None
+        return frozenset().union(*(h.users for h in known if h is not None))
+
+    def total_available(self, campaign_id: str) -> int:
+        """The campaign's units left, as this process last saw them."""
+        return sum(self.available.get(b, 0) for b in self._shards.get(campaign_id, ()))
 
     def resync(self) -> None:
         """Poll every campaign at the next turn (notices may have been missed)."""
@@ -109,7 +143,7 @@ class StockWatch:
         flags. A campaign whose node does not answer keeps its flag and is listed as
         unreachable; StorageError when no node answered at all."""
         keys = list(campaigns)
-        self._keys.update((k.campaign_id, k) for k in keys)
+        self._know(keys)
         epoch = self._epoch
         started = time.monotonic()
         replies = await asyncio.gather(
@@ -128,37 +162,44 @@ class StockWatch:
                 else StorageError(f"stock poll failed: {failures[0]!r}")
             )
         self.last_success = started
-        for k, reply in zip(keys, replies[1:], strict=True):
-            self._polled(k.campaign_id, reply, epoch == self._epoch)
+        polled = list(zip(keys, replies[1:], strict=True))
+        for k, _ in polled:
+            self.unreachable.discard(k.campaign_id)
+            self.missing.discard(k.campaign_id)
+        for k, reply in polled:
+            if isinstance(reply, BaseException):
+                self.unreachable.add(k.campaign_id)
+                continue
+            if reply[0] is None:
+                self.missing.add(k.campaign_id)
+            if epoch == self._epoch:
+                self._polled(k, reply)
 
-    def _polled(
-        self, campaign_id: str, reply: list[bytes | None] | BaseException, current: bool
-    ) -> None:
-        self.unreachable.discard(campaign_id)
-        self.missing.discard(campaign_id)
-        if isinstance(reply, BaseException):
-            self.unreachable.add(campaign_id)
-            return
+    def _polled(self, keys: CampaignKeys, reply: list[bytes | None]) -> None:
         available, version = reply
-        if available is None:
-            self.missing.add(campaign_id)
-        if not current:
-            return
         if available is not None and int(available) == 0:
-            self.sold_out.add(campaign_id)
-            known = self.holders.get(campaign_id)
-            if known is None or known.version != int(version or 0):
-                self._load_holders(campaign_id)
+            self._shard_out(keys.base)
+            known = self.holders.get(keys.base)
+            if known is not None and known.version != int(version or 0):
+                self.holders.pop(keys.base)
+                self._load_holders(keys.base)
         else:  # stock left, or no counters at all (503 for buyers, not "sold out")
-            self.sold_out.discard(campaign_id)
-            self.holders.pop(campaign_id, None)
+            self._shard_in(keys.base)
+            if available is not None:
+                self.available[keys.base] = int(available)
+
+    def _know(self, keys: Iterable[CampaignKeys]) -> None:
+        for k in keys:
+            self._keys[k.base] = k
+            self._shards.setdefault(k.campaign_id, set()).add(k.base)
 
     async def run_poll(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
         """Every campaign after a resync; else the next few, round robin, within the
         budget."""
         while True:
             keys = list(campaigns())
-            self._forget_all_but({k.campaign_id for k in keys})
+            self._know(keys)
+            self._forget_all_but({k.base for k in keys})
             turn = keys if self._resync.is_set() else self._next_turn(keys)
             self._resync.clear()
             try:
@@ -178,23 +219,29 @@ class StockWatch:
         self._turn = start + size
         return (keys[start:] + keys[:start])[:size]
 
-    def _forget_all_but(self, campaigns: set[str]) -> None:
-        """A reload removed campaigns: their flags and holders go with them."""
-        for gone in set(self._keys) - campaigns:
-            self._keys.pop(gone)
-            self.sold_out.discard(gone)
+    def _forget_all_but(self, shards: set[str]) -> None:
+        """A reload removed campaigns (or shards): their flags and holders go with them."""
+        for gone in set(self._keys) - shards:
+            campaign_id = self._keys.pop(gone).campaign_id
+            self._empty.discard(gone)
             self.holders.pop(gone, None)
-            self.missing.discard(gone)
-            self.unreachable.discard(gone)
+            self.available.pop(gone, None)
+            mine = self._shards.get(campaign_id, set())
+            mine.discard(gone)
+            if not mine:
+                self._shards.pop(campaign_id, None)
+                self.sold_out.discard(campaign_id)
+                self.missing.discard(campaign_id)
+                self.unreachable.discard(campaign_id)
 
     # --- holders
 
-    def _load_holders(self, campaign_id: str) -> None:
-        keys = self._keys.get(campaign_id)
-        running = self._loading.get(campaign_id)
-        if keys is None or (running is not None and not running.done()):
+    def _load_holders(self, base: str) -> None:
+        keys = self._keys.get(base)
+        running = self._loading.get(base)
+        if keys is None or base in self.holders or (running is not None and not running.done()):
             return
-        self._loading[campaign_id] = asyncio.ensure_future(self._load(keys))
+        self._loading[base] = asyncio.ensure_future(self._load(keys))
 
     async def _load(self, keys: CampaignKeys) -> None:
         """Read the holders in chunks; keep them only if nothing added one meanwhile
@@ -211,7 +258,7 @@ class StockWatch:
                 if int(cursor) == 0:
                     break
             if before is not None and await self._version(keys) == before:
-                self.holders[keys.campaign_id] = Holders(before, frozenset(users))
+                self.holders[keys.base] = Holders(before, frozenset(users))
         except StorageError as exc:
             log.debug("holders of %s not loaded: %s", keys.campaign_id, exc)
 
@@ -231,25 +278,26 @@ class StockWatch:
 
     async def run_listener(self, campaigns: Callable[[], Iterable[CampaignKeys]]) -> None:
         """Follow every campaign's events channel (reloads add and remove channels)."""
-        by_channel: dict[str, str] = {}
+        by_channel: dict[str, CampaignKeys] = {}
 
         def channels() -> list[str]:
             by_channel.clear()
-            by_channel.update({k.events: k.campaign_id for k in campaigns()})
+            by_channel.update({k.events: k for k in campaigns()})
             return list(by_channel)
 
         await self.notices.follow(
             channels,
-            lambda channel, data: self._notice(by_channel.get(channel, ""), data),
+            lambda channel, data: self._notice(by_channel.get(channel), data),
             subscribed=self.resync,
         )
 
-    def _notice(self, campaign_id: str, data: bytes) -> None:
-        if not campaign_id:
+    def _notice(self, keys: CampaignKeys | None, data: bytes) -> None:
+        if keys is None:
             return
+        self._epoch += 1
         if data == SOLD_OUT_NOTICE:
-            self.mark_sold_out(campaign_id)
+            self._shard_out(keys.base)
         elif data == RESTOCK_NOTICE:
-            self.mark_restocked(campaign_id)
+            self._shard_in(keys.base)
         elif data.startswith(DUE_NOTICE) and data[len(DUE_NOTICE) :].isdigit():
-            self.on_due(campaign_id, int(data[len(DUE_NOTICE) :]))
+            self.on_due(keys.base, int(data[len(DUE_NOTICE) :]))

@@ -23,6 +23,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from limiter.errors import StorageError
 from limiter.records import ReleaseItem, ReleaseStatus, State
@@ -68,22 +69,55 @@ async def sweep(store: CampaignStore, actor: str) -> int:
             return expired
 
 
-class Sweeper:
-    """Sweeps each campaign when a deadline of it falls due (wall-clock seconds, which
-    Redis time stands close to on NTP-kept hosts)."""
+class Sweepable(Protocol):
+    """What has deadlines to keep: a campaign's shard, or a cart."""
 
-    def __init__(self, stores: Callable[[], Iterable[CampaignStore]], actor: str) -> None:
-        self.stores = stores
+    @property
+    def name(self) -> str:
+        """Names it among all of them (its keys' base), as its ``due`` notices do."""
+        ...
+
+    async def earliest_deadline(self) -> int | None: ...
+
+    async def sweep(self, actor: str) -> int:
+        """Settle whatever is due; how many were settled."""
+        ...
+
+
+class CampaignSweep:
+    """A campaign shard's deadlines, as the sweeper sees them."""
+
+    def __init__(self, store: CampaignStore) -> None:
+        self.store = store
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    async def earliest_deadline(self) -> int | None:
+        return await self.store.earliest_deadline()
+
+    async def sweep(self, actor: str) -> int:
+        return await sweep(self.store, actor)
+
+
+class Sweeper:
+    """Sweeps each campaign shard (and cart) when a deadline of it falls due
+    (wall-clock seconds, which Redis time stands close to on NTP-kept hosts)."""
+
+    def __init__(self, sweepables: Callable[[], Iterable[Sweepable]], actor: str) -> None:
+        self.sweepables = sweepables
         self.actor = actor
-        #: campaign id -> when to sweep it next (inf: nothing known to fall due)
+        #: name -> when to sweep it next (inf: nothing known to fall due)
         self._due: dict[str, float] = {}
-        #: campaign id -> when its next deadline was last read
+        #: name -> when its next deadline was last read
         self._read: dict[str, float] = {}
 
-    def announced(self, campaign_id: str, at_ms: int) -> None:
-        """A script said a deadline of this campaign falls due at ``at_ms``."""
+    def announced(self, name: str, at_ms: int) -> None:
+        """A script said a deadline of ``name`` (a shard's or a cart's key base) falls
+        due at ``at_ms``."""
         at = at_ms / 1000 + random.uniform(0, SPREAD)
-        self._due[campaign_id] = min(self._due.get(campaign_id, math.inf), at)
+        self._due[name] = min(self._due.get(name, math.inf), at)
 
     def resync(self) -> None:
         """Notices may have been missed: read every campaign's next deadline again."""
@@ -92,51 +126,45 @@ class Sweeper:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(TICK)
-            stores = {s.campaign_id: s for s in self.stores()}
-            for gone in set(self._due) - set(stores):
+            each = {s.name: s for s in self.sweepables()}
+            for gone in set(self._due) - set(each):
                 self._due.pop(gone)
                 self._read.pop(gone, None)
             now = time.time()
-            for campaign_id, store in stores.items():
-                if self._due.get(campaign_id, math.inf) <= now:
-                    await self._sweep(store)
-            await self._backstop(stores, now)
+            for name, sweepable in each.items():
+                if self._due.get(name, math.inf) <= now:
+                    await self._sweep(sweepable)
+            await self._backstop(each, now)
 
-    async def _sweep(self, store: CampaignStore) -> None:
+    async def _sweep(self, sweepable: Sweepable) -> None:
         try:
-            settled = await sweep(store, self.actor)
+            settled = await sweepable.sweep(self.actor)
             if settled:
-                log.info(
-                    "campaign %s: %d reservation(s) past their deadline settled",
-                    store.campaign_id,
-                    settled,
-                )
-            await self._read_next(store)
+                log.info("%s: %d past their deadline settled", sweepable.name, settled)
+            await self._read_next(sweepable)
         except StorageError as exc:
-            log.debug("sweep of %s failed: %s", store.campaign_id, exc)
-            self._due[store.campaign_id] = time.time() + 1.0  # Redis is back soon, or not
+            log.debug("sweep of %s failed: %s", sweepable.name, exc)
+            self._due[sweepable.name] = time.time() + 1.0  # Redis is back soon, or not
 
-    async def _read_next(self, store: CampaignStore) -> None:
-        """Schedule the campaign's next deadline (a moment already past, because this
-        host's clock runs ahead of Redis's, is tried again shortly)."""
-        nearest = await store.earliest_deadline()
+    async def _read_next(self, sweepable: Sweepable) -> None:
+        """Schedule the next deadline (a moment already past, because this host's clock
+        runs ahead of Redis's, is tried again shortly)."""
+        nearest = await sweepable.earliest_deadline()
         now = time.time()
-        self._read[store.campaign_id] = now
+        self._read[sweepable.name] = now
         if nearest is None:
-            self._due[store.campaign_id] = math.inf
+            self._due[sweepable.name] = math.inf
         else:
-            self._due[store.campaign_id] = max(nearest / 1000, now + TICK) + random.uniform(
-                0, SPREAD
-            )
+            self._due[sweepable.name] = max(nearest / 1000, now + TICK) + random.uniform(0, SPREAD)
 
-    async def _backstop(self, stores: dict[str, CampaignStore], now: float) -> None:
-        """Read the next deadline of the campaigns read longest ago (never read first),
-        a few per tick."""
-        stale = [cid for cid in stores if now - self._read.get(cid, -math.inf) > BACKSTOP]
-        stale.sort(key=lambda cid: self._read.get(cid, -math.inf))
-        for campaign_id in stale[: max(1, int(BUDGET * TICK))]:
+    async def _backstop(self, each: dict[str, Sweepable], now: float) -> None:
+        """Read the next deadline of the ones read longest ago (never read first), a few
+        per tick."""
+        stale = [name for name in each if now - self._read.get(name, -math.inf) > BACKSTOP]
+        stale.sort(key=lambda name: self._read.get(name, -math.inf))
+        for name in stale[: max(1, int(BUDGET * TICK))]:
             try:
-                await self._read_next(stores[campaign_id])
+                await self._read_next(each[name])
             except StorageError as exc:
-                log.debug("next deadline of %s not read: %s", campaign_id, exc)
-                self._read[campaign_id] = now  # not again at once: the budget holds
+                log.debug("next deadline of %s not read: %s", name, exc)
+                self._read[name] = now  # not again at once: the budget holds

@@ -72,6 +72,14 @@ async def read_order(
 ) -> Order:
     """The body, read within the size limit and the deadline, and the quantity it asks
     for (default 1)."""
+    body = await read_body(request, max_body, deadline)
+    if not body.strip():
+        return Order(1, body)
+    return Order(_quantity(json_object(body), max_quantity), body)
+
+
+async def read_body(request: web.BaseRequest, max_body: int, deadline: float) -> bytes:
+    """The body, read within the size limit (413) and the deadline (408)."""
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large(max_body)
     try:
@@ -79,18 +87,15 @@ async def read_order(
             body = request.content.read_nowait()
             if len(body) > max_body:
                 raise _too_large(max_body)
-        else:
-            async with asyncio.timeout(deadline):
-                body = await _read_body(request, max_body)
+            return body
+        async with asyncio.timeout(deadline):
+            return await _read_body(request, max_body)
     except TimeoutError:
         raise Problem(
             Code.REQUEST_TIMEOUT, f"the body did not arrive within {deadline:g}s"
         ) from None
     except (ConnectionError, web.RequestPayloadError) as exc:  # a broken body, or gone
         raise Problem(Code.BAD_REQUEST, f"the body could not be read: {exc}") from None
-    if not body.strip():
-        return Order(1, body)
-    return Order(_quantity(_json_object(body), max_quantity), body)
 
 
 async def _read_body(request: web.BaseRequest, max_body: int) -> bytes:
@@ -110,7 +115,7 @@ def _too_large(max_body: int) -> Problem:
     )
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # [[[[... nests too deep

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gateway.core.accesslog import AccessLog
 from gateway.core.health import Readiness
 from gateway.core.publisher import HotCounters
+from gateway.core.rebalancer import Rebalancer
 from gateway.core.snapshot import SnapshotHolder
 from gateway.core.stockwatch import StockWatch
 
@@ -21,3 +22,5 @@ class Edge:
     #: per-request counts, published once a second
     counts: HotCounters
     readiness: Readiness
+    #: pulls stock into a buyer's home shard when it has too little (shards: K)
+    rebalancer: Rebalancer

@@ -11,16 +11,26 @@ buyer gets 202.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import NamedTuple
 
 from aiohttp import web
 
 from gateway.admission.clientip import proxy_headers
 from gateway.config import GatewaySettings
-from gateway.core.campaigns import Campaign
+from gateway.core.campaigns import Campaign, Shard
 from gateway.core.snapshot import Snapshot
+from gateway.edge.answers import (
+    RESERVATION_HEADER,
+    Answer,
+    Decided,
+    queued,
+    redis_failed,
+    relay,
+    unavailable,
+    via,
+)
 from gateway.edge.buyer import (
     IDEMPOTENCY_HEADER,
     Order,
@@ -31,9 +41,9 @@ from gateway.edge.buyer import (
 from gateway.edge.context import Edge
 from gateway.forwarding.settle import accepted, replayed_headers
 from gateway.forwarding.upstream import OutboundRequest, UpstreamError, UpstreamReply
-from gateway.headers import VIA
 from gateway.problems import Code, Problem, retry_after
 from gateway.stats import DECISION_SECONDS
+from limiter.batching import TickBatcher
 from limiter.errors import StorageError
 from limiter.keys import idempotency_field, new_reservation_id
 from limiter.logs import Throttled
@@ -42,26 +52,10 @@ from limiter.records import Attempt, Decision, Reservation, ReserveStatus, State
 log = logging.getLogger(__name__)
 throttled = Throttled(log)
 
-RESERVATION_HEADER = "X-Reservation-Id"
-REPLAYED_HEADER = "Idempotent-Replayed"
 
-
-#: A decided request's outcome code (a problem code, or one of ``ok``, ``queued``,
-#: ``replayed``, ``upstream-refused``) and the response.
-Decided = tuple[str, web.StreamResponse]
 SOLD_OUT = Code.SOLD_OUT.value
 SETTLED = (State.COMMITTED, State.HELD)
 LIVE = (State.RESERVED, *SETTLED)
-
-
-class Answer(NamedTuple):
-    """What the edge answered, for the metrics and the access log."""
-
-    code: str
-    response: web.StreamResponse
-    user: str = ""
-    #: Answered from memory (sale window, sold-out flag): the flood at peak.
-    local: bool = False
 
 
 async def purchase(
@@ -94,7 +88,8 @@ async def purchase(
             request, campaign.settings.max_quantity, gateway.max_body_bytes, gateway.body_timeout
         )
         limits = await campaign.shaper.admit(request, user, retry=bool(key))
-        rid = new_reservation_id(campaign.id)
+        home = campaign.home(user)
+        rid = new_reservation_id(campaign.id, home.index if campaign.sharded else None)
         # The order goes to Redis with the decision: a winner's is kept on its record in
         # the same atomic step, so no crash can lose it.
         outbound = _outbound(gateway, campaign, request, rid, user, order)
@@ -103,7 +98,7 @@ async def purchase(
         attempt = Attempt(rid, user, order.quantity, field, outbound.encode(), asked)
         if room is not None:  # Redis's word that the pass was not withdrawn meanwhile
             await room.confirm_pass(user)
-        decision = await campaign.batcher.submit(attempt)
+        decision = await decide(edge, campaign, home, attempt)
         DECISION_SECONDS.labels(campaign.id).observe(time.perf_counter() - started)
         if room is not None and decision.status is ReserveStatus.RESERVED:
             room.pass_used(user)
@@ -114,8 +109,9 @@ async def purchase(
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
-        code, response = _redis_failed(
-            campaign,
+        code, response = redis_failed(
+            campaign.id,
+            campaign.shaper.jitter,
             exc,
             "redis did not confirm a decision in time: whatever it reserved is being given "
             "back; try again in a moment"
@@ -125,6 +121,58 @@ async def purchase(
     if limits:
         response.headers.update(limits)
     return Answer(code, response, user)
+
+
+#: A shard that cannot fill an attempt pulls stock from the others this often at most.
+PULLS = 8
+#: Units on their way between shards: ask again this soon.
+IN_FLIGHT_WAIT = 0.01
+SHORT = (ReserveStatus.SOLD_OUT, ReserveStatus.INSUFFICIENT)
+
+
+async def decide(
+    edge: Edge,
+    campaign: Campaign,
+    home: Shard,
+    attempt: Attempt,
+    batcher: TickBatcher[Attempt, Decision] | None = None,
+) -> Decision:
+    """The decision of the buyer's home shard (through ``batcher``: the shard's own, or
+    its batcher of cart items); one of several shards that has too little pulls units
+    from the others and asks again, so that a buyer is told sold-out (or
+    insufficient-stock) only when no shard has (enough) left. Units still left after
+    every pull (other buyers kept taking what came in) are a 503: try again."""
+    batcher = batcher or home.batcher
+    decision = await batcher.submit(attempt)
+    if not campaign.sharded or decision.status not in SHORT:
+        return decision
+    for _ in range(PULLS):
+        if not await edge.rebalancer.pull(campaign, home, attempt.quantity):
+            if not await edge.rebalancer.in_flight(campaign):
+                break
+            await asyncio.sleep(IN_FLIGHT_WAIT)  # units between two shards: they land soon
+        decision = await batcher.submit(attempt)
+        if decision.status not in SHORT:
+            return decision
+    left = sum([(await shard.store.balance())[0] for shard in campaign.shards])
+    left += await edge.rebalancer.in_flight(campaign)
+    if left >= attempt.quantity:
+        raise Problem(
+            Code.UNAVAILABLE,
+            f"campaign {campaign.id} has units left, moving between its shards; try again "
+            "in a moment",
+            headers={"Retry-After": retry_after(1, campaign.shaper.jitter)},
+        )
+    status = ReserveStatus.SOLD_OUT if left == 0 else ReserveStatus.INSUFFICIENT
+    return Decision(status, attempt.reservation_id, left)
+
+
+def _shard(campaign: Campaign, rid: str) -> Shard:
+    """The shard a reservation of this campaign lives in (the ids are the gateway's)."""
+    shard = campaign.shard_for(rid)
+    if shard is None:
+        raise Problem(Code.NOT_FOUND, f"no reservation {rid}")
+    return shard
 
 
 async def _retry_after_sold_out(
@@ -143,7 +191,8 @@ async def _retry_after_sold_out(
         holders = edge.watch.holders_of(campaign.id)
         if holders is not None and user not in holders:
             return Answer(SOLD_OUT, campaign.sold_out.response(), user, local=True)
-        rid = await campaign.store.bound_reservation(idempotency_field(user, key))
+        field = idempotency_field(user, key)
+        rid = await campaign.home(user).store.bound_reservation(field)
         if rid is None:
             return Answer(SOLD_OUT, campaign.sold_out.response(), user)
         code, response = (
@@ -153,8 +202,11 @@ async def _retry_after_sold_out(
     except Problem as problem:
         code, response = problem.code.value, problem.response()
     except StorageError as exc:
-        code, response = _redis_failed(
-            campaign, exc, "redis could not be asked for the earlier outcome"
+        code, response = redis_failed(
+            campaign.id,
+            campaign.shaper.jitter,
+            exc,
+            "redis could not be asked for the earlier outcome",
         )
     return Answer(code, response, user)
 
@@ -164,16 +216,6 @@ async def _fingerprint(snapshot: Snapshot, campaign: Campaign, request: web.Base
     g, s = snapshot.settings.gateway, campaign.settings
     order = await read_order(request, s.max_quantity, g.max_body_bytes, g.body_timeout)
     return fingerprint(str(s.route), order.quantity, order.body)
-
-
-def _redis_failed(campaign: Campaign, exc: StorageError, detail: str) -> Decided:
-    throttled.log(logging.WARNING, f"redis:{campaign.id}", "campaign %s: %s", campaign.id, exc)
-    return _unavailable(detail, campaign.shaper.jitter)
-
-
-def _unavailable(detail: str, jitter: float) -> Decided:
-    problem = Problem(Code.UNAVAILABLE, detail, headers={"Retry-After": retry_after(1, jitter)})
-    return problem.code.value, problem.response()
 
 
 def _outbound(
@@ -190,16 +232,10 @@ def _outbound(
         "X-User-Id": user,
         "X-Quantity": str(order.quantity),
         "X-Delivery-Attempt": "1",
-        "Via": _via(request),
+        "Via": via(request),
         **proxy_headers(request, gateway.trusted_proxies),
     }
     return OutboundRequest.of(request.method, request.path_qs, request.headers, order.body, extra)
-
-
-def _via(request: web.BaseRequest) -> str:
-    """Via (RFC 9110 7.6.3): the hops before this one, then this gateway."""
-    before = ", ".join(request.headers.getall("Via", []))
-    return f"{before}, {VIA}" if before else VIA
 
 
 async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: Decision) -> Decided:
@@ -207,7 +243,7 @@ async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: D
         case ReserveStatus.RESERVED:
             rid = attempt.reservation_id
             try:
-                await campaign.store.hand_over(rid)
+                await _shard(campaign, rid).store.hand_over(rid)
             except StorageError as exc:  # the sweeper hands it over at its deadline
                 throttled.log(
                     logging.WARNING,
@@ -244,19 +280,9 @@ async def _outcome(edge: Edge, campaign: Campaign, attempt: Attempt, decision: D
                 "(restore it, or restart the gateways to create the campaign afresh)",
                 campaign.id,
             )
-            return _unavailable(
+            return unavailable(
                 f"campaign {campaign.id} is not initialised in Redis", campaign.shaper.jitter
             )
-
-
-def queued(rid: str, state: State, replayed: bool = False) -> web.Response:
-    """202: the order waits in the queue; the buyer polls status_url."""
-    status_url = f"/reservations/{rid}"
-    headers = {RESERVATION_HEADER: rid, "Location": status_url}
-    if replayed:
-        headers[REPLAYED_HEADER] = "true"
-    document = {"reservation_id": rid, "status_url": status_url, "state": state.value}
-    return web.json_response(document, status=202, headers=headers)
 
 
 async def _forward(edge: Edge, campaign: Campaign, rid: str, outbound: OutboundRequest) -> Decided:
@@ -267,7 +293,7 @@ async def _forward(edge: Edge, campaign: Campaign, rid: str, outbound: OutboundR
         reply = await upstream.send(outbound)
     except UpstreamError as exc:
         code = Code.UPSTREAM_TIMEOUT if exc.timed_out else Code.UPSTREAM_FAILED
-        await campaign.settle.give_back(rid, code.value)
+        await _shard(campaign, rid).settle.give_back(rid, code.value)
         raise Problem(
             code,
             f"{exc}; the reservation is released",
@@ -275,12 +301,12 @@ async def _forward(edge: Edge, campaign: Campaign, rid: str, outbound: OutboundR
             reservation_id=rid,
         ) from None
     except Exception:  # a fault of this process: the buyer's 500 must not keep the units
-        await campaign.settle.give_back(rid, "the gateway failed to forward")
+        await _shard(campaign, rid).settle.give_back(rid, "the gateway failed to forward")
         raise
     if accepted(reply.status):
-        await campaign.settle.settle_accepted(rid, reply)
-        return "ok", _relay(reply, rid)
-    await campaign.settle.give_back(rid, f"upstream answered {reply.status}")
+        await _shard(campaign, rid).settle.settle_accepted(rid, reply)
+        return "ok", relay(reply, rid)
+    await _shard(campaign, rid).settle.give_back(rid, f"upstream answered {reply.status}")
     if reply.status >= 500:
         raise Problem(
             Code.UPSTREAM_FAILED,
@@ -289,22 +315,14 @@ async def _forward(edge: Edge, campaign: Campaign, rid: str, outbound: OutboundR
             reservation_id=rid,
             upstream_status=reply.status,
         )
-    return "upstream-refused", _relay(reply, rid)
-
-
-def _relay(reply: UpstreamReply, rid: str, replayed: bool = False) -> web.Response:
-    headers = reply.headers.copy()
-    headers.popall("Content-Length", None)
-    headers[RESERVATION_HEADER] = rid
-    if replayed:
-        headers[REPLAYED_HEADER] = "true"
-    return web.Response(status=reply.status, headers=headers, body=reply.body)
+    return "upstream-refused", relay(reply, rid)
 
 
 async def _replay(campaign: Campaign, rid: str, asked: str) -> web.Response:
     """The answer to a retry whose Idempotency-Key names a live reservation; 422 when
     the key was bound to another request (``asked``: this one's fingerprint)."""
-    record = await campaign.store.reservation(rid)
+    store = _shard(campaign, rid).store
+    record = await store.reservation(rid)
     if record is not None and record.fingerprint and asked and record.fingerprint != asked:
         raise Problem(
             Code.IDEMPOTENCY_KEY_MISMATCH,
@@ -315,8 +333,8 @@ async def _replay(campaign: Campaign, rid: str, asked: str) -> web.Response:
         # The first request may have been told 503 before its order was handed over;
         # this buyer is told 202, so it is now (the undo then leaves it alone).
         try:
-            if not await campaign.store.hand_over(rid):  # settled meanwhile: as it is now
-                record = await campaign.store.reservation(rid)
+            if not await store.hand_over(rid):  # settled meanwhile: as it is now
+                record = await store.reservation(rid)
         except StorageError:  # handed over or not: only a retry can tell, never "given back"
             raise Problem(
                 Code.UNAVAILABLE,
@@ -345,6 +363,6 @@ async def _replay(campaign: Campaign, rid: str, asked: str) -> web.Response:
 def _replayed_reply(record: Reservation, rid: str) -> web.Response:
     assert record.reply is not None
     reply = record.reply
-    return _relay(
+    return relay(
         UpstreamReply(reply.status, replayed_headers(reply), reply.body), rid, replayed=True
     )

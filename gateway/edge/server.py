@@ -17,12 +17,15 @@ from aiohttp import web
 
 from gateway.admission.clientip import client_ip
 from gateway.admission.room import QUEUE_PASS_HEADER
+from gateway.core.carts import Cart
 from gateway.core.health import Handler, health_handlers
 from gateway.core.snapshot import Snapshot
+from gateway.edge.answers import Answer
+from gateway.edge.cart import buy_cart
 from gateway.edge.connections import GuardedServer, connection_budget
 from gateway.edge.context import Edge
 from gateway.edge.cors import CorsPolicy, cross_origin
-from gateway.edge.purchase import Answer, purchase
+from gateway.edge.purchase import purchase
 from gateway.edge.queue import queue_request
 from gateway.edge.reservations import PREFIX as RESERVATIONS
 from gateway.edge.reservations import reservation_status
@@ -126,7 +129,10 @@ def _routes(edge: Edge) -> Route:
             return _method_not_allowed(request, tuple(methods))
         started = time.perf_counter()
         try:
-            answer = await purchase(edge, snapshot, campaign, request)
+            if isinstance(campaign, Cart):
+                answer = await buy_cart(edge, snapshot, campaign, request)
+            else:
+                answer = await purchase(edge, snapshot, campaign, request)
         except Exception:
             _failures.log(
                 logging.ERROR, request.path, "purchase at %s failed", request.path, exc_info=True

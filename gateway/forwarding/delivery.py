@@ -33,14 +33,13 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.config import CampaignSettings
-from gateway.forwarding.settle import Settlement, accepted
+from gateway.forwarding.settle import accepted
 from gateway.forwarding.upstream import OutboundRequest, Upstream, UpstreamError, UpstreamReply
 from limiter.connection import RedisClient, disconnect
 from limiter.errors import StorageError
+from limiter.keys import CampaignKeys
 from limiter.logs import Throttled
-from limiter.records import Reservation, State
-from limiter.store import CampaignStore
+from limiter.records import State
 
 log = logging.getLogger(__name__)
 _trouble = Throttled(log)
@@ -65,22 +64,75 @@ STOP_GRACE = 4.0
 NOT_A_DECISION = frozenset({401, 407})
 
 
+class DeliveryPolicy(Protocol):
+    """The settings a delivery follows (a campaign's, or a cart's)."""
+
+    @property
+    def upstream(self) -> str: ...
+    @property
+    def max_inflight(self) -> int: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_backoff(self) -> float: ...
+    @property
+    def max_retry_backoff(self) -> float: ...
+
+
+class Delivered(Protocol):
+    """What a delivery reads of the record it delivers (a reservation, or a cart order)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+class OrderSource(Protocol):
+    """Where orders come from and are told about: an OrderBook (a campaign shard's
+    store, or a cart's)."""
+
+    @property
+    def keys(self) -> CampaignKeys: ...
+    async def reservation(self, reservation_id: str) -> Delivered | None: ...
+    async def delivery_slot(self, how: str, holder: str, max_inflight: int, ttl_ms: int) -> int: ...
+    async def keep_order(self, group: str, consumer: str, message_id: bytes) -> None: ...
+    async def drop_order(self, group: str, message_id: bytes) -> None: ...
+    async def count_attempt(self, reservation_id: str) -> int: ...
+
+
+class Settling(Protocol):
+    """Telling Redis the backend's answer (a Settlement, or a cart's)."""
+
+    async def commit_accepted(self, rid: str, reply: UpstreamReply) -> None: ...
+    async def release_refused(self, rid: str, reason: str, dead_letter: bytes = b"") -> None: ...
+    async def keep_reply(self, rid: str, reply: UpstreamReply) -> None: ...
+
+
 class Deliverable(Protocol):
-    """What the dispatcher needs of a campaign: its queue, its backend, its settling."""
+    """What the dispatcher needs of a campaign's shard, or of a cart: its queue, its
+    backend, its settling."""
 
     @property
     def id(self) -> str: ...
     @property
-    def settings(self) -> CampaignSettings: ...
+    def key(self) -> str:
+        """Names it among all shards and carts (one dispatcher loop each)."""
+        ...
+
     @property
-    def store(self) -> CampaignStore: ...
+    def settings(self) -> DeliveryPolicy: ...
+    @property
+    def store(self) -> OrderSource: ...
     @property
     def upstream(self) -> Upstream: ...
     @property
-    def settle(self) -> Settlement: ...
+    def settle(self) -> Settling: ...
 
 
-#: The campaigns in force now (a reload replaces them), by id.
+#: The campaigns' shards and the carts in force now (a reload replaces them), by key.
 Campaigns = Callable[[], Mapping[str, Deliverable]]
 
 
@@ -92,7 +144,7 @@ class _Unsent(Exception):
 ATTEMPT_HEADER = "X-Delivery-Attempt"
 
 
-def _numbered(order: OutboundRequest, record: Reservation) -> OutboundRequest:
+def _numbered(order: OutboundRequest, record: Delivered) -> OutboundRequest:
     """The order with this delivery's number: the failed deliveries before it, plus one,
     plus the gateway's own forward when this is a sync order delivered again."""
     headers = order.headers.copy()
@@ -120,7 +172,7 @@ class Dispatcher:
         self.consumer = consumer
         #: Bounds the blocking reads beyond their block time (redis.timeout).
         self.redis_timeout = redis_timeout
-        #: campaign id -> (the campaign object served, its loop); a reload replaces both
+        #: shard or cart key -> (the object served, its loop); a reload replaces both
         self._loops: dict[str, tuple[Deliverable, asyncio.Task[None]]] = {}
         #: Set to stop: a blocking read does not always notice a cancellation, so the
         #: loops also look at this, and their connections are closed under them.
@@ -252,7 +304,7 @@ class Dispatcher:
             return
         while not self.stopping.is_set():
             # a reload replaces the campaign and its backend: each attempt takes the current
-            current = self.campaigns().get(campaign.id)
+            current = self.campaigns().get(campaign.key)
             if current is None:
                 return  # removed by a reload: the order waits, unacked, for its return
             try:
@@ -268,7 +320,7 @@ class Dispatcher:
     ) -> bool:
         """One delivery; True when the order is settled (or was already) and can be acked."""
         record = await campaign.store.reservation(rid)
-        if record is None or record.state is not State.RESERVED:
+        if record is None or record.state != State.RESERVED:
             return True
         if not await self._take_slot(campaign, rid):
             # someone else is delivering it right now; look again a little later

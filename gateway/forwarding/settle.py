@@ -127,37 +127,46 @@ class Settlement:
     async def settle_accepted(self, rid: str, reply: UpstreamReply) -> None:
         """Commit an accepted reservation; if Redis fails, keep trying in the background
         (and failing that, its kept order lets a sweeper ask the backend again)."""
-        await self._now_or_in_background(rid, "commit", lambda: self.commit_accepted(rid, reply))
+        await now_or_in_background(
+            self.spawn,
+            self.settings.forward_deadline,
+            f"commit of {rid}",
+            lambda: self.commit_accepted(rid, reply),
+        )
 
     async def give_back(self, rid: str, reason: str) -> None:
         """Release a reservation the backend did not take; if Redis fails, keep trying in
         the background."""
-        await self._now_or_in_background(rid, "release", lambda: self.release_refused(rid, reason))
+        await now_or_in_background(
+            self.spawn,
+            self.settings.forward_deadline,
+            f"release of {rid}",
+            lambda: self.release_refused(rid, reason),
+        )
 
-    async def _now_or_in_background(
-        self, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
-    ) -> None:
+
+async def now_or_in_background(
+    spawn: Spawn, patience: float, what: str, attempt: Callable[[], Awaitable[None]]
+) -> None:
+    """Tell Redis an outcome now; if Redis fails, keep trying in the background for
+    ``patience`` seconds (the forward deadline: after it a sweeper asks the backend
+    again from the kept order)."""
+    try:
+        await attempt()
+    except StorageError as exc:
+        log.warning("%s failed (%s); retrying in the background", what, exc)
+        spawn(_retry_until(patience, what, attempt))
+
+
+async def _retry_until(patience: float, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.05
+    while loop.time() < deadline:
+        await asyncio.sleep(delay)
         try:
             await attempt()
-        except StorageError as exc:
-            log.warning("%s of %s failed (%s); retrying in the background", what, rid, exc)
-            self.spawn(self._retry_until_deadline(rid, what, attempt))
-
-    async def _retry_until_deadline(
-        self, rid: str, what: str, attempt: Callable[[], Awaitable[None]]
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.forward_deadline
-        delay = 0.05
-        while loop.time() < deadline:
-            await asyncio.sleep(delay)
-            try:
-                await attempt()
-                return
-            except StorageError:
-                delay = min(delay * 2, 1.0)
-        log.error(
-            "%s of %s never reached Redis; at its deadline a sweeper asks the backend again",
-            what,
-            rid,
-        )
+            return
+        except StorageError:
+            delay = min(delay * 2, 1.0)
+    log.error("%s never reached Redis; at its deadline a sweeper asks the backend again", what)

@@ -23,13 +23,16 @@ from aiohttp import web
 from gateway.admission.room import VIEW_TTL_MS
 from gateway.config import AdminSettings, CampaignSettings, ConfigError
 from gateway.config.settings import SCOPES, Scope
+from gateway.core import stock
 from gateway.core.campaigns import Campaign
+from gateway.core.carts import Cart
 from gateway.core.health import Readiness, health_handlers
 from gateway.core.publisher import Publisher, RedisFigures, exposition, read_redis_figures
 from gateway.core.reload import Reloader
 from gateway.core.snapshot import SnapshotHolder
 from gateway.core.stockwatch import StockWatch
 from gateway.problems import Code, Problem, name_the_server
+from limiter.carts import GONE, MoveStatus
 from limiter.errors import CampaignMissing, StorageError
 from limiter.keys import campaign_of
 from limiter.records import (
@@ -38,10 +41,12 @@ from limiter.records import (
     DeadLetter,
     Figures,
     ReleaseStatus,
+    Replay,
     ReplayStatus,
     Reservation,
     State,
 )
+from limiter.store import CampaignStore
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +212,24 @@ def _actor(request: web.Request) -> str:
 
 async def campaign_document(admin: Admin, campaign: Campaign) -> dict[str, Any]:
     try:
-        figures = await campaign.store.figures()
-        decided = await campaign.store.decided()
+        each = await stock.shard_figures(campaign)
+        decided = await stock.decided(campaign)
+        moving = await stock.in_flight(campaign)
     except CampaignMissing as exc:
         raise Problem(
             Code.UNAVAILABLE, f"{exc}; the gateway creates it when Redis is reachable"
         ) from None
-    return {
-        **_document(campaign, figures),
+    document = {
+        **_document(campaign, stock.total(each), moving),
         "decided": decided,
         **_process_view(admin, campaign),
         **await _waiting_room(campaign),
     }
+    if campaign.sharded:
+        document["shards"] = [
+            {"shard": j, **f._asdict(), "balanced": f.balanced} for j, f in enumerate(each)
+        ]
+    return document
 
 
 async def _waiting_room(campaign: Campaign) -> dict[str, Any]:
@@ -253,18 +264,21 @@ def _limits(settings: CampaignSettings) -> dict[str, Any]:
     return limits
 
 
-def _document(campaign: Campaign, figures: Figures) -> dict[str, Any]:
+def _document(campaign: Campaign, figures: Figures, in_flight: int = 0) -> dict[str, Any]:
+    """The campaign's figures (summed over its shards: units on their way between two
+    shards count as stock, and as available)."""
     s = campaign.settings
     return {
         "id": s.id,
         "route": str(s.route),
         "upstream": s.upstream,
-        "stock_total": figures.stock_total,
-        "available": figures.available,
+        "stock_total": figures.stock_total + in_flight,
+        "available": figures.available + in_flight,
         "reserved": figures.reserved,
         "sold": figures.sold,
-        "sold_out": figures.available == 0,
+        "sold_out": figures.available + in_flight == 0,
         "balanced": figures.balanced,
+        "shard_count": s.shards,
         "per_user_limit": s.per_user_limit,
         "max_quantity": s.max_quantity,
         "forward": s.forward,
@@ -290,7 +304,7 @@ async def adjust_stock(request: web.Request) -> web.Response:
     """``{"delta": n}`` or ``{"set": n}``; atomic against buying; 409 below zero."""
     campaign = _campaign(request)
     delta, set_to = _stock_change(await _json_object(request))
-    result = await campaign.store.adjust(delta=delta, set_to=set_to, actor=_actor(request))
+    result = await stock.adjust(campaign, delta=delta, set_to=set_to, actor=_actor(request))
     if result.status is AdjustStatus.NO_CAMPAIGN:
         raise Problem(Code.UNAVAILABLE, f"campaign {campaign.id} has no counters in Redis")
     if result.status is AdjustStatus.BELOW_ZERO:
@@ -332,27 +346,76 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _reservation(request: web.Request) -> tuple[Campaign, Reservation]:
+async def _reservation(request: web.Request) -> tuple[Campaign, CampaignStore, Reservation]:
+    """The campaign, the store of the shard the reservation lives in, and its record."""
     reservation_id = request.match_info["id"]
     campaign_id = campaign_of(reservation_id)
     if campaign_id is None:
         raise Problem(Code.NOT_FOUND, f"{reservation_id!r} is not a reservation id")
     campaign = _campaign(request, campaign_id)
-    record = await campaign.store.reservation(reservation_id)
-    if record is None:
+    shard = campaign.shard_for(reservation_id)
+    record = await shard.store.reservation(reservation_id) if shard else None
+    if shard is None or record is None:
         raise Problem(Code.NOT_FOUND, f"no reservation {reservation_id}")
-    return campaign, record
+    return campaign, shard.store, record
+
+
+def _cart_order(request: web.Request, order_id: str | None = None) -> tuple[Cart, str] | None:
+    """The cart and the order, when the id is a cart order's (None: it is not)."""
+    order_id = order_id or request.match_info["id"]
+    cart = request.app[ADMIN].live.current.carts.get(campaign_of(order_id) or "")
+    return (cart, order_id) if cart is not None else None
+
+
+async def _order_document(cart: Cart, order_id: str, **extra: Any) -> dict[str, Any]:
+    order = await cart.store.reservation(order_id)
+    if order is None:
+        raise Problem(Code.NOT_FOUND, f"no reservation {order_id}")
+    return {**order.public(), "items": await cart.items_now(order), **extra}
 
 
 async def show_reservation(request: web.Request) -> web.Response:
-    _, record = await _reservation(request)
+    """One reservation, or one cart order with each item's state (an item of a cart
+    names its order: ``cart_order``)."""
+    if (order := _cart_order(request)) is not None:
+        return web.json_response(await _order_document(*order))
+    _, _, record = await _reservation(request)
     return web.json_response(record.public())
 
 
+async def _whole_order(request: web.Request) -> tuple[Cart, str] | None:
+    """The cart order a cancel or confirm acts on: the id's own, or the order an item
+    of a cart belongs to (an order is cancelled and confirmed whole)."""
+    if (order := _cart_order(request)) is not None:
+        return order
+    _, _, record = await _reservation(request)
+    if not record.cart_order:
+        return None
+    found = _cart_order(request, record.cart_order)
+    if found is None:
+        raise Problem(
+            Code.NOT_FOUND,
+            f"reservation {record.id} belongs to cart order {record.cart_order}, whose cart "
+            "is not configured",
+        )
+    return found
+
+
 async def cancel_reservation(request: web.Request) -> web.Response:
-    """Give the units and the user's quota back; a second cancel changes nothing."""
-    campaign, record = await _reservation(request)
-    result = await campaign.store.release(
+    """Give the units and the user's quota back; a second cancel changes nothing. A cart
+    order is cancelled whole (also when one of its items is named)."""
+    if (whole := await _whole_order(request)) is not None:
+        cart, order_id = whole
+        result = await cart.settle.cancel(order_id, _actor(request))
+        if result.status is MoveStatus.NOT_FOUND:
+            raise Problem(Code.NOT_FOUND, f"no reservation {order_id}")
+        if result.status is MoveStatus.MOVED:
+            for campaign_id in cart.campaigns:
+                request.app[ADMIN].watch.mark_restocked(campaign_id)
+        moved = result.status is MoveStatus.MOVED
+        return web.json_response(await _order_document(cart, order_id, released_now=moved))
+    campaign, store, record = await _reservation(request)
+    result = await store.release(
         record.id,
         leavable=(State.RESERVED, State.HELD, State.COMMITTED),
         target=State.CANCELLED,
@@ -361,18 +424,21 @@ async def cancel_reservation(request: web.Request) -> web.Response:
     )
     if result.status is ReleaseStatus.RELEASED:
         request.app[ADMIN].watch.mark_restocked(campaign.id)
-    updated = await campaign.store.reservation(record.id)
+    updated = await store.reservation(record.id)
     document = (updated or record).public()
     return web.json_response({**document, "released_now": result.status is ReleaseStatus.RELEASED})
 
 
 async def confirm_reservation(request: web.Request) -> web.Response:
     """The backend says a held order was paid: the sale is final. Idempotent; 409
-    ``expired`` when the hold ran out first (the backend must then cancel its order)."""
-    campaign, record = await _reservation(request)
+    ``expired`` when the hold ran out first (the backend must then cancel its order). A
+    cart order is confirmed whole (also when one of its items is named)."""
+    if (whole := await _whole_order(request)) is not None:
+        return await _confirm_order(request, *whole)
+    _, store, record = await _reservation(request)
     actor = _actor(request)
     # A hold past its deadline expires now, even if no sweeper has come by yet.
-    await campaign.store.release(
+    await store.release(
         record.id,
         leavable=(State.HELD,),
         target=State.EXPIRED,
@@ -380,7 +446,7 @@ async def confirm_reservation(request: web.Request) -> web.Response:
         actor=actor,
         only_when_due=True,
     )
-    result = await campaign.store.commit(
+    result = await store.commit(
         record.id, target=State.COMMITTED, retake=False, actor=actor, leavable=State.HELD
     )
     if result.status is CommitStatus.NOT_ALLOWED:
@@ -399,9 +465,37 @@ async def confirm_reservation(request: web.Request) -> web.Response:
             reservation_id=record.id,
             state=result.state,
         )
-    updated = await campaign.store.reservation(record.id)
+    updated = await store.reservation(record.id)
     document = (updated or record).public()
     return web.json_response({**document, "confirmed_now": result.status is CommitStatus.DONE})
+
+
+async def _confirm_order(request: web.Request, cart: Cart, order_id: str) -> web.Response:
+    result = await cart.settle.confirm(order_id, _actor(request))
+    if result.status is MoveStatus.NOT_FOUND:
+        raise Problem(Code.NOT_FOUND, f"no reservation {order_id}")
+    gone = result.status is MoveStatus.HOLD_RAN_OUT or result.state in _GONE_STATES
+    if result.status is MoveStatus.NOT_ALLOWED and not gone:
+        raise Problem(
+            Code.NOT_HELD,
+            f"cart order {order_id} is {result.state}: only a held order (one the backend "
+            "accepted with on_success: hold) can be confirmed",
+            reservation_id=order_id,
+            state=result.state,
+        )
+    if gone:
+        raise Problem(
+            Code.EXPIRED,
+            f"cart order {order_id} went back to stock ({result.state}) before this confirm; "
+            "the order must not be fulfilled",
+            reservation_id=order_id,
+            state=result.state,
+        )
+    confirmed = result.status is MoveStatus.MOVED
+    return web.json_response(await _order_document(cart, order_id, confirmed_now=confirmed))
+
+
+_GONE_STATES = frozenset(state.value for state in GONE)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -450,7 +544,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     after = request.query.get("after", "")
     if after and not _stream_id(after):
         raise Problem(Code.BAD_REQUEST, "after must be a dead letter id like 1700000000000-0")
-    letters = await campaign.store.dead_letters(count, after)
+    letters = await _dead_letters(campaign, count, after)
     return web.json_response(
         {"campaign": campaign.id, "dead_letters": [_letter(d) for d in letters]}
     )
@@ -497,7 +591,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     body = await _json_object(request) if request.can_read_body else {}
     ids = body.get("ids")
     if ids is None:
-        ids = [d.id for d in await campaign.store.dead_letters(MAX_REPLAY)]
+        ids = [d.id for d in await _dead_letters(campaign, MAX_REPLAY)]
     if (
         not isinstance(ids, list)
         or len(ids) > MAX_REPLAY
@@ -509,12 +603,28 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     actor = _actor(request)
     replayed, refused = [], []
     for entry_id in ids:
-        result = await campaign.store.replay_dead_letter(entry_id, actor)
+        result = await _replay(campaign, entry_id, actor)
         if result.status is ReplayStatus.REPLAYED:
             replayed.append(entry_id)
         else:
             refused.append({"id": entry_id, "reason": result.reason})
     return web.json_response({"campaign": campaign.id, "replayed": replayed, "refused": refused})
+
+
+async def _dead_letters(campaign: Campaign, count: int, after: str = "") -> list[DeadLetter]:
+    """Every shard's dead letters, oldest first (their ids are stream ids: times)."""
+    found = [d for shard in campaign.shards for d in await shard.store.dead_letters(count, after)]
+    return sorted(found, key=lambda d: tuple(int(part) for part in d.id.split("-")))[:count]
+
+
+async def _replay(campaign: Campaign, entry_id: str, actor: str) -> Replay:
+    """Replay a dead letter from whichever shard holds it."""
+    result = Replay(ReplayStatus.NO_LETTER, f"no dead letter {entry_id}")
+    for shard in campaign.shards:
+        result = await shard.store.replay_dead_letter(entry_id, actor)
+        if result.status is not ReplayStatus.NO_LETTER:
+            return result
+    return result
 
 
 async def openapi_document(request: web.Request) -> web.Response:

@@ -10,15 +10,17 @@ from gateway.operations.stores import STATUS_TIMEOUT, campaign_stores
 from gateway.operations.terminal import table
 from gateway.operations.waiting_rooms import render_waiting_rooms, waiting_room
 from limiter.errors import CampaignMissing
+from limiter.records import Figures
+from limiter.store import CampaignStore
 
 
 async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
     """Every configured campaign with its counters from Redis (None when not created yet)."""
     rows = []
-    async with campaign_stores(settings, redis_url, deadline=STATUS_TIMEOUT) as stores:
-        for store, campaign in zip(stores, settings.campaigns, strict=True):
+    async with campaign_stores(settings, redis_url, deadline=STATUS_TIMEOUT) as campaigns:
+        for stores, campaign in zip(campaigns, settings.campaigns, strict=True):
             try:
-                figures: dict[str, Any] = (await store.figures())._asdict()
+                figures: dict[str, Any] = (await _totals(stores))._asdict()
             except CampaignMissing:
                 figures = dict.fromkeys(("available", "reserved", "sold", "stock_total"))
             rate = campaign.rate_limit
@@ -35,10 +37,22 @@ async def status(settings: Settings, redis_url: str) -> list[dict[str, Any]]:
                     "ends_at": campaign.ends_at.isoformat() if campaign.ends_at else None,
                     "rate_per_second": rate.per_second if rate else None,
                     "forward": campaign.forward,
+                    "shards": campaign.shards,
                 }
             )
-            rows[-1]["waiting_room"] = await waiting_room(settings, campaign, store)
+            rows[-1]["waiting_room"] = await waiting_room(settings, campaign, stores[0])
     return rows
+
+
+async def _totals(stores: Sequence[CampaignStore]) -> Figures:
+    """A campaign's counters summed over its shards (units on their way between two
+    shards count as stock, and as available)."""
+    each = [await store.figures() for store in stores]
+    moving = sum([(await store.balance())[1] for store in stores]) if len(stores) > 1 else 0
+    summed = Figures(*(sum(column) for column in zip(*each, strict=True)))
+    return summed._replace(
+        available=summed.available + moving, stock_total=summed.stock_total + moving
+    )
 
 
 def _balanced(figures: dict[str, Any]) -> bool | None:

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check counters against reservation records and the ledger (exit 1 on drift)",
     )
     reconcile.add_argument("-c", "--config", required=True, help="YAML config file")
-    reconcile.add_argument("--campaign", help="only this campaign")
+    reconcile.add_argument("--campaign", help="only this campaign (or cart)")
     reconcile.add_argument(
         "--repair", action="store_true", help="make the counters agree with the records"
     )
@@ -231,13 +231,13 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from gateway.operations.reconcile import audits_json, reconcile, render_audits
+    from gateway.operations.reconcile import books_json, reconcile, render_books
     from gateway.operations.stores import UnknownCampaign
 
     settings = load_settings(args.config)
     url = _shared_redis(settings, args.config, "reconcile")
     try:
-        audits = asyncio.run(
+        books = asyncio.run(
             reconcile(settings, url, only=args.campaign, repair=args.repair, progress=not args.json)
         )
     except UnknownCampaign as exc:
@@ -246,10 +246,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
         return UNAVAILABLE
-    print(audits_json(audits) if args.json else render_audits(audits, args.config))
+    print(books_json(books) if args.json else render_books(books, args.config))
     if args.repair:
-        return FAILED if any(a.repair_refused for a in audits) else OK
-    return FAILED if any(a.drift for a in audits) else OK
+        return FAILED if books.repair_refused else OK
+    return FAILED if books.drift else OK
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

@@ -43,7 +43,12 @@ BACKLOG = 4096
 def edge_parts(runtime: Runtime) -> Edge:
     """The edge's view of a running process."""
     return Edge(
-        runtime.live, runtime.watch, runtime.access, runtime.publisher.hot, runtime.readiness
+        runtime.live,
+        runtime.watch,
+        runtime.access,
+        runtime.publisher.hot,
+        runtime.readiness,
+        runtime.rebalancer,
     )
 
 
