@@ -426,3 +426,18 @@ async def test_reconcile_finds_an_order_that_is_not_whole_and_repairs_it(
     assert found.carts[0].unrepaired == [kept]
     assert found.repair_refused
     assert "NOT repaired" in render_books(found, "flashgate.yaml")
+
+
+def test_the_openapi_document_describes_the_cart(settings_data: dict[str, Any]) -> None:
+    from gateway.contract.openapi import document
+    from tests.helpers import settings_for
+
+    doc = document(settings_for(settings_data))
+    operation = doc["paths"][BUNDLE]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    line = body["properties"]["items"]["items"]
+    assert line["properties"]["campaign"]["enum"] == [PHONE, CASE]
+    assert body["properties"]["items"]["maxItems"] == 2
+    poll = doc["paths"]["/reservations/{id}"]["x-gateway-port"]["get"]["responses"]["200"]
+    shapes = poll["content"]["application/json"]["schema"]["oneOf"]
+    assert {"$ref": "#/components/schemas/BuyerCartOrder"} in shapes

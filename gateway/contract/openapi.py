@@ -15,7 +15,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.config import CampaignSettings, Settings
+from gateway.config import CampaignSettings, CartSettings, Settings
+from gateway.contract.carts import EITHER, cart_body, cart_schemas, reservation_or_order
 from gateway.contract.schemas import schemas
 from gateway.contract.waiting_room import PASS_CODES, pass_parameter, queue_schemas
 from gateway.core.health import HEALTH_PATHS
@@ -63,6 +64,7 @@ _HEADERS = {
     "Retry-After": "Seconds to wait before trying again (spread by a jitter).",
     "RateLimit-Policy": "The campaign's buckets (IETF httpapi draft): quota q per w seconds.",
     "RateLimit": "What is left of each bucket (r) and when it is whole again (t, seconds).",
+    "X-Reservation-Items": "A cart order's items: campaign=reservation:quantity, comma separated.",
 }
 
 
@@ -81,7 +83,7 @@ def document(settings: Settings) -> Document:
         "paths": {},
         "webhooks": {"order": _order_webhook(settings)},
         "components": {
-            "schemas": {**schemas(), **queue_schemas()},
+            "schemas": {**schemas(), **queue_schemas(), **cart_schemas()},
             "headers": {
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in _HEADERS.items()
@@ -95,6 +97,9 @@ def document(settings: Settings) -> Document:
         item[campaign.route.method.lower()] = _purchase(settings, campaign)
         if campaign.waiting_room is not None:
             paths.update(_queue(settings, campaign))
+    for cart in settings.carts:
+        item = paths.setdefault(cart.route.path, {})
+        item[cart.route.method.lower()] = _cart_purchase(settings, cart)
     paths[RESERVATIONS + "{id}"] = {"get": _buyer_reservation(settings)}
     admin = [_server(settings.admin.host, settings.admin.port, "admin")] if settings.admin else []
     for path in HEALTH_PATHS:
@@ -102,7 +107,13 @@ def document(settings: Settings) -> Document:
     if settings.admin is not None:
         for route in ROUTES:
             item = paths.setdefault(_openapi_path(route.path), {"servers": admin})
-            item[route.method.lower()] = _admin_operation(settings, route)
+            method = route.method.lower()
+            if method in item:
+                # the same method and path on the gateway port (a buyer's own reservation):
+                # one path item holds one of them, so the buyers' is kept beside it
+                item["x-gateway-port"] = {method: item[method]}
+                item["servers"] = admin
+            item[method] = _admin_operation(settings, route)
     return doc
 
 
@@ -138,11 +149,13 @@ def _problems(codes: Iterable[Code]) -> dict[str, Any]:
     }
 
 
-def _json(schema: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
-    }
+def _json(schema: str, description: str, settings: Settings | None = None) -> dict[str, Any]:
+    """An answer of the named schema (about a reservation, or a cart order when
+    ``settings`` has carts)."""
+    shape: dict[str, Any] = {"$ref": f"#/components/schemas/{schema}"}
+    if settings is not None and settings.carts and schema in EITHER:
+        shape = reservation_or_order(schema)
+    return {"description": description, "content": {"application/json": {"schema": shape}}}
 
 
 def _identity(settings: Settings) -> tuple[list[Any], list[Any]]:
@@ -205,6 +218,54 @@ def _purchase(settings: Settings, campaign: CampaignSettings) -> dict[str, Any]:
             "content": {
                 "application/json": {"schema": _order(campaign)},
             },
+        },
+        "responses": responses,
+    }
+    if security:
+        operation["security"] = security
+    return operation
+
+
+def _cart_purchase(settings: Settings, cart: CartSettings) -> dict[str, Any]:
+    """A cart's route: one order of several items, all or nothing."""
+    parameters, security = _identity(settings)
+    parameters.append(
+        {
+            "name": IDEMPOTENCY_HEADER,
+            "in": "header",
+            "required": cart.require_idempotency_key,
+            "description": "One per order, the same on every retry of it (as for a purchase).",
+            "schema": {"type": "string", "pattern": _KEY},
+        }
+    )
+    headers = {
+        name: {"$ref": f"#/components/headers/{name}"}
+        for name in ("X-Reservation-Id", "X-Reservation-Items", "Idempotent-Replayed")
+    }
+    responses: dict[str, Any] = {
+        "2XX": {
+            "description": "The backend accepted the order, every item: its answer, relayed.",
+            "headers": headers,
+            "content": {"*/*": {"schema": {}}},
+        },
+        **_problems(PURCHASE_CODES),
+        "4XX": {
+            "description": "The backend refused the order (its own answer, relayed); every "
+            "item went back to stock. A refusal of the gateway names the item that failed "
+            "(campaign, code) and lists each (items); a bad cart names the item's path.",
+            "content": {"*/*": {"schema": {}}},
+        },
+    }
+    if cart.forward == "queue":
+        responses["202"] = {**_json("Queued", "Queued: poll status_url."), "headers": headers}
+    operation: dict[str, Any] = {
+        "operationId": f"buy_cart_{cart.id.replace('-', '_')}",
+        "summary": f"Buy one order of several items from cart {cart.id}",
+        "tags": ["buyers"],
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": cart_body(settings, cart)}},
         },
         "responses": responses,
     }
@@ -314,7 +375,9 @@ def _buyer_reservation(settings: Settings) -> dict[str, Any]:
         "parameters": parameters,
         "responses": {
             "200": _json(
-                "BuyerReservation", "The reservation and, once there is one, the backend's answer."
+                "BuyerReservation",
+                "The reservation (or cart order) and, once there is one, the backend's answer.",
+                settings,
             ),
             **_problems(BUYER_RESERVATION_CODES),
         },
@@ -379,7 +442,7 @@ def _admin_operation(settings: Settings, route: AdminRoute) -> dict[str, Any]:
             "content": {"text/plain": {"schema": {"$ref": "#/components/schemas/Metrics"}}},
         }
     else:
-        ok = _json(route.answer, route.summary)
+        ok = _json(route.answer, route.summary, settings)
     codes = (*route.codes, *(TOKEN_CODES if scope else ()))
     responses: dict[str, Any] = {"200": ok, **_problems(codes)}
     if route.path == "/reload":
